@@ -1,0 +1,25 @@
+// The kernel table chosen once at import: the best ISA the CPU and OS support,
+// capped by PYKERNELS_ISA. Nothing here runs per call.
+#pragma once
+#include <string>
+
+#include "pykernels/gemm.h"
+#include "pykernels/runtime.h"
+
+namespace pk {
+
+struct Dispatch {
+  Isa isa = Isa::kGeneric;       // the ISA in use
+  Isa supported = Isa::kGeneric; // the best the machine supports
+  bool capped = false;           // PYKERNELS_ISA lowered it
+  const GemmF32Kernels* gemm_f32 = nullptr;
+  Blocking gemm_f32_blocking;
+};
+
+// Resolves the table. `requested` is the PYKERNELS_ISA value ("" = best);
+// an unknown name or one above what the machine supports throws
+// std::invalid_argument with the reason.
+void init_dispatch(const std::string& requested);
+const Dispatch& dispatch();
+
+}  // namespace pk

@@ -1,0 +1,56 @@
+// Runtime services used by the kernels: CPU features, the thread pool and the
+// per-thread workspace. Compiled for the x86-64 baseline only.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pk {
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* isa_name(Isa isa);
+
+struct CpuFeatures {
+  // Each flag is the CPUID bit *and* the OS saving the register state (XCR0).
+  bool avx = false, avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false, avx512_vnni = false, avx512_fp16 = false, avx_vnni = false;
+  bool amx = false;
+  std::string vendor, model;
+  int64_t l1d_bytes = 32 * 1024, l2_bytes = 512 * 1024, l3_bytes = 0;
+  int cores = 1;  // CPUs this process may run on (sched_getaffinity)
+  Isa best_isa() const;
+  std::vector<std::string> names() const;
+};
+
+const CpuFeatures& cpu_features();  // detected once
+
+// ---- thread pool -----------------------------------------------------------
+// A persistent pool shared by every call. One parallel region runs at a time;
+// a call that finds the pool busy (another Python thread is inside a kernel)
+// runs its tasks on its own thread instead of queueing or oversubscribing.
+// fn(ctx, task, slot): `slot` in [0, threads) identifies the executing thread
+// within this region, so per-region scratch can be indexed by it.
+using TaskFn = void (*)(void* ctx, int64_t task, int slot);
+void parallel_for(int64_t ntasks, int threads, bool spin, TaskFn fn, void* ctx);
+
+template <class F>
+void parallel_for(int64_t ntasks, int threads, bool spin, F& f) {
+  parallel_for(ntasks, threads, spin,
+               [](void* c, int64_t t, int s) { (*static_cast<F*>(c))(t, s); }, &f);
+}
+
+int default_num_threads();
+void set_default_num_threads(int n);
+// Measures the median fork/join cost (ns) of an empty parallel region.
+double measure_fork_join_ns(int threads, bool spin, int reps);
+
+// ---- workspace ---------------------------------------------------------------
+// Per-calling-thread scratch, 64-byte aligned, grown on demand and reused, so a
+// warm latency call allocates nothing. Slot 0..kWorkspaceSlots-1 are
+// independent buffers. Throws std::bad_alloc (MemoryError in Python).
+constexpr int kWorkspaceSlots = 4;
+float* workspace_floats(int slot, size_t count);
+
+}  // namespace pk

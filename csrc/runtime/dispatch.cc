@@ -1,0 +1,72 @@
+#include "pykernels/dispatch.h"
+
+#include <stdexcept>
+
+namespace pk {
+namespace {
+
+Dispatch g_dispatch;
+
+// Cache blocking from the detected caches, for a register tile of mr x nr.
+//  KC: the B strip (KC x nr) and one A micro-panel (mr x KC) share 3/4 of L1d:
+//      32 KiB L1d, 6x16 tile: 24576 / (4 * 22) = 279 -> 256 (B strip 16 KiB).
+//      48 KiB L1d, 6x64 tile: 36864 / (4 * 70) = 131 -> 128 (B strip 32 KiB).
+//  MC: the packed A block (MC x KC) fills half of L2, the rest holds B strips
+//      and C: 512 KiB L2, KC=256: 262144 / 1024 = 256 -> 252 (a multiple of 6).
+//      Capped at 384 rows so a 1024-row problem still splits into >= 3 blocks.
+//  NC: the width of one parallel macro-tile; B is prepacked, so NC only sets the
+//      granularity of work: 512 columns.
+Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
+  Blocking b;
+  int64_t kc = (f.l1d_bytes * 3 / 4) / (4 * (mr + nr));
+  kc = kc / 32 * 32;
+  b.kc = kc < 64 ? 64 : (kc > 1024 ? 1024 : kc);
+  int64_t mc = (f.l2_bytes / 2) / (4 * b.kc);
+  mc = mc > 384 ? 384 : mc;
+  mc = mc / mr * mr;
+  b.mc = mc < mr ? mr : mc;
+  b.nc = 512;
+  return b;
+}
+
+}  // namespace
+
+void init_dispatch(const std::string& requested) {
+  const CpuFeatures& f = cpu_features();
+  Dispatch d;
+  d.supported = f.best_isa();
+  d.isa = d.supported;
+  if (!requested.empty()) {
+    Isa want;
+    if (requested == "generic") want = Isa::kGeneric;
+    else if (requested == "avx2") want = Isa::kAvx2;
+    else if (requested == "avx512") want = Isa::kAvx512;
+    else
+      throw std::invalid_argument("PYKERNELS_ISA='" + requested +
+                                  "' is not one of generic, avx2, avx512");
+    if (static_cast<int>(want) > static_cast<int>(d.supported))
+      throw std::invalid_argument("PYKERNELS_ISA=" + requested + " is not supported by this CPU (best: " +
+                                  isa_name(d.supported) + ")");
+    d.capped = want != d.supported;
+    d.isa = want;
+  }
+  switch (d.isa) {
+    case Isa::kAvx512:
+      d.gemm_f32 = &avx512::kGemmF32;
+      d.gemm_f32_blocking = blocking_for(f, 6, 64);
+      break;
+    case Isa::kAvx2:
+      d.gemm_f32 = &avx2::kGemmF32;
+      d.gemm_f32_blocking = blocking_for(f, 6, 16);
+      break;
+    default:
+      d.gemm_f32 = &generic::kGemmF32;
+      d.gemm_f32_blocking = blocking_for(f, 4, 16);
+      break;
+  }
+  g_dispatch = d;
+}
+
+const Dispatch& dispatch() { return g_dispatch; }
+
+}  // namespace pk

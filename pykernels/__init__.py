@@ -1,0 +1,31 @@
+"""pykernels: hand-written C++ CPU kernels for AI inference.
+
+GEMM and attention in a latency and a throughput variant, in fp32, bf16 and
+int8, plus a policy engine (``pykernels.policy``) that picks variant,
+precision, batch size and threads from SLO targets.
+"""
+from ._gemm import PackedWeight, gemm, pack
+from ._runtime import (
+    CpuInfo,
+    KernelEntry,
+    cpu_info,
+    fork_join_us,
+    get_num_threads,
+    kernels,
+    set_num_threads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CpuInfo",
+    "KernelEntry",
+    "PackedWeight",
+    "cpu_info",
+    "fork_join_us",
+    "gemm",
+    "get_num_threads",
+    "kernels",
+    "pack",
+    "set_num_threads",
+]

@@ -1,0 +1,76 @@
+"""CPU information, thread control and the kernel registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _core
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the machine supports and which kernel path is in use.
+
+    ``isa`` is the path every kernel runs (``"avx512"``, ``"avx2"`` or
+    ``"generic"``), chosen once at import from CPUID and XCR0 and capped by
+    ``PYKERNELS_ISA``; ``supported_isa`` is the best path this CPU allows.
+    """
+
+    isa: str
+    supported_isa: str
+    features: frozenset
+    cores: int
+    l1d_bytes: int
+    l2_bytes: int
+    l3_bytes: int
+    vendor: str
+    model: str
+    gemm_f32_blocking: dict
+
+
+def cpu_info() -> CpuInfo:
+    d = _core.cpu_info()
+    return CpuInfo(
+        isa=d["isa"],
+        supported_isa=d["supported_isa"],
+        features=frozenset(d["features"]),
+        cores=d["cores"],
+        l1d_bytes=d["l1d_bytes"],
+        l2_bytes=d["l2_bytes"],
+        l3_bytes=d["l3_bytes"],
+        vendor=d["vendor"],
+        model=d["model"],
+        gemm_f32_blocking=dict(d["gemm_f32_blocking"]),
+    )
+
+
+def get_num_threads() -> int:
+    """Default number of threads a kernel call may use (the caller included)."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the default thread count; ``threads=`` on a call overrides it."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads expects an int >= 1, got {n!r}")
+    _core.set_num_threads(n)
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """One registered kernel: (op, variant, precision) and what runs it."""
+
+    op: str
+    variant: str
+    precision: str
+    isa: str
+    name: str
+
+
+def kernels() -> list:
+    """The registry: one entry per (op, variant, precision) with its ISA and name."""
+    return [KernelEntry(**e) for e in _core.kernel_table()]
+
+
+def fork_join_us(threads: int = 2, spin: bool = True, reps: int = 2000) -> float:
+    """Median cost in microseconds of one empty parallel region on the pool."""
+    return _core.fork_join_ns(threads, spin, reps) / 1000.0
