@@ -24,8 +24,10 @@ _PARALLEL_MIN_MACS = 64 * 64 * 64
 # streamed once) win up to this many rows; the blocked kernels beyond.
 _LATENCY_MAX_ROWS = 32
 
-# The policy engine installs a chooser here (pykernels.policy.Policy.active);
-# it receives (op, m, k, n, precision) and returns (variant, threads) or None.
+# The policy engine installs a chooser here (``with policy.active():``). It is
+# called as chooser(op, m, k, n, precision) for variant="auto" calls and returns
+# a variant name ("latency" | "throughput") or None to fall back to the size
+# heuristic. Kept as a plain module global: one attribute read per call.
 _active_chooser = None
 
 
