@@ -15,14 +15,9 @@ _F32 = np.dtype(np.float32)
 PANEL_COLS = 16  # csrc/include/pykernels/gemm.h: kPanelCols
 
 VARIANTS = ("auto", "latency", "throughput")
-_VARIANT_CODE = {"latency": 0, "throughput": 1}
-
-# Below this many multiply-adds a second thread costs more (fork/join ~1-5 us)
-# than it saves; above it both cores share the call.
-_PARALLEL_MIN_MACS = 64 * 64 * 64
-# variant="auto" without a policy: the latency kernels (no packing of A, B
-# streamed once) win up to this many rows; the blocked kernels beyond.
-_LATENCY_MAX_ROWS = 32
+# Codes understood by the binding; _AUTO lets C++ pick by size (no policy).
+_AUTO = 2
+_VARIANT_CODE = {"latency": 0, "throughput": 1, "auto": _AUTO}
 
 # The policy engine installs a chooser here (``with policy.active():``). It is
 # called as chooser(op, m, k, n, precision) for variant="auto" calls and returns
@@ -51,26 +46,13 @@ def _check_matrix(name: str, arr) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
 
 
-def resolve_threads(threads, macs: int) -> int:
-    if threads is None:
-        return get_num_threads() if macs >= _PARALLEL_MIN_MACS else 1
-    if type(threads) is not int or threads < 1:
-        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
-    return threads
-
-
-def resolve_variant(variant, op: str, m: int, k: int, n: int, precision: str) -> int:
-    """Variant code for the C++ side: 0 latency, 1 throughput."""
-    code = _VARIANT_CODE.get(variant)
-    if code is not None:
-        return code
-    if variant != "auto":
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if _active_chooser is not None:
-        choice = _active_chooser(op, m, k, n, precision)
-        if choice is not None:
-            return _VARIANT_CODE[choice]
-    return 0 if m <= _LATENCY_MAX_ROWS else 1
+def policy_variant(op: str, m: int, k: int, n: int, precision: str) -> int:
+    """Variant code from the active policy, or _AUTO (size heuristic in C++)."""
+    chooser = _active_chooser
+    if chooser is None:
+        return _AUTO
+    choice = chooser(op, m, k, n, precision)
+    return _AUTO if choice is None else _VARIANT_CODE[choice]
 
 
 class PackedWeight:
@@ -143,53 +125,53 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
          variant: str = "auto", threads=None):
     """``out = alpha * a @ b + beta * out`` in float32.
 
-    a: (M, K) float32, any strides. b: (K, N) float32 or a PackedWeight.
+    a: (M, K) float32, any strides (C or Fortran order, transposed, sliced,
+    negative or zero strides). b: (K, N) float32 or a PackedWeight.
     out: (M, N) float32 with unit stride along its last axis, or None (a new
-    array; ``beta`` then has nothing to scale). Returns ``out``.
+    array; ``beta`` then has nothing to scale). An ``out`` that overlaps an
+    input is handled as NumPy does. Returns the result.
+
+    Shape, dtype and ``out`` checks run in the C++ binding (they cost ~2 us in
+    Python, more than a 32x32x32 product); their messages follow the SPEC.
     """
-    _check_matrix("a", a)
-    m, k = a.shape
-    packed = None
+    code = _VARIANT_CODE.get(variant)
+    if code is None:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if code == _AUTO and _active_chooser is not None:
+        code = _auto_variant(a, b)
+    if threads is not None:
+        threads = _check_threads(threads)
+    else:
+        threads = 0
     if type(b) is PackedWeight:
         if b.precision != "fp32":
             raise ValueError(f"gemm takes an fp32 PackedWeight, got {b.precision!r}; use linear()")
-        packed = b._data
-        kb, n = b.shape
-        b_arr = None
+        k, n = b.shape
+        res = _core.gemm_f32(a, None, b._data, k, n, out, alpha, beta, code, threads)
     else:
-        _check_matrix("b", b)
-        kb, n = b.shape
-        b_arr = b
-    if kb != k:
-        raise ValueError(f"shapes {a.shape} and {(kb, n)} are not aligned: "
-                         f"a has {k} columns but b has {kb} rows")
-    alpha = float(alpha)
-    beta = float(beta)
-    code = resolve_variant(variant, "gemm", m, k, n, "fp32")
-    nthreads = resolve_threads(threads, m * n * k)
-    target = None
-    if out is None:
-        out = np.empty((m, n), dtype=_F32)
-        beta = 0.0
-    else:
-        _check_out(out, m, n)
-        if (np.may_share_memory(out, a) or (b_arr is not None and np.may_share_memory(out, b_arr))):
-            # NumPy semantics for overlapping out=: compute, then write back.
-            target = out
-            out = out.copy() if beta != 0.0 else np.empty((m, n), dtype=_F32)
-    if m == 0 or n == 0:
-        return out if target is None else target
-    if k == 0:
-        if beta == 0.0:
-            out[...] = 0.0
-        else:
-            out *= beta
-    else:
-        _core.gemm_f32(a, b_arr, packed, out, alpha, beta, code, nthreads, None, 0)
-    if target is not None:
-        target[...] = out
-        return target
-    return out
+        res = _core.gemm_f32(a, b, None, 0, 0, out, alpha, beta, code, threads)
+    if res is None:  # out overlaps a or b: compute into a copy, then write back
+        tmp = out.copy()
+        gemm(a, b, out=tmp, alpha=alpha, beta=beta, variant=variant,
+             threads=None if threads == 0 else threads)
+        out[...] = tmp
+        return out
+    return res
+
+
+def _check_threads(threads) -> int:
+    if type(threads) is not int or threads < 1:
+        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    return threads
+
+
+def _auto_variant(a, b) -> int:
+    shape_a = getattr(a, "shape", None)
+    shape_b = b.shape if type(b) is PackedWeight else getattr(b, "shape", None)
+    if not shape_a or len(shape_a) != 2 or not shape_b or len(shape_b) != 2:
+        return _AUTO  # the binding raises the precise error
+    precision = b.precision if type(b) is PackedWeight else "fp32"
+    return policy_variant("gemm", shape_a[0], shape_a[1], shape_b[1], precision)
 
 
 def _check_out(out, m: int, n: int) -> None:
