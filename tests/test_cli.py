@@ -1,0 +1,139 @@
+"""The command line: `pykernels info`, `pykernels bench gemm`, usage errors,
+and a smoke run of the pytest-benchmark suites in bench/ (so a broken bench
+fails the tests). Each runs in a subprocess, as a user would, with the repo on
+PYTHONPATH. No timing is asserted: timings live in bench/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=300, env_extra=None):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
+    env.pop("PYKERNELS_ISA", None)
+    if env_extra:
+        env.update(env_extra)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_info_prints_isa_and_registry():
+    import pykernels as pk
+
+    r = run("-m", "pykernels", "info")
+    assert r.returncode == 0, r.stderr
+    isa = pk.cpu_info().isa
+    assert f"isa            {isa} in use" in r.stdout
+    assert "fork/join" in r.stdout
+    for k in pk.kernels():
+        assert k.name in r.stdout
+
+
+def test_info_json():
+    r = run("-m", "pykernels", "info", "--json", "--no-fork-join")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["cpu_info"]["isa"] in ("avx512", "avx2", "generic")
+    assert doc["kernels"] and {"op", "variant", "precision", "isa", "name"} <= set(doc["kernels"][0])
+
+
+def test_info_respects_isa_cap():
+    r = run("-m", "pykernels", "info", "--no-fork-join", env_extra={"PYKERNELS_ISA": "generic"})
+    assert r.returncode == 0, r.stderr
+    assert "isa            generic in use" in r.stdout
+    assert "PYKERNELS_ISA=generic" in r.stdout
+
+
+def test_bench_gemm_quick_table_and_json(tmp_path):
+    out = tmp_path / "gemm.json"
+    r = run("-m", "pykernels", "bench", "gemm", "--quick", "--shapes", "8x64x64",
+            "--budget", "0.02", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "NumPy/ours" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("8x64x64")]
+    assert len(lines) == 2, r.stdout  # the per-variant table and the summary
+    assert "latency packed" in r.stdout and "latency raw" in r.stdout
+    assert "throughput packed" in r.stdout
+    assert "WRONG" not in r.stdout and "ERROR" not in r.stdout
+
+    doc = json.loads(out.read_text())
+    for key in ("suite", "cpu_info", "git_commit", "numpy_version", "peak_gflops_per_core",
+                "results", "summary", "machine"):
+        assert key in doc, key
+    assert doc["suite"] == "gemm"
+    impls = {(r["impl"], r["variant"], r["b"]) for r in doc["results"]}
+    assert ("pykernels", "latency", "packed") in impls
+    assert ("pykernels", "latency", "raw") in impls
+    assert ("pykernels", "throughput", "packed") in impls
+    assert ("numpy", None, "raw") in impls
+    for rec in doc["results"]:
+        assert (rec["m"], rec["k"], rec["n"]) == (8, 64, 64)
+        assert rec["ok"], rec
+        assert rec["median_s"] > 0 and rec["gflops"] > 0
+        assert rec["rel_error"] < 1e-4
+    assert doc["summary"][0]["baselines"]["numpy"]["ratio"] > 0
+
+
+def test_bench_threads_and_pinned_shapes(tmp_path):
+    out = tmp_path / "gemm.json"
+    r = run("-m", "pykernels", "bench", "gemm", "--quick", "--shapes", "5x33x17@1,5x33x17",
+            "--threads", "1", "--budget", "0.01", "--no-baselines", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(out.read_text())
+    # --threads overrides every shape; the duplicate is dropped.
+    assert {rec["threads"] for rec in doc["results"]} == {1}
+    assert len(doc["results"]) == 3
+    assert {rec["impl"] for rec in doc["results"]} == {"pykernels"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["frobnicate"], "invalid choice"),
+    ([], "usage"),
+    (["bench"], "usage"),
+    (["bench", "nosuchsuite"], "invalid choice"),
+    (["bench", "gemm", "--shapes", "8x64"], "bad shape"),
+    (["bench", "gemm", "--threads", "0"], "--threads"),
+], ids=["unknown-command", "no-command", "no-suite", "unknown-suite", "bad-shape",
+        "bad-threads"])
+def test_usage_errors_exit_nonzero(argv, needle):
+    r = run("-m", "pykernels", *argv)
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr
+
+
+def test_main_returns_exit_code_without_raising(capsys):
+    from pykernels.cli import main
+
+    assert main(["frobnicate"]) == 2
+    assert "usage" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def test_console_script_points_at_main():
+    """pyproject's `pykernels` script resolves to cli.main (the installed entry point)."""
+    tomllib = pytest.importorskip("tomllib")
+    import importlib
+
+    from pykernels.cli import main
+
+    spec = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["pykernels"]
+    module, func = spec.split(":")
+    assert getattr(importlib.import_module(module), func) is main
+
+
+def test_bench_suite_smoke():
+    """The pytest-benchmark suites still collect, run and check their output."""
+    r = run("-m", "pytest", "bench", "-q", "--benchmark-disable", "-x", "-p", "no:cacheprovider",
+            env_extra={"PYKERNELS_BENCH_QUICK": "1"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "passed" in r.stdout
