@@ -26,6 +26,7 @@ Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
   mc = mc / mr * mr;
   b.mc = mc < mr ? mr : mc;
   b.nc = 512;
+  b.l2_bytes = f.l2_bytes;
   return b;
 }
 

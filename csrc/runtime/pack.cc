@@ -9,25 +9,50 @@ namespace pk {
 
 void pack_b_f32(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
                 float* out, const ParallelPolicy& par) {
+  // Work unit: a group of up to 16 panels (256 columns). The loop order follows
+  // the source's contiguous direction so every source stream is sequential:
+  // row-major B walks each row's 1 KiB run of the group; column-major B walks
+  // each column. (Visiting panel by panel instead reads 64 bytes from each of K
+  // rows in turn: K interleaved streams that no prefetcher follows, ~6 GB/s.)
+  constexpr int64_t kGroupPanels = 16;
   const int64_t npanels = (n + kPanelCols - 1) / kPanelCols;
-  auto pack_panel = [&](int64_t p, int) {
-    const int64_t col0 = p * kPanelCols;
-    const int64_t cols = n - col0 < kPanelCols ? n - col0 : kPanelCols;
-    float* dst = out + p * k * kPanelCols;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float* src = b + kk * b_rs + col0 * b_cs;
-      float* d = dst + kk * kPanelCols;
-      if (b_cs == 1 && cols == kPanelCols) {
-        std::memcpy(d, src, sizeof(float) * kPanelCols);
-      } else {
-        for (int64_t c = 0; c < cols; ++c) d[c] = src[c * b_cs];
-        for (int64_t c = cols; c < kPanelCols; ++c) d[c] = 0.0f;
+  const int64_t ngroups = (npanels + kGroupPanels - 1) / kGroupPanels;
+  const bool rows_contiguous = (b_cs < 0 ? -b_cs : b_cs) <= (b_rs < 0 ? -b_rs : b_rs);
+  auto pack_group = [&](int64_t grp, int) {
+    const int64_t p0 = grp * kGroupPanels;
+    const int64_t p1 = p0 + kGroupPanels < npanels ? p0 + kGroupPanels : npanels;
+    const int64_t col_end = p1 * kPanelCols < n ? p1 * kPanelCols : n;
+    // Zero the padding columns of the last panel first.
+    if (p1 == npanels && n % kPanelCols != 0) {
+      float* last = out + (npanels - 1) * k * kPanelCols;
+      for (int64_t kk = 0; kk < k; ++kk)
+        for (int64_t c = n % kPanelCols; c < kPanelCols; ++c) last[kk * kPanelCols + c] = 0.0f;
+    }
+    if (rows_contiguous) {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float* src = b + kk * b_rs;
+        for (int64_t p = p0; p < p1; ++p) {
+          float* d = out + (p * k + kk) * kPanelCols;
+          const int64_t c0 = p * kPanelCols;
+          if (b_cs == 1 && c0 + kPanelCols <= n) {
+            std::memcpy(d, src + c0, sizeof(float) * kPanelCols);
+          } else {
+            const int64_t cols = (n - c0 < kPanelCols ? n - c0 : kPanelCols);
+            for (int64_t c = 0; c < cols; ++c) d[c] = src[(c0 + c) * b_cs];
+          }
+        }
+      }
+    } else {
+      for (int64_t col = p0 * kPanelCols; col < col_end; ++col) {
+        const float* src = b + col * b_cs;
+        float* d = out + (col / kPanelCols) * k * kPanelCols + col % kPanelCols;
+        for (int64_t kk = 0; kk < k; ++kk) d[kk * kPanelCols] = src[kk * b_rs];
       }
     }
   };
   // Packing streams memory: parallel only when there is enough of it.
   const int threads = npanels * k >= 4096 ? par.threads : 1;
-  parallel_for(npanels, threads, par.spin, pack_panel);
+  parallel_for(ngroups, threads, par.spin, pack_group);
 }
 
 }  // namespace pk

@@ -52,6 +52,7 @@ struct Blocking {
   int64_t kc = 256;    // K block: a KC x NR strip of B stays in L1
   int64_t mc = 120;    // M block: an MC x KC block of packed A stays in L2
   int64_t nc = 512;    // N block: the unit of parallel work along N
+  int64_t l2_bytes = 512 * 1024;  // per-core L2, for buffers that should stay in it
 };
 
 // One ISA's kernel table. Every entry point takes plain data only: no vector
