@@ -4,7 +4,7 @@ GEMM and attention in a latency and a throughput variant, in fp32, bf16 and
 int8, plus a policy engine (``pykernels.policy``) that picks variant,
 precision, batch size and threads from SLO targets.
 """
-from ._gemm import PackedWeight, gemm, pack
+from ._gemm import PackedWeight, gemm, linear, pack
 from ._runtime import (
     CpuInfo,
     KernelEntry,
@@ -26,6 +26,7 @@ __all__ = [
     "gemm",
     "get_num_threads",
     "kernels",
+    "linear",
     "pack",
     "set_num_threads",
 ]

@@ -55,70 +55,184 @@ def policy_variant(op: str, m: int, k: int, n: int, precision: str) -> int:
     return _AUTO if choice is None else _VARIANT_CODE[choice]
 
 
+PRECISIONS = ("fp32", "bf16", "int8")
+_PRECISION_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
+# k-group of the packed layout (csrc/include/pykernels/gemm.h): every precision
+# stores 64 bytes per 16-column panel per group.
+_K_STEP = {"fp32": 1, "bf16": 2, "int8": 4}
+_PACKED_DTYPE = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16),
+                 "int8": np.dtype(np.int8)}
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
+_ACTIVATION_CODE = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+def _packed_shape(k: int, n: int, precision: str) -> tuple:
+    step = _K_STEP[precision]
+    k_padded = -(-k // step) * step
+    return (-(-n // PANEL_COLS), k_padded * PANEL_COLS)
+
+
 class PackedWeight:
     """A weight matrix prepacked once for repeated ``x @ w``.
 
-    ``shape`` is (K, N) whatever the layout it was packed from. The packed
-    bytes are the same for both kernel variants and every ISA, so a
-    PackedWeight made on one machine runs on any other.
+    ``shape`` is (K, N) whatever the layout it was packed from; ``precision``
+    is "fp32", "bf16" or "int8"; ``rel_error`` is the relative Frobenius
+    error of the stored weight against the original. The packed bytes are the
+    same for both kernel variants and every ISA, so a PackedWeight made on one
+    machine runs on any other.
+
+    Pickling is for trusted, in-cluster transport (pickle can execute code when
+    loading untrusted data); the payload is validated on load, so a truncated
+    or altered one raises ValueError instead of reaching a kernel.
     """
 
-    __slots__ = ("shape", "precision", "rel_error", "_data", "__weakref__")
+    __slots__ = ("shape", "precision", "rel_error", "_data", "_scale", "_code", "__weakref__")
 
-    def __init__(self, shape, precision, data, rel_error):
+    def __init__(self, shape, precision, data, rel_error, scale=None):
         self.shape = (int(shape[0]), int(shape[1]))
         self.precision = precision
+        self._code = _PRECISION_CODE[precision]
         self._data = data
+        self._scale = scale
         self.rel_error = float(rel_error)
 
     @property
     def nbytes(self) -> int:
-        return int(self._data.nbytes)
+        return int(self._data.nbytes + (0 if self._scale is None else self._scale.nbytes))
 
     def __repr__(self) -> str:
         return (f"PackedWeight(shape={self.shape}, precision={self.precision!r}, "
                 f"nbytes={self.nbytes}, rel_error={self.rel_error:.3g})")
 
-    # Pickle (trusted, in-cluster transport). Validated on load so a truncated
-    # or altered payload raises instead of feeding a kernel a short buffer.
     def __reduce__(self):
-        return (_unpickle_packed, (1, self.shape, self.precision, self._data.tobytes(),
-                                   self.rel_error))
+        scale = None if self._scale is None else self._scale.tobytes()
+        return (_unpickle_packed, (2, self.shape, self.precision, self._data.tobytes(),
+                                   self.rel_error, scale))
 
 
-def _unpickle_packed(version, shape, precision, payload, rel_error):
-    if version != 1:
-        raise ValueError(f"PackedWeight pickle version {version} is not supported")
-    k, n = shape
-    if precision != "fp32":
-        raise ValueError(f"PackedWeight pickle has unknown precision {precision!r}")
-    expected = -(-n // PANEL_COLS) * k * PANEL_COLS * 4
+def _unpickle_packed(version, shape, precision, payload, rel_error, scale=None):
+    if version != 2:
+        raise ValueError(f"PackedWeight pickle version {version!r} is not supported")
+    if precision not in _PRECISION_CODE:
+        raise ValueError(f"corrupted PackedWeight pickle: unknown precision {precision!r}")
+    try:
+        k, n = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"corrupted PackedWeight pickle: bad shape {shape!r}") from None
+    if k <= 0 or n <= 0:
+        raise ValueError(f"corrupted PackedWeight pickle: bad shape {shape!r}")
+    dtype = _PACKED_DTYPE[precision]
+    pshape = _packed_shape(k, n, precision)
+    expected = pshape[0] * pshape[1] * dtype.itemsize
     if not isinstance(payload, bytes) or len(payload) != expected:
-        raise ValueError(
-            f"corrupted PackedWeight pickle: {len(payload)} payload bytes, "
-            f"expected {expected} for shape {shape}")
-    data = np.frombuffer(payload, dtype=_F32).reshape(-1, k, PANEL_COLS).copy()
-    return PackedWeight(shape, precision, data, rel_error)
+        got = len(payload) if isinstance(payload, bytes) else type(payload).__name__
+        raise ValueError(f"corrupted PackedWeight pickle: {got} payload bytes, "
+                         f"expected {expected} for {precision} shape {(k, n)}")
+    data = np.frombuffer(payload, dtype=dtype).reshape(pshape).copy()
+    scale_arr = None
+    if precision == "int8":
+        if not isinstance(scale, bytes) or len(scale) != 4 * n:
+            raise ValueError("corrupted PackedWeight pickle: int8 scales missing or truncated")
+        scale_arr = np.frombuffer(scale, dtype=_F32).copy()
+        if not np.all(np.isfinite(scale_arr)) or np.any(scale_arr < 0):
+            raise ValueError("corrupted PackedWeight pickle: int8 scales must be finite and >= 0")
+    return PackedWeight((k, n), precision, data, rel_error, scale_arr)
 
 
 def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
-    """Prepack a weight for ``x @ w``.
+    """Prepack a weight for ``x @ w`` (``gemm``) or ``linear``.
 
     w: (K, N) with ``layout="kn"`` or (N, K) with ``layout="nk"`` (as
-    ``torch.nn.Linear.weight``); float32, any strides. The input is not modified.
+    ``torch.nn.Linear.weight``); float32, any strides; not modified.
+    precision: "fp32" (exact copy), "bf16" (round to nearest even) or "int8"
+    (symmetric per output column: scale = max|w[:, n]| / 127; needs finite w).
     """
     if layout not in ("kn", "nk"):
         raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
-    if precision != "fp32":
-        raise ValueError(f"precision must be 'fp32', got {precision!r}")
+    if precision not in _PRECISION_CODE:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check_matrix("w", w)
     wk = w if layout == "kn" else w.T
     k, n = wk.shape
     if k == 0 or n == 0:
         raise ValueError(f"cannot pack an empty weight of shape {w.shape}")
-    data = np.empty((-(-n // PANEL_COLS), k, PANEL_COLS), dtype=_F32)
-    _core.pack_f32(wk, data, get_num_threads())
-    return PackedWeight((k, n), "fp32", data, 0.0)
+    data = np.empty(_packed_shape(k, n, precision), dtype=_PACKED_DTYPE[precision])
+    if precision == "fp32":
+        _core.pack_f32(wk, data.reshape(-1, k, PANEL_COLS), get_num_threads())
+        return PackedWeight((k, n), "fp32", data, 0.0)
+    scale = None
+    if precision == "int8":
+        if not np.isfinite(wk).all():
+            raise ValueError("int8 packing needs finite weights (found NaN or Inf)")
+        scale = np.empty(n, dtype=_F32)
+    err2, ref2 = _core.pack_lowp(wk, _PRECISION_CODE[precision], data, scale)
+    rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0
+    return PackedWeight((k, n), precision, data, rel, scale)
+
+
+def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto", threads=None):
+    """``activation(x @ w + bias)`` with bias and activation fused into the
+    kernel's epilogue (no second pass over the output).
+
+    x: (..., K) float32. w: a PackedWeight (fp32, bf16 or int8) or a (K, N)
+    float32 array. bias: None or (N,) float32. activation: None, "relu",
+    "gelu" (erf form), "gelu_tanh" or "silu". Returns float32 (..., N), or
+    writes ``out`` (C-contiguous float32 of that shape) and returns it.
+    With an int8 weight, each row of x is quantized on the fly to int8
+    (scale max|row| / 127); a row holding Inf or NaN yields NaN in that row.
+    """
+    if activation is not None and not isinstance(activation, str):
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    act = _ACTIVATION_CODE.get(activation)
+    if act is None:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    code = _VARIANT_CODE.get(variant)
+    if code is None:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    threads = 0 if threads is None else _check_threads(threads)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}; "
+                        "use np.asarray(x, dtype=np.float32)")
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape (..., K), got {x.shape}")
+    if type(w) is PackedWeight:
+        k, n = w.shape
+        precision = w.precision
+    else:
+        _check_matrix("w", w)
+        k, n = w.shape
+        precision = "fp32"
+    if x.shape[-1] != k:
+        raise ValueError(f"shapes {x.shape} and {(k, n)} are not aligned: x has {x.shape[-1]} "
+                         f"features but w has {k} rows")
+    lead = x.shape[:-1]
+    x2 = x if x.ndim == 2 else x.reshape(-1, k)
+    m = x2.shape[0]
+    out2 = None
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != lead + (n,):
+            raise ValueError(f"out must be a float32 array of shape {lead + (n,)}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        out2 = out if out.ndim == 2 else out.reshape(m, n)
+    if code == _AUTO and _active_chooser is not None:
+        code = policy_variant("linear", m, k, n, precision)
+    if type(w) is PackedWeight:
+        res = _core.matmul(x2, None, w._data, w._code, w._scale, k, n, out2, 1.0, 0.0, code,
+                           threads, bias, act)
+    else:
+        res = _core.matmul(x2, w, None, 0, None, 0, 0, out2, 1.0, 0.0, code, threads, bias, act)
+    if res is None:  # out overlaps x or w: compute into a temporary
+        tmp = np.empty((m, n), dtype=_F32)
+        linear(x2, w, bias, activation=activation, out=tmp, variant=variant,
+               threads=None if threads == 0 else threads)
+        out2[...] = tmp
+        return out
+    if out is not None:
+        return out
+    return res if x.ndim == 2 else res.reshape(lead + (n,))
 
 
 def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
@@ -147,9 +261,10 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
         if b.precision != "fp32":
             raise ValueError(f"gemm takes an fp32 PackedWeight, got {b.precision!r}; use linear()")
         k, n = b.shape
-        res = _core.gemm_f32(a, None, b._data, k, n, out, alpha, beta, code, threads)
+        res = _core.matmul(a, None, b._data, 0, None, k, n, out, alpha, beta, code, threads,
+                           None, 0)
     else:
-        res = _core.gemm_f32(a, b, None, 0, 0, out, alpha, beta, code, threads)
+        res = _core.matmul(a, b, None, 0, None, 0, 0, out, alpha, beta, code, threads, None, 0)
     if res is None:  # out overlaps a or b: compute into a copy, then write back
         tmp = out.copy()
         gemm(a, b, out=tmp, alpha=alpha, beta=beta, variant=variant,
@@ -172,16 +287,3 @@ def _auto_variant(a, b) -> int:
         return _AUTO  # the binding raises the precise error
     precision = b.precision if type(b) is PackedWeight else "fp32"
     return policy_variant("gemm", shape_a[0], shape_a[1], shape_b[1], precision)
-
-
-def _check_out(out, m: int, n: int) -> None:
-    if not isinstance(out, np.ndarray) or out.dtype != _F32:
-        raise ValueError(f"out must be a float32 numpy array of shape {(m, n)}, got "
-                         f"{type(out).__name__ if not isinstance(out, np.ndarray) else out.dtype}")
-    if out.shape != (m, n):
-        raise ValueError(f"out has shape {out.shape}, expected {(m, n)}")
-    if n > 1 and out.strides[1] != 4:
-        raise ValueError("out must have unit stride along its last axis "
-                         f"(strides {out.strides}); pass a C-contiguous array")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")

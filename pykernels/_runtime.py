@@ -24,7 +24,7 @@ class CpuInfo:
     l3_bytes: int
     vendor: str
     model: str
-    gemm_f32_blocking: dict
+    gemm_blocking: dict
 
 
 def cpu_info() -> CpuInfo:
@@ -39,7 +39,7 @@ def cpu_info() -> CpuInfo:
         l3_bytes=d["l3_bytes"],
         vendor=d["vendor"],
         model=d["model"],
-        gemm_f32_blocking=dict(d["gemm_f32_blocking"]),
+        gemm_blocking=dict(d["gemm_blocking"]),
     )
 
 

@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "pykernels/dispatch.h"
 #include "pykernels/gemm.h"
@@ -128,29 +129,49 @@ pk::ParallelPolicy parallel(int variant, int threads) {
   return p;
 }
 
-void run_gemm(const pk::GemmF32Args& g, int variant, int threads) {
+void run_gemm(const pk::GemmArgs& g, int variant, int threads) {
   const pk::Dispatch& d = pk::dispatch();
   const pk::ParallelPolicy par = parallel(variant, threads);
+  const pk::GemmFn fn = d.gemm->run[static_cast<int>(g.precision)][variant];
   py::gil_scoped_release nogil;
-  if (variant == 0) {
-    d.gemm_f32->latency(g, par, d.gemm_f32_blocking);
-  } else {
-    d.gemm_f32->throughput(g, par, d.gemm_f32_blocking);
-  }
+  fn(g, par, d.gemm_blocking);
 }
 
-// gemm_f32(a, b, packed, k, n, out, alpha, beta, variant, threads)
-//   a (M, K) float32, any strides. Either b (K, N) float32 any strides, or
-//   b is None and packed is the PackedWeight's panel array for shape (k, n).
+// int32 accumulation of int8 products is exact while K * 127 * 127 < 2^31.
+constexpr int64_t kMaxKInt8 = 131072;
+
+void check_bias(py::handle bias_h, pk::GemmArgs& g) {
+  if (bias_h.is_none()) return;
+  if (!py::isinstance<py::array>(bias_h))
+    throw py::type_error("bias must be a float32 numpy array of shape (" + std::to_string(g.n) +
+                         ",), got " + std::string(py::str(py::type::handle_of(bias_h).attr("__name__"))));
+  auto bias = py::reinterpret_borrow<py::array>(bias_h);
+  if (!is_float32(bias))
+    throw py::type_error("bias has dtype " + dtype_name(bias) +
+                         ", expected float32; convert with bias.astype(np.float32)");
+  if (bias.ndim() != 1 || bias.shape(0) != g.n)
+    throw py::value_error("bias has shape " + std::string(py::str(bias.attr("shape"))) +
+                          ", expected (" + std::to_string(g.n) + ",)");
+  if (g.n > 1 && bias.strides(0) != static_cast<py::ssize_t>(sizeof(float)))
+    throw py::value_error("bias must be contiguous; pass np.ascontiguousarray(bias)");
+  g.bias = static_cast<const float*>(bias.data());
+}
+
+// matmul(a, b, packed, precision, col_scale, k, n, out, alpha, beta, variant,
+//        threads, bias, act)
+//   a (M, K) float32, any strides. Either b (K, N) float32 any strides, or b
+//   is None and `packed` is a PackedWeight's panel array of `precision` (0
+//   fp32, 1 bf16, 2 int8) for shape (k, n), with col_scale (n,) for int8.
 //   out None -> a new (M, N) array (beta ignored). variant 0 latency,
-//   1 throughput; threads < 1 -> decide by size.
+//   1 throughput, 2 auto; threads < 1 -> decide by size. bias None or (N,)
+//   float32 contiguous; act an Activation code.
 // Returns the result array, or None when `out` overlaps an input: the caller
 // then computes into a temporary (NumPy's semantics for overlapping out=).
-py::object gemm_f32(py::handle a_h, py::handle b_h, py::handle packed_h, int64_t pk_k,
-                    int64_t pk_n, py::handle out_h, float alpha, float beta, int variant,
-                    int threads) {
+py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int precision,
+                  py::handle scale_h, int64_t pk_k, int64_t pk_n, py::handle out_h, float alpha,
+                  float beta, int variant, int threads, py::handle bias_h, int act) {
   const Matrix a = as_matrix(a_h, "a");
-  pk::GemmF32Args g;
+  pk::GemmArgs g;
   Matrix b;
   if (!b_h.is_none()) {
     b = as_matrix(b_h, "b");
@@ -169,11 +190,22 @@ py::object gemm_f32(py::handle a_h, py::handle b_h, py::handle packed_h, int64_t
                             shape_str(pk_k, pk_n) + " are not aligned: a has " +
                             std::to_string(a.cols) + " columns but the packed weight has " +
                             std::to_string(pk_k) + " rows");
-    g.b_packed = static_cast<const float*>(py::reinterpret_borrow<py::array>(packed_h).data());
+    if (precision < 0 || precision > 2) throw py::value_error("internal: bad precision code");
+    g.precision = static_cast<pk::Precision>(precision);
+    g.b_packed = py::reinterpret_borrow<py::array>(packed_h).data();
+    if (g.precision == pk::Precision::kI8) {
+      g.col_scale = static_cast<const float*>(py::reinterpret_borrow<py::array>(scale_h).data());
+      if (pk_k > kMaxKInt8)
+        throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) +
+                              " (exact int32 accumulation), got K=" + std::to_string(pk_k));
+    }
     g.n = pk_n;
   }
   g.m = a.rows;
   g.k = a.cols;
+  check_bias(bias_h, g);
+  if (act < 0 || act > 4) throw py::value_error("internal: bad activation code");
+  g.act = static_cast<pk::Activation>(act);
   py::object result;
   Matrix c;
   if (out_h.is_none()) {
@@ -188,21 +220,52 @@ py::object gemm_f32(py::handle a_h, py::handle b_h, py::handle packed_h, int64_t
   if (g.m == 0 || g.n == 0) return result;
   g.c = const_cast<float*>(c.data);
   g.c_rs = c.rs;
-  if (g.k == 0) {  // empty sum: C = beta * C (or zeros; C is not read when beta == 0)
-    for (int64_t i = 0; i < g.m; ++i)
-      for (int64_t j = 0; j < g.n; ++j) {
-        float* p = g.c + i * g.c_rs + j;
-        *p = beta == 0.0f ? 0.0f : beta * *p;
-      }
-    return result;
-  }
   g.a = a.data;
   g.a_rs = a.rs;
   g.a_cs = a.cs;
   g.alpha = alpha;
   g.beta = beta;
+  if (g.k == 0) {
+    // Empty sum: act(beta * C + bias) (C not read when beta == 0). Run it as
+    // a K=1 product of zeros so bias and activation take the kernels' path.
+    static const float zero = 0.0f;
+    std::vector<float> zb(static_cast<size_t>(g.n), 0.0f);
+    g.k = 1;
+    g.a = &zero;
+    g.a_rs = 0;
+    g.a_cs = 0;
+    g.precision = pk::Precision::kF32;
+    g.b_packed = nullptr;
+    g.col_scale = nullptr;
+    g.b = zb.data();
+    g.b_rs = 0;
+    g.b_cs = 1;
+    run_gemm(g, 0, 1);
+    return result;
+  }
   run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, g.m * g.n * g.k));
   return result;
+}
+
+// Packs w (K, N) float32 into bf16 (precision 1) or int8 (2) panels in `out`;
+// int8 also fills scale (N,). Returns (sum of squared errors, sum of squares).
+py::tuple pack_lowp(const py::array& w, int precision, py::array out, py::handle scale_h) {
+  const float* src = static_cast<const float*>(w.data());
+  const int64_t k = w.shape(0), n = w.shape(1);
+  const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
+  double err2 = 0, ref2 = 0;
+  float* scale = precision == 2
+      ? static_cast<float*>(py::reinterpret_borrow<py::array>(scale_h).mutable_data())
+      : nullptr;
+  {
+    py::gil_scoped_release nogil;
+    if (precision == 1) {
+      pk::pack_b_bf16(src, k, n, rs, cs, static_cast<uint16_t*>(out.mutable_data()), &err2, &ref2);
+    } else {
+      pk::pack_b_i8(src, k, n, rs, cs, static_cast<int8_t*>(out.mutable_data()), scale, &err2, &ref2);
+    }
+  }
+  return py::make_tuple(err2, ref2);
 }
 
 // Packs w (K, N), any strides, into out (ceil(N/16), K, 16) float32 C-contiguous.
@@ -230,27 +293,34 @@ py::dict cpu_info() {
   r["vendor"] = f.vendor;
   r["model"] = f.model;
   py::dict blk;
-  blk["kc"] = d.gemm_f32_blocking.kc;
-  blk["mc"] = d.gemm_f32_blocking.mc;
-  blk["nc"] = d.gemm_f32_blocking.nc;
-  r["gemm_f32_blocking"] = blk;
+  blk["kc"] = d.gemm_blocking.kc;
+  blk["mc"] = d.gemm_blocking.mc;
+  blk["nc"] = d.gemm_blocking.nc;
+  r["gemm_blocking"] = blk;
   return r;
 }
 
 py::list kernel_table() {
   const pk::Dispatch& d = pk::dispatch();
+  static const char* kPrecisions[pk::kNumPrecisions] = {"fp32", "bf16", "int8"};
+  static const char* kVariants[2] = {"latency", "throughput"};
   py::list out;
-  auto add = [&](const char* op, const char* variant, const char* precision, const char* name) {
-    py::dict e;
-    e["op"] = op;
-    e["variant"] = variant;
-    e["precision"] = precision;
-    e["isa"] = pk::isa_name(d.isa);
-    e["name"] = name;
-    out.append(e);
-  };
-  add("gemm", "latency", "fp32", d.gemm_f32->latency_name);
-  add("gemm", "throughput", "fp32", d.gemm_f32->throughput_name);
+  for (int p = 0; p < pk::kNumPrecisions; ++p) {
+    for (int v = 0; v < 2; ++v) {
+      // gemm runs the fp32 kernels; linear runs every precision with a fused
+      // bias/activation epilogue. Same kernel, two public entry points.
+      for (const char* op : {"gemm", "linear"}) {
+        if (p != 0 && op[0] == 'g') continue;
+        py::dict e;
+        e["op"] = op;
+        e["variant"] = kVariants[v];
+        e["precision"] = kPrecisions[p];
+        e["isa"] = pk::isa_name(d.isa);
+        e["name"] = d.gemm->names[p][v];
+        out.append(e);
+      }
+    }
+  }
   return out;
 }
 
@@ -265,7 +335,8 @@ PYBIND11_MODULE(_core, m) {
     throw py::value_error(e.what());
   }
   g_f32_descr = py::dtype::of<float>().release().ptr();  // immortal singleton
-  m.def("gemm_f32", &gemm_f32);
+  m.def("matmul", &matmul);
+  m.def("pack_lowp", &pack_lowp);
   m.def("pack_f32", &pack_f32);
   m.def("cpu_info", &cpu_info);
   m.def("kernel_table", &kernel_table);

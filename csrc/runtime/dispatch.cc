@@ -53,16 +53,16 @@ void init_dispatch(const std::string& requested) {
   }
   switch (d.isa) {
     case Isa::kAvx512:
-      d.gemm_f32 = &avx512::kGemmF32;
-      d.gemm_f32_blocking = blocking_for(f, 6, 64);
+      d.gemm = &avx512::kGemm;
+      d.gemm_blocking = blocking_for(f, 6, 64);
       break;
     case Isa::kAvx2:
-      d.gemm_f32 = &avx2::kGemmF32;
-      d.gemm_f32_blocking = blocking_for(f, 6, 16);
+      d.gemm = &avx2::kGemm;
+      d.gemm_blocking = blocking_for(f, 6, 16);
       break;
     default:
-      d.gemm_f32 = &generic::kGemmF32;
-      d.gemm_f32_blocking = blocking_for(f, 4, 16);
+      d.gemm = &generic::kGemm;
+      d.gemm_blocking = blocking_for(f, 4, 16);
       break;
   }
   g_dispatch = d;

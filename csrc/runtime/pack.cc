@@ -1,6 +1,9 @@
 // Packing of B into the fp32 panel layout (see gemm.h). Baseline code: a copy
 // bound by memory bandwidth, so vector width does not matter here.
+#include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
@@ -53,6 +56,112 @@ void pack_b_f32(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs
   // Packing streams memory: parallel only when there is enough of it.
   const int threads = npanels * k >= 4096 ? par.threads : 1;
   parallel_for(ngroups, threads, par.spin, pack_group);
+}
+
+float round_to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    u |= 0x00400000u;  // NaN: keep it a (quiet) NaN after truncation
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  }
+  u &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+namespace {
+uint16_t bf16_bits(float x) {
+  float r = round_to_bf16(x);
+  uint32_t u;
+  std::memcpy(&u, &r, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Writes element (k, col) of a `step`-grouped panel layout.
+inline int64_t panel_index(int64_t k, int64_t col, int64_t k_padded, int step) {
+  const int64_t p = col / kPanelCols, c = col % kPanelCols;
+  return p * k_padded * kPanelCols + (k / step) * kPanelCols * step + c * step + k % step;
+}
+}  // namespace
+
+void pack_b_bf16(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
+                 uint16_t* out, double* err2, double* ref2) {
+  const int64_t kp = pad_k(k, Precision::kBF16);
+  const int64_t npanels = (n + kPanelCols - 1) / kPanelCols;
+  std::memset(out, 0, sizeof(uint16_t) * npanels * kp * kPanelCols);
+  double e2 = 0, r2 = 0;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    for (int64_t col = 0; col < n; ++col) {
+      const float w = b[kk * b_rs + col * b_cs];
+      out[panel_index(kk, col, kp, 2)] = bf16_bits(w);
+      const double d = static_cast<double>(w) - round_to_bf16(w);
+      e2 += d * d;
+      r2 += static_cast<double>(w) * w;
+    }
+  }
+  *err2 = e2;
+  *ref2 = r2;
+}
+
+void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
+               int8_t* out, float* scale, double* err2, double* ref2) {
+  const int64_t kp = pad_k(k, Precision::kI8);
+  const int64_t npanels = (n + kPanelCols - 1) / kPanelCols;
+  std::memset(out, 0, npanels * kp * kPanelCols);
+  double e2 = 0, r2 = 0;
+  // Two row-major passes (the source's usual contiguous direction): column
+  // maxima, then quantization.
+  for (int64_t col = 0; col < n; ++col) scale[col] = 0.0f;
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t col = 0; col < n; ++col)
+      scale[col] = std::fmax(scale[col], std::fabs(b[kk * b_rs + col * b_cs]));
+  std::vector<float> inv(static_cast<size_t>(n));
+  for (int64_t col = 0; col < n; ++col) {
+    inv[col] = scale[col] > 0.0f ? 127.0f / scale[col] : 0.0f;
+    scale[col] /= 127.0f;
+  }
+  for (int64_t kk = 0; kk < k; ++kk) {
+    for (int64_t col = 0; col < n; ++col) {
+      const float w = b[kk * b_rs + col * b_cs];
+      const float q = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(w * inv[col])));
+      out[panel_index(kk, col, kp, 4)] = static_cast<int8_t>(q);
+      const double d = static_cast<double>(w) - static_cast<double>(q) * scale[col];
+      e2 += d * d;
+      r2 += static_cast<double>(w) * w;
+    }
+  }
+  *err2 = e2;
+  *ref2 = r2;
+}
+
+void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
+                      int64_t k_padded, int16_t* out, float* scale) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* row = a + i * a_rs;
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float x = row[kk * a_cs];
+      finite &= std::isfinite(x);
+      amax = std::fmax(amax, std::fabs(x));
+    }
+    int16_t* q = out + i * k_padded;
+    if (!finite) {  // Inf or NaN in the row: every output of the row is NaN
+      scale[i] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(q, 0, sizeof(int16_t) * k_padded);
+      continue;
+    }
+    scale[i] = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float v = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(row[kk * a_cs] * inv)));
+      q[kk] = static_cast<int16_t>(v);
+    }
+    for (int64_t kk = k; kk < k_padded; ++kk) q[kk] = 0;
+  }
 }
 
 }  // namespace pk

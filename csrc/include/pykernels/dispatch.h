@@ -12,8 +12,8 @@ struct Dispatch {
   Isa isa = Isa::kGeneric;       // the ISA in use
   Isa supported = Isa::kGeneric; // the best the machine supports
   bool capped = false;           // PYKERNELS_ISA lowered it
-  const GemmF32Kernels* gemm_f32 = nullptr;
-  Blocking gemm_f32_blocking;
+  const GemmKernels* gemm = nullptr;
+  Blocking gemm_blocking;
 };
 
 // Resolves the table. `requested` is the PYKERNELS_ISA value ("" = best);

@@ -1,38 +1,52 @@
-// fp32 GEMM contract shared by every ISA implementation.
+// GEMM contract shared by every ISA implementation and every precision.
 //
 //   C[m, n] = act(alpha * sum_k A[m, k] * B[k, n] + beta * C[m, n] + bias[n])
 //
 // Layout (all strides in *elements*, not bytes):
-//   A: element (i, k) at a[i * a_rs + k * a_cs]. Any stride is legal, including
-//      zero (broadcast views) and negative (reversed views); A is never packed on
-//      the latency path, so its strides reach the micro-kernel.
-//   B: either raw, element (k, j) at b[k * b_rs + j * b_cs], or packed (b_packed
-//      != nullptr, raw pointers ignored): see kPanelCols below.
-//   C: row stride c_rs, unit column stride (checked by the Python layer).
+//   A: fp32, element (i, k) at a[i * a_rs + k * a_cs]. Any stride is legal,
+//      including zero (broadcast views) and negative (reversed views).
+//   B: fp32 raw, element (k, j) at b[k * b_rs + j * b_cs] (precision kF32 and
+//      b_packed == nullptr), or packed (see below) for every precision.
+//   C: fp32, row stride c_rs, unit column stride (checked by the binding).
 // beta == 0 means C is write-only: it may hold NaN/Inf on entry and is never read.
-// bias may be null; activation is applied last. Nothing aliases C (the Python
-// layer computes into a temporary when `out` overlaps an input).
-// Sizes are int64; m, n, k >= 1 (the Python layer handles empty dimensions).
+// bias may be null; activation is applied last. Nothing aliases C (the binding
+// reports an overlap and the Python layer computes into a temporary).
+// Sizes are int64; m, n, k >= 1 (the binding handles empty dimensions).
+//
+// Packed weights: panels of 16 columns (one zmm, two ymm), the last panel
+// zero-padded; inside a panel, K-major groups of `step` consecutive k for each
+// column, so every precision moves 64 bytes per panel per group:
+//   fp32  step 1: packed[p][k][c]                    = B[k, 16p + c]
+//   bf16  step 2: packed[p][k/2][c][k%2]             = bf16(B[k, 16p + c])
+//   int8  step 4: packed[p][k/4][c][k%4]             = round(B[k, 16p+c] / scale[16p+c])
+// K is padded with zeros to a multiple of `step` (k_padded). One layout serves
+// both variants and every ISA, so switching variant or machine never repacks.
+// int8 is symmetric per output column (scale[c] = max|B[:, c]| / 127); the
+// activations are quantized per row at call time (scale max|A[i, :]| / 127), the
+// products are accumulated exactly in int32 and dequantized in the epilogue.
 #pragma once
 #include <cstdint>
 
 namespace pk {
 
-// Packed fp32 weight layout, identical for every ISA and both variants so that
-// switching variant or machine never repacks: panels of 16 columns (one zmm, two
-// ymm), K-major inside a panel, the last panel zero-padded:
-//   packed[p][k][c] = B[k, 16 p + c]      shape (ceil(N/16), K, 16)
 constexpr int kPanelCols = 16;
 
 enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+enum class Precision : int { kF32 = 0, kBF16 = 1, kI8 = 2 };
+constexpr int kNumPrecisions = 3;
 
-struct GemmF32Args {
+constexpr int k_step(Precision p) { return p == Precision::kF32 ? 1 : (p == Precision::kBF16 ? 2 : 4); }
+constexpr int64_t pad_k(int64_t k, Precision p) { return (k + k_step(p) - 1) / k_step(p) * k_step(p); }
+
+struct GemmArgs {
   int64_t m = 0, n = 0, k = 0;
+  Precision precision = Precision::kF32;
   const float* a = nullptr;
   int64_t a_rs = 0, a_cs = 0;
-  const float* b = nullptr;         // raw B (used when b_packed == nullptr)
+  const float* b = nullptr;         // raw fp32 B (used when b_packed == nullptr)
   int64_t b_rs = 0, b_cs = 0;
-  const float* b_packed = nullptr;  // packed panels, see kPanelCols
+  const void* b_packed = nullptr;   // packed panels of `precision`, see above
+  const float* col_scale = nullptr; // int8: per-column weight scale (length >= n)
   float* c = nullptr;
   int64_t c_rs = 0;
   float alpha = 1.0f, beta = 0.0f;
@@ -55,24 +69,40 @@ struct Blocking {
   int64_t l2_bytes = 512 * 1024;  // per-core L2, for buffers that should stay in it
 };
 
-// One ISA's kernel table. Every entry point takes plain data only: no vector
-// types cross this boundary, so the baseline-compiled dispatcher never touches
-// AVX registers.
-struct GemmF32Kernels {
+enum class Variant : int { kLatency = 0, kThroughput = 1 };
+
+using GemmFn = void (*)(const GemmArgs&, const ParallelPolicy&, const Blocking&);
+
+// One ISA's kernel table, indexed [precision][variant]. Every entry point takes
+// plain data only: no vector types cross this boundary, so the baseline-compiled
+// dispatcher never touches AVX registers.
+struct GemmKernels {
   const char* isa;
-  const char* latency_name;     // e.g. "gemm_avx2_f32_lat_6x16"
-  const char* throughput_name;  // e.g. "gemm_avx2_f32_6x16"
-  void (*latency)(const GemmF32Args&, const ParallelPolicy&, const Blocking&);
-  void (*throughput)(const GemmF32Args&, const ParallelPolicy&, const Blocking&);
+  const char* names[kNumPrecisions][2];  // e.g. "gemm_avx2_f32_6x16"
+  GemmFn run[kNumPrecisions][2];
 };
 
-namespace generic { extern const GemmF32Kernels kGemmF32; }
-namespace avx2 { extern const GemmF32Kernels kGemmF32; }
-namespace avx512 { extern const GemmF32Kernels kGemmF32; }
+namespace generic { extern const GemmKernels kGemm; }
+namespace avx2 { extern const GemmKernels kGemm; }
+namespace avx512 { extern const GemmKernels kGemm; }
 
-// Packs B (k x n, element strides b_rs/b_cs) into the panel layout. Baseline
-// code (plain copies); `out` holds ceil(n/16) * k * 16 floats.
+// ---- packing and quantization (baseline code, runtime/pack.cc) ---------------
+// fp32: B (k x n, element strides) -> ceil(n/16) * k * 16 floats.
 void pack_b_f32(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
                 float* out, const ParallelPolicy& par);
+// bf16 (round to nearest even, NaN kept quiet) -> ceil(n/16) * pad_k(k) * 16 uint16.
+// Returns sum((B - bf16(B))^2) and sum(B^2) for the relative error.
+void pack_b_bf16(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
+                 uint16_t* out, double* err2, double* ref2);
+// int8 symmetric per column -> ceil(n/16) * pad_k(k) * 16 int8 and scale[n].
+void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
+               int8_t* out, float* scale, double* err2, double* ref2);
+// Rounds an fp32 value to the nearest bf16 (ties to even), kept in fp32.
+float round_to_bf16(float x);
+// Quantizes rows of A to int16-held int8 values in [-127, 127], K padded with
+// zeros to `k_padded`; scale[i] = max|A[i, :]| / 127 (0 for an all-zero row).
+// Deterministic and shared by every ISA, so integer results match exactly.
+void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
+                      int64_t k_padded, int16_t* out, float* scale);
 
 }  // namespace pk

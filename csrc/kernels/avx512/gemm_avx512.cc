@@ -2,7 +2,14 @@
 // 32 zmm registers: the 6x64 tile uses 24 accumulators + 4 B vectors + 1 A
 // broadcast = 29 <= 32; M = 6 is also the natural latency quantum (a batch of up
 // to 6 rows costs one pass over the weights).
+// bf16 widens the packed pairs to fp32 (a shift and a mask) and uses FMA: on
+// current Xeons vdpbf16ps runs at half the FMA rate, so convert-then-FMA keeps
+// fp32 speed at half the bytes. int8 uses the same exact vpmaddwd scheme as AVX2
+// at twice the width (the VNNI vpdpbusd path is not implemented yet).
 #include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
 
 #include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
@@ -20,7 +27,42 @@ struct V {
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }  // b if unordered
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }  // b if unordered
+  static reg round(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg pow2(reg n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  static reg select_neg(reg x, reg a, reg b) {
+    const __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(x));  // sign bits (DQ)
+    return _mm512_mask_blend_ps(neg, b, a);
+  }
+  static void load_bf16_pairs(const uint16_t* p, reg& even, reg& odd) {
+    const __m512i x = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+};
+
+struct VI {
+  using reg = __m512i;
+  using wreg = __m512i;
+  using areg = __m512i;
+  static constexpr int kRegsPerPanel = 2;  // 32 bytes (8 columns x 4 k) each
+  static reg zero() { return _mm512_setzero_si512(); }
+  static areg bcast_a4(const int16_t* a) {
+    long long x;
+    std::memcpy(&x, a, sizeof(x));
+    return _mm512_set1_epi64(x);
+  }
+  static wreg widen(const int8_t* group_row, int g) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_row + 32 * g)));
+  }
+  static reg madd(reg acc, wreg w, areg a) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, a)); }
+  static void store(int32_t* p, reg v) { _mm512_storeu_si512(p, v); }
 };
 
 constexpr int kTputMR = 6;
@@ -28,11 +70,21 @@ constexpr int kTputNP = 4;
 constexpr int kMaxAcc = 28;
 // Latency tiles by rows: 1x128 (8 acc), 2x128 (16), 3x96 (18), 4x96 (24), 5-6x64.
 constexpr int kLatNP[kTputMR + 1] = {1, 8, 8, 6, 6, 4, 4};
+// int8: 2 accumulators per panel; 1x128 (16), 2x96 (24), 3x64 (24), ... 6x32 (24).
+constexpr int kI8MR = 6;
+constexpr int kI8MaxAcc = 24;
+constexpr int kI8LatNP[kI8MR + 1] = {1, 8, 6, 4, 3, 2, 2};
 
-#include "../common/gemm_f32_impl.inc"
+#include "../common/gemm_impl.inc"
 
-const GemmF32Kernels kGemmF32 = {"avx512", "gemm_avx512_f32_lat_6x64", "gemm_avx512_f32_6x64",
-                                 &gemm_latency, &gemm_throughput};
+const GemmKernels kGemm = {
+    "avx512",
+    {{"gemm_avx512_f32_lat_6x64", "gemm_avx512_f32_6x64"},
+     {"gemm_avx512_bf16_lat_6x64", "gemm_avx512_bf16_6x64"},
+     {"gemm_avx512_i8_lat_6x32", "gemm_avx512_i8_6x32"}},
+    {{&f32_latency, &f32_throughput},
+     {&bf16_latency, &bf16_throughput},
+     {&i8_latency, &i8_throughput}}};
 
 }  // namespace avx512
 }  // namespace pk

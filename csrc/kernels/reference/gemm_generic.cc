@@ -1,7 +1,11 @@
 // Generic kernels: plain C++ for any x86-64 (compiled with no ISA flags, so the
-// compiler may use SSE2 at most). Also the in-library oracle the other ISAs are
-// compared against in the tests. The "vector" is four floats in a struct; the
-// same tile code as the SIMD paths runs on it.
+// compiler may use SSE2 at most). The "vector" is four floats in a struct and
+// the same tile code as the SIMD paths runs on it; int8 sums are exact, so the
+// generic path gives bit-identical int32 results and is the in-library oracle.
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
 #include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
 
@@ -11,31 +15,87 @@ namespace generic {
 struct V {
   struct reg { float v[4]; };
   static constexpr int W = 4;
-  static reg zero() { return reg{{0.f, 0.f, 0.f, 0.f}}; }
-  static reg load(const float* p) { return reg{{p[0], p[1], p[2], p[3]}}; }
+#define PK_MAP(expr) reg r; for (int i = 0; i < 4; ++i) r.v[i] = (expr); return r
+  static reg zero() { PK_MAP(0.0f); }
+  static reg load(const float* p) { PK_MAP(p[i]); }
   static void store(float* p, reg x) { for (int i = 0; i < 4; ++i) p[i] = x.v[i]; }
-  static reg bcast(float x) { return reg{{x, x, x, x}}; }
+  static reg bcast(float x) { PK_MAP(x); }
   // a*b + c rounded twice (no fused multiply-add in the baseline ISA).
-  static reg fma(reg a, reg b, reg c) {
-    reg r;
-    for (int i = 0; i < 4; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+  static reg fma(reg a, reg b, reg c) { PK_MAP(a.v[i] * b.v[i] + c.v[i]); }
+  static reg mul(reg a, reg b) { PK_MAP(a.v[i] * b.v[i]); }
+  static reg add(reg a, reg b) { PK_MAP(a.v[i] + b.v[i]); }
+  static reg sub(reg a, reg b) { PK_MAP(a.v[i] - b.v[i]); }
+  static reg div(reg a, reg b) { PK_MAP(a.v[i] / b.v[i]); }
+  // Same NaN rule as minps/maxps: the second operand when unordered.
+  static reg min(reg a, reg b) { PK_MAP(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
+  static reg max(reg a, reg b) { PK_MAP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
+  static reg round(reg x) { PK_MAP(std::nearbyint(x.v[i])); }
+  static float pow2_1(float n) {
+    if (!(n == n)) return n;  // NaN: an int conversion would be undefined
+    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+    float r;
+    std::memcpy(&r, &bits, 4);
     return r;
   }
-  static reg mul(reg a, reg b) { reg r; for (int i = 0; i < 4; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
-  static reg add(reg a, reg b) { reg r; for (int i = 0; i < 4; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
-  // NaN-propagating like IEEE max is not: match _mm_max_ps (second operand on NaN).
-  static reg max(reg a, reg b) { reg r; for (int i = 0; i < 4; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return r; }
+  static reg pow2(reg n) { PK_MAP(pow2_1(n.v[i])); }
+  static reg select_neg(reg x, reg a, reg b) { PK_MAP(std::signbit(x.v[i]) ? a.v[i] : b.v[i]); }
+  static float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float r;
+    std::memcpy(&r, &bits, 4);
+    return r;
+  }
+  static void load_bf16_pairs(const uint16_t* p, reg& even, reg& odd) {
+    for (int i = 0; i < 4; ++i) {
+      even.v[i] = bf16_to_f32(p[2 * i]);
+      odd.v[i] = bf16_to_f32(p[2 * i + 1]);
+    }
+  }
+#undef PK_MAP
+};
+
+// int8 with the same pair-split lane layout as the SIMD paths: for the 4
+// columns of group g, lane 2c holds k0*k0 + k1*k1 products, lane 2c+1 k2, k3.
+struct VI {
+  struct reg { int32_t v[8]; };
+  struct wreg { int16_t w[16]; };
+  struct areg { int32_t a[4]; };
+  static constexpr int kRegsPerPanel = 4;
+  static reg zero() { reg r; for (int i = 0; i < 8; ++i) r.v[i] = 0; return r; }
+  static areg bcast_a4(const int16_t* a) { return areg{{a[0], a[1], a[2], a[3]}}; }
+  static wreg widen(const int8_t* group_row, int g) {
+    wreg w;
+    for (int i = 0; i < 16; ++i) w.w[i] = group_row[16 * g + i];
+    return w;
+  }
+  static reg madd(reg acc, const wreg& w, const areg& a) {
+    for (int l = 0; l < 8; ++l) {
+      const int c = l / 2, h = l % 2;
+      acc.v[l] += w.w[4 * c + 2 * h] * a.a[2 * h] + w.w[4 * c + 2 * h + 1] * a.a[2 * h + 1];
+    }
+    return acc;
+  }
+  static void store(int32_t* p, const reg& v) { for (int i = 0; i < 8; ++i) p[i] = v.v[i]; }
 };
 
 constexpr int kTputMR = 4;
 constexpr int kTputNP = 1;
 constexpr int kMaxAcc = 16;  // 4x16: 16 xmm accumulators (the compiler spills a few)
 constexpr int kLatNP[kTputMR + 1] = {1, 1, 1, 1, 1};
+constexpr int kI8MR = 2;
+constexpr int kI8MaxAcc = 8;
+constexpr int kI8LatNP[kI8MR + 1] = {1, 2, 1};
 
-#include "../common/gemm_f32_impl.inc"
+#include "../common/gemm_impl.inc"
 
-const GemmF32Kernels kGemmF32 = {"generic", "gemm_generic_f32_lat_4x16", "gemm_generic_f32_4x16",
-                                 &gemm_latency, &gemm_throughput};
+const GemmKernels kGemm = {
+    "generic",
+    {{"gemm_generic_f32_lat_4x16", "gemm_generic_f32_4x16"},
+     {"gemm_generic_bf16_lat_4x16", "gemm_generic_bf16_4x16"},
+     {"gemm_generic_i8_lat_2x16", "gemm_generic_i8_2x16"}},
+    {{&f32_latency, &f32_throughput},
+     {&bf16_latency, &bf16_throughput},
+     {&i8_latency, &i8_throughput}}};
 
 }  // namespace generic
 }  // namespace pk
