@@ -779,7 +779,7 @@ def run_info(args) -> int:
         f"cores          {ci['cores']}",
         f"caches         L1d {_fmt_bytes(ci['l1d_bytes'])}, L2 {_fmt_bytes(ci['l2_bytes'])}, "
         f"L3 {_fmt_bytes(ci['l3_bytes'])}",
-        "gemm blocking  " + ", ".join(f"{k}={v}" for k, v in ci["gemm_f32_blocking"].items()),
+        "gemm blocking  " + ", ".join(f"{k}={v}" for k, v in ci["gemm_blocking"].items()),
         f"threads        {rec['num_threads']}"
         + (f" (PYKERNELS_NUM_THREADS={env['PYKERNELS_NUM_THREADS']})"
            if env["PYKERNELS_NUM_THREADS"] else " (set with PYKERNELS_NUM_THREADS)"),
