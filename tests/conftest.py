@@ -1,0 +1,184 @@
+"""Shared test helpers: running code under every ISA path, and the float64 reference.
+
+ISA paths
+---------
+pykernels resolves its kernel table once, at import, from CPUID/XCR0 capped by
+``PYKERNELS_ISA=generic|avx2|avx512``. A process therefore sees exactly one path,
+so every ISA other than the default is exercised in a subprocess. Each subprocess
+runs a *batch* of many cases and reports back one JSON line, which keeps the number
+of interpreter launches to a handful per ISA.
+
+* ``isa`` fixture: parametrized over ``ISA_ORDER``; skips the ISAs this CPU lacks.
+* ``run_under_isa(isa, code)``: runs ``code`` in ``python -c`` with ``PYKERNELS_ISA``
+  set, the repository on ``sys.path`` and this directory importable; returns the
+  ``CompletedProcess``.
+* ``run_json_under_isa(isa, code)``: same, but the code prints one JSON object as
+  its last stdout line; a non-zero exit fails the test with the child's stderr.
+
+The in-process tests run on the default (best) ISA.
+
+Reference and tolerance
+-----------------------
+``gemm_reference`` computes ``alpha * a @ b + beta * c0`` in float64 together with
+the magnitude ``|alpha| * (|a| @ |b|) + |beta| * |c0|`` that bounds the rounding
+error, and ``gemm_tolerance`` turns that magnitude into a per-element bound (the
+derivation is next to the function).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+ISA_ORDER = ("generic", "avx2", "avx512")
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one ulp of 1.0f
+
+# A subprocess that runs a batch must finish well within this (seconds); it only
+# guards against a hang turning into a stuck test run.
+SUBPROCESS_TIMEOUT = 300
+
+
+# ---------------------------------------------------------------------------
+# ISA selection
+# ---------------------------------------------------------------------------
+
+def best_isa() -> str:
+    import pykernels
+
+    return pykernels.cpu_info().supported_isa
+
+
+def supported_isas() -> tuple:
+    """Every ISA path this machine can run, lowest first."""
+    best = best_isa()
+    return ISA_ORDER[: ISA_ORDER.index(best) + 1]
+
+
+def current_isa() -> str:
+    """The ISA path of *this* process (the default in-process)."""
+    import pykernels
+
+    return pykernels.cpu_info().isa
+
+
+@pytest.fixture(params=ISA_ORDER)
+def isa(request) -> str:
+    """Each ISA path; the ones this CPU does not support are skipped."""
+    name = request.param
+    best = best_isa()
+    if ISA_ORDER.index(name) > ISA_ORDER.index(best):
+        pytest.skip(f"this CPU supports up to {best!r}, not {name!r}")
+    return name
+
+
+def subprocess_env(isa: str | None = None, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.pop("PYKERNELS_ISA", None)
+    if isa is not None:
+        env["PYKERNELS_ISA"] = isa
+    path = [REPO_ROOT, TESTS_DIR]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, *, env: dict, timeout: float = SUBPROCESS_TIMEOUT):
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_under_isa(isa: str | None, code: str, *, timeout: float = SUBPROCESS_TIMEOUT,
+                  **extra_env: str):
+    """Run ``code`` in a fresh interpreter with ``PYKERNELS_ISA=isa`` (None: unset)."""
+    return run_python(code, env=subprocess_env(isa, **extra_env), timeout=timeout)
+
+
+def run_json_under_isa(isa: str | None, code: str, *, timeout: float = SUBPROCESS_TIMEOUT,
+                       **extra_env: str):
+    """Run ``code`` (which prints one JSON object last) and return that object."""
+    proc = run_under_isa(isa, code, timeout=timeout, **extra_env)
+    if proc.returncode != 0:
+        pytest.fail(f"subprocess (PYKERNELS_ISA={isa}) exited with {proc.returncode}\n"
+                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if not lines:
+        pytest.fail(f"subprocess printed nothing\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------
+# Float64 reference and derived tolerance
+# ---------------------------------------------------------------------------
+
+def gemm_reference(a, b, alpha: float = 1.0, beta: float = 0.0, c0=None):
+    """``alpha * a @ b + beta * c0`` in float64, and the error magnitude.
+
+    Returns (ref, mag) with mag = |alpha| * (|a| @ |b|) + |beta| * |c0|: the sum of
+    the absolute values of every term the kernel adds up, which is what fp32
+    rounding errors are proportional to.
+    """
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    ref = alpha * (a64 @ b64)
+    mag = abs(alpha) * (np.abs(a64) @ np.abs(b64))
+    if beta != 0.0 and c0 is not None:
+        c64 = np.asarray(c0, dtype=np.float64)
+        ref = ref + beta * c64
+        mag = mag + abs(beta) * np.abs(c64)
+    return ref, mag
+
+
+def gemm_tolerance(mag, k: int, isa: str):
+    """Per-element bound on |kernel - float64 reference| for an fp32 GEMM.
+
+    The inputs are exact fp32 values, so every error comes from the kernel's own
+    roundings, each a relative error of at most eps32/2:
+
+    * accumulation: K multiply-adds per element. With an FMA (avx2, avx512) each
+      step rounds once; the generic path computes a*b + c with two roundings
+      (product, then sum), so its constant doubles. Rounding errors of
+      independent data add like a random walk, so the accumulated error is
+      ~ sqrt(K) * eps32 * (|a| @ |b|) (Higham & Mary's probabilistic bound; the
+      worst case is K * eps32, which the bound below also covers for K <= 9).
+    * epilogue: alpha * acc, + beta * C and the final store: a few more
+      roundings of terms bounded by the same magnitude.
+
+        |err| <= eps32 * (c * sqrt(K) + 3) * (|alpha| * |a| @ |b| + |beta| * |C0|)
+        c = 2 with FMA, c = 4 on the generic path (a*b + c rounded twice).
+    """
+    c = 4.0 if isa == "generic" else 2.0
+    return EPS32 * (c * np.sqrt(max(int(k), 1)) + 3.0) * mag
+
+
+def gemm_mismatch(got, ref, mag, k: int, isa: str) -> str | None:
+    """None if ``got`` is within ``gemm_tolerance`` of ``ref`` everywhere, else why not."""
+    got = np.asarray(got)
+    if got.shape != ref.shape:
+        return f"shape {got.shape}, expected {ref.shape}"
+    if got.dtype != np.float32:
+        return f"dtype {got.dtype}, expected float32"
+    if got.size == 0:
+        return None
+    err = np.abs(got.astype(np.float64) - ref)
+    tol = gemm_tolerance(mag, k, isa)
+    bad = ~(err <= tol)  # NaN in got counts as bad
+    if not bad.any():
+        return None
+    idx = np.unravel_index(int(np.argmax(np.where(bad, np.nan_to_num(err / np.maximum(tol, 1e-300),
+                                                                        nan=np.inf), -1))),
+                           got.shape)
+    return (f"{int(bad.sum())}/{got.size} elements out of tolerance; worst at {idx}: "
+            f"got {got[idx]!r}, expected {ref[idx]!r}, |err| {err[idx]:.3g} > tol {tol[idx]:.3g}")
+
+
+def assert_gemm_close(got, ref, mag, k: int, isa: str | None = None) -> None:
+    msg = gemm_mismatch(got, ref, mag, k, isa or current_isa())
+    assert msg is None, msg
