@@ -1,0 +1,370 @@
+"""Cost model: predicted p50 and p99 service time of any op at any batch size.
+
+Two layers, as the step-shaped latency/batch curves of real kernels demand
+(tile and wave quantization):
+
+1. **Measured tables.** For a shape the profile measured with the same
+   (variant, precision, threads), a batch on a measured bucket is read back;
+   a batch between two buckets is interpolated between its two neighbours,
+   linearly in the fitted model's time f(batch) (so every measured step is
+   kept, never smoothed by a global fit, and a tile step the fit knows of
+   falls where the tiles put it; the result is monotone and exact on the
+   buckets); beyond the outermost buckets the edge bucket is scaled by the
+   fitted model's ratio f(batch) / f(edge bucket).
+2. **Fitted model** for shapes never measured: per (op kind, variant,
+   precision, threads), non-negative least squares (``scipy.optimize.nnls``)
+   of p50 on [1, GFLOP, tiled GFLOP, MB moved], weighted by 1/p50 so the fit
+   minimises relative, not absolute, error:
+   ``t = c0 + c1*GFLOP + c2*tiled GFLOP + c3*MB``; c0 is the call overhead,
+   c1 and c2 the inverse FLOP rate, c3 the inverse bandwidth. "Tiled" FLOPs
+   count what the kernel's register tile (MR x NR, parsed from the kernel name
+   such as ``gemm_avx2_f32_6x16``) executes with padded edge tiles, so the
+   fit follows the steps of latency versus batch; without a known tile the
+   column equals plain FLOPs.
+
+The tail is the measured p99/p50 ratio: of the cell itself, interpolated
+between buckets, or for a fitted prediction the median ratio of the three
+measured cells of the group nearest in p50 (tails are relatively heavier on
+short calls). Never an assumed constant.
+
+A ``Model`` is predicted as the sum of its parts (p99 too: conservative,
+since interference on a shared machine hits all parts of one forward).
+
+``heldout_error(train, heldout)`` and ``cross_validate(profile)`` report the
+prediction error on shapes the model did not see.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+from scipy.optimize import nnls
+
+from . import ops as _ops
+from .ops import Model, Op, precision_rank
+from .profile import Profile
+
+FEATURES = ("constant_ms", "ms_per_gflop", "ms_per_tiled_gflop", "ms_per_mb")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted service time of one call (a batch) in milliseconds.
+
+    source: "measured" (a profile cell), "interpolated" (between buckets),
+    "extrapolated" (beyond the buckets, scaled by the fit), "fitted" (shape
+    never measured) or "sum" (a Model, from its parts).
+    """
+
+    p50_ms: float
+    p99_ms: float
+    source: str
+
+
+@dataclass(frozen=True)
+class _Fit:
+    coef: Tuple[float, ...]
+    tile: Optional[Tuple[int, int]]
+    log_p50: np.ndarray  # sorted, for tail lookup
+    ratio: np.ndarray
+    n: int
+
+
+def _features(op: Op, units: int, precision: str, tile=None) -> np.ndarray:
+    return np.array([1.0, op.flops(units) / 1e9, op.tiled_flops(units, tile) / 1e9,
+                     op.bytes(units, precision) / 1e6])
+
+
+class CostModel:
+    """Predictions from a Profile. Immutable once built; cheap to query (memoized)."""
+
+    def __init__(self, profile: Profile, *, exclude_ops: Iterable[str] = ()):
+        self.profile = profile
+        excl = set(exclude_ops)
+        tables: Dict[Tuple[str, str, str, int], List] = {}
+        rows: Dict[Tuple[str, str, str, int], List] = {}
+        for m in profile.measurements:
+            if m.op in excl:
+                continue
+            op = profile.ops[m.op]
+            tables.setdefault((m.op, m.variant, m.precision, m.threads), []).append(m)
+            rows.setdefault((op.kind, m.variant, m.precision, m.threads), []).append((op, m))
+        self._tables = {
+            k: (np.array([m.batch for m in v], dtype=float),
+                np.array([m.p50_ms for m in v]),
+                np.array([m.p99_ms / m.p50_ms for m in v]))
+            for k, v in ((k, sorted(v, key=lambda m: m.batch)) for k, v in tables.items())
+        }
+        tiles = _ops.kernel_tiles((profile.key or {}).get("kernels") or ())
+        self._fits: Dict[Tuple[str, str, str, int], _Fit] = {}
+        for g, cells in sorted(rows.items()):
+            prec = g[2]
+            tile = tiles.get(g[:3])
+            a = np.array([_features(op, m.batch, prec, tile) for op, m in cells])
+            y = np.array([m.p50_ms for _, m in cells])
+            w = 1.0 / y
+            try:
+                coef, _ = nnls(a * w[:, None], y * w)
+            except Exception:  # pragma: no cover - degenerate input
+                coef = np.zeros(a.shape[1])
+            if not np.any(coef > 0):
+                # Proportional to work as a last resort.
+                coef = np.zeros(a.shape[1])
+                coef[1] = float(np.median(y / np.maximum(a[:, 1], 1e-12)))
+            order = np.argsort(np.log(y))
+            ratios = np.array([m.p99_ms / m.p50_ms for _, m in cells])
+            self._fits[g] = _Fit(tuple(float(c) for c in coef), tile, np.log(y)[order], ratios[order],
+                                 len(cells))
+        self._memo: Dict[tuple, Optional[Prediction]] = {}
+
+    # --- what can be predicted ---------------------------------------------
+    def groups(self, kind: Optional[str] = None) -> List[Tuple[str, str, str, int]]:
+        """(kind, variant, precision, threads) with a fit, sorted."""
+        return sorted(g for g in self._fits if kind is None or g[0] == kind)
+
+    def coefficients(self, kind: str, variant: str, precision: str, threads: int):
+        """Fitted coefficients named by ``FEATURES``, or None."""
+        f = self._fits.get((kind, variant, precision, threads))
+        return None if f is None else f.coef
+
+    def _part_precision(self, part: Op, variant: str, precision: str, threads: int) -> Optional[str]:
+        if part.precision is not None:
+            p = part.precision
+        else:
+            p = precision
+        if (part.kind, variant, p, threads) in self._fits:
+            return p
+        if part.precision is None and (part.kind, variant, "fp32", threads) in self._fits:
+            return "fp32"  # e.g. attention stays fp32 while the linears run int8
+        return None
+
+    def candidates(self, op: Op) -> List[Tuple[str, str, int]]:
+        """(variant, precision, threads) this model can predict ``op`` with, in
+        a deterministic order (variant, precision by accuracy, threads)."""
+        parts = op.parts()
+        kinds = {p.kind for p in parts}
+        combos = {(v, p, t) for (k, v, p, t) in self._fits if k in kinds}
+        if op.precision is not None:
+            combos = {c for c in combos if c[1] == op.precision}
+        out = []
+        for v, p, t in combos:
+            if all(self._part_precision(part, v, p, t) is not None for part in parts):
+                # A free-precision part must be able to run p itself somewhere,
+                # or the precision is not really in use.
+                if any(part.precision is None and (part.kind, v, p, t) in self._fits
+                       for part in parts) or all(part.precision is not None for part in parts) \
+                        or p == "fp32":
+                    out.append((v, p, t))
+        return sorted(out, key=lambda c: (c[0], precision_rank(c[1]), c[1], c[2]))
+
+    def precisions_used(self, op: Op, variant: str, precision: str, threads: int) -> Tuple[str, ...]:
+        return tuple(sorted({self._part_precision(p, variant, precision, threads) or precision
+                             for p in op.parts()}, key=precision_rank))
+
+    # --- predictions --------------------------------------------------------
+    def fitted_p50(self, op: Op, variant: str, precision: str, threads: int, units: int) -> Optional[float]:
+        f = self._fits.get((op.kind, variant, precision, threads))
+        if f is None:
+            return None
+        x = _features(op, units, precision, f.tile)
+        return max(float(np.dot(f.coef, x)), 1e-6)
+
+    def _tail(self, kind, variant, precision, threads, p50: float) -> float:
+        f = self._fits[(kind, variant, precision, threads)]
+        if f.n == 0:
+            return 1.0
+        i = int(np.searchsorted(f.log_p50, math.log(p50)))
+        lo, hi = max(0, i - 2), min(f.n, i + 2)
+        # three nearest in log p50
+        idx = sorted(range(lo, hi), key=lambda j: abs(f.log_p50[j] - math.log(p50)))[:3]
+        return float(np.median(f.ratio[idx]))
+
+    def predict(self, op: Op, variant: str, precision: str, threads: int, batch: int) -> Optional[Prediction]:
+        """p50/p99 service time of one call running ``batch`` items of ``op``, or None
+        if the profile has nothing to predict from."""
+        key = (op, variant, precision, threads, batch)
+        hit = self._memo.get(key, self)
+        if hit is not self:
+            return hit
+        if isinstance(op, Model) or len(op.parts()) > 1:
+            pred = None
+            s50 = s99 = 0.0
+            for part in op.parts():
+                pp = self._part_precision(part, variant, precision, threads)
+                r = None if pp is None else self._predict_leaf(part, variant, pp, threads, batch)
+                if r is None:
+                    break
+                s50 += r.p50_ms
+                s99 += r.p99_ms
+            else:
+                pred = Prediction(s50, s99, "sum")
+        else:
+            pp = op.precision or precision
+            pred = self._predict_leaf(op, variant, pp, threads, batch)
+        if len(self._memo) > 200_000:
+            self._memo.clear()
+        self._memo[key] = pred
+        return pred
+
+    def _predict_leaf(self, op: Op, variant, precision, threads, batch) -> Optional[Prediction]:
+        base = op.base()
+        u = op.units(batch)
+        if (base.kind, variant, precision, threads) not in self._fits:
+            return None
+        tab = self._tables.get((base.key, variant, precision, threads))
+        if tab is None:
+            p50 = self.fitted_p50(base, variant, precision, threads, u)
+            return Prediction(p50, p50 * self._tail(base.kind, variant, precision, threads, p50),
+                              "fitted")
+        bs, p50s, ratios = tab
+        i = int(np.searchsorted(bs, u))
+        if i < len(bs) and bs[i] == u:
+            return Prediction(float(p50s[i]), float(p50s[i] * ratios[i]), "measured")
+        if 0 < i < len(bs):
+            # Linear in the fitted model's time between the two buckets: exact on
+            # the buckets, monotone, and any tile step the fit knows of falls
+            # where the tiles say, not spread evenly over the interval.
+            b0, b1 = bs[i - 1], bs[i]
+            f = (u - b0) / (b1 - b0)
+            g0 = self.fitted_p50(base, variant, precision, threads, int(b0))
+            g1 = self.fitted_p50(base, variant, precision, threads, int(b1))
+            if g1 > g0:
+                gu = self.fitted_p50(base, variant, precision, threads, u)
+                f = min(1.0, max(0.0, (gu - g0) / (g1 - g0)))
+            p50 = float(p50s[i - 1] + f * (p50s[i] - p50s[i - 1]))
+            r = float(ratios[i - 1] + f * (ratios[i] - ratios[i - 1]))
+            return Prediction(p50, p50 * r, "interpolated")
+        j = 0 if i == 0 else len(bs) - 1
+        edge = int(bs[j])
+        fe = self.fitted_p50(base, variant, precision, threads, edge)
+        fu = self.fitted_p50(base, variant, precision, threads, u)
+        scale = fu / fe if fe and fu else u / edge
+        p50 = float(p50s[j] * scale)
+        return Prediction(p50, p50 * float(ratios[j]), "extrapolated")
+
+
+# ---------------------------------------------------------------------------
+# Prediction error on held-out shapes
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ErrorRow:
+    op: str
+    variant: str
+    precision: str
+    threads: int
+    batch: int
+    measured_p50_ms: float
+    predicted_p50_ms: float
+    measured_p99_ms: float
+    predicted_p99_ms: float
+    source: str
+
+    @property
+    def abs_error(self) -> float:
+        return abs(self.predicted_p50_ms - self.measured_p50_ms) / self.measured_p50_ms
+
+    @property
+    def abs_error_p99(self) -> float:
+        return abs(self.predicted_p99_ms - self.measured_p99_ms) / self.measured_p99_ms
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """Relative prediction error |predicted - measured| / measured over cells."""
+
+    rows: Tuple[ErrorRow, ...]
+    skipped: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def _q(self, q, p99=False) -> float:
+        if not self.rows:
+            return math.nan
+        e = [r.abs_error_p99 if p99 else r.abs_error for r in self.rows]
+        return float(np.percentile(e, q))
+
+    @property
+    def median(self) -> float:
+        return self._q(50)
+
+    @property
+    def p90(self) -> float:
+        return self._q(90)
+
+    @property
+    def max(self) -> float:
+        return self._q(100)
+
+    @property
+    def median_p99(self) -> float:
+        return self._q(50, p99=True)
+
+    @property
+    def p90_p99(self) -> float:
+        return self._q(90, p99=True)
+
+    def by_source(self) -> Dict[str, "ErrorReport"]:
+        out: Dict[str, list] = {}
+        for r in self.rows:
+            out.setdefault(r.source, []).append(r)
+        return {k: ErrorReport(tuple(v)) for k, v in sorted(out.items())}
+
+    def summary(self) -> str:
+        if not self.rows:
+            return "no held-out cells could be predicted"
+        lines = [f"{self.n} cells: p50 error median {self.median:.1%}, p90 {self.p90:.1%}, "
+                 f"max {self.max:.1%}; p99 error median {self.median_p99:.1%}, p90 {self.p90_p99:.1%}"]
+        for src, rep in self.by_source().items():
+            lines.append(f"  {src:>12}: {rep.n} cells, p50 error median {rep.median:.1%}, "
+                         f"p90 {rep.p90:.1%}")
+        if self.skipped:
+            lines.append(f"  ({self.skipped} cells had no prediction: kernel group not in the profile)")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def heldout_error(train: Profile, heldout: Profile) -> ErrorReport:
+    """Error of predictions from ``train`` on the cells of ``heldout`` (measured
+    separately, e.g. ``Profile.calibrate(heldout=True)``: shapes and batches the
+    training profile does not contain)."""
+    model = CostModel(train)
+    rows, skipped = [], 0
+    for m in heldout.measurements:
+        op = heldout.ops[m.op]
+        pred = model.predict(op, m.variant, m.precision, m.threads, m.batch)
+        if pred is None:
+            skipped += 1
+            continue
+        rows.append(ErrorRow(m.op, m.variant, m.precision, m.threads, m.batch, m.p50_ms,
+                             pred.p50_ms, m.p99_ms, pred.p99_ms, pred.source))
+    return ErrorReport(tuple(rows), skipped)
+
+
+def cross_validate(profile: Profile) -> ErrorReport:
+    """Leave-one-shape-out: each measured shape is predicted by a model fitted
+    on the other shapes of the profile (its cells are then all "fitted")."""
+    rows, skipped = [], 0
+    for key in sorted(profile.ops):
+        kind = profile.ops[key].kind
+        if sum(1 for o in profile.ops.values() if o.kind == kind) < 2:
+            continue
+        model = CostModel(profile, exclude_ops=(key,))
+        for m in profile.measurements:
+            if m.op != key:
+                continue
+            pred = model.predict(profile.ops[key], m.variant, m.precision, m.threads, m.batch)
+            if pred is None:
+                skipped += 1
+                continue
+            rows.append(ErrorRow(m.op, m.variant, m.precision, m.threads, m.batch, m.p50_ms,
+                                 pred.p50_ms, m.p99_ms, pred.p99_ms, pred.source))
+    return ErrorReport(tuple(rows), skipped)
+
+
+__all__ = ["CostModel", "ErrorReport", "ErrorRow", "FEATURES", "Prediction", "cross_validate",
+           "heldout_error"]

@@ -1,0 +1,63 @@
+"""Service-level objectives: latency targets, a throughput floor and an accuracy budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Optional
+
+
+def _check(name: str, value, *, allow_inf: bool = False, allow_zero: bool = False):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} is NaN; give a positive number or None")
+    if math.isinf(v) and not allow_inf:
+        raise ValueError(f"{name} is infinite; use None for 'no target'")
+    if v < 0 or (v == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class SLO:
+    """What a class of requests needs.
+
+    p99_ms, p50_ms: latency targets in milliseconds for one request, queueing
+        and batch formation included (None: no target).
+    min_throughput: items per second the plan must sustain (None: no floor).
+    max_rel_error: accuracy budget, the relative (Frobenius) error a precision
+        may add; it decides which precisions are allowed. The default 1e-4
+        admits fp32 only; 1e-2 admits bf16 and int8. ``float("inf")`` admits all.
+    """
+
+    p99_ms: Optional[float] = None
+    p50_ms: Optional[float] = None
+    min_throughput: Optional[float] = None
+    max_rel_error: float = 1e-4
+
+    def __post_init__(self):
+        object.__setattr__(self, "p99_ms", _check("p99_ms", self.p99_ms))
+        object.__setattr__(self, "p50_ms", _check("p50_ms", self.p50_ms))
+        object.__setattr__(self, "min_throughput", _check("min_throughput", self.min_throughput))
+        if self.max_rel_error is None:
+            raise ValueError("max_rel_error must be a number >= 0 (float('inf') admits every precision)")
+        object.__setattr__(self, "max_rel_error",
+                           _check("max_rel_error", self.max_rel_error, allow_inf=True, allow_zero=True))
+        if self.p50_ms is not None and self.p99_ms is not None and self.p50_ms > self.p99_ms:
+            raise ValueError(f"p50_ms ({self.p50_ms}) cannot exceed p99_ms ({self.p99_ms})")
+
+    def describe(self) -> str:
+        parts = []
+        if self.p99_ms is not None:
+            parts.append(f"p99 <= {self.p99_ms:g} ms")
+        if self.p50_ms is not None:
+            parts.append(f"p50 <= {self.p50_ms:g} ms")
+        if self.min_throughput is not None:
+            parts.append(f"throughput >= {self.min_throughput:g} items/s")
+        parts.append(f"relative error <= {self.max_rel_error:g}")
+        return ", ".join(parts)

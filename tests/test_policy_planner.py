@@ -1,0 +1,417 @@
+"""Planner decisions on hand-built profiles (tables of cases and properties),
+determinism, feedback (correction, AIMD back-off, recovery) on simulated
+service times, and ``with policy.active()``. Behaviour only, never timings."""
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pykernels
+from pykernels import _gemm
+from pykernels.policy import SLO, Plan, Policy, Profile, ops
+
+OP = ops.Linear(384, 1536)
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# (variant, precision, threads) -> (overhead ms, ms per item); p99 = 1.3 x p50
+GROUPS = {
+    ("latency", "fp32", 1): (0.030, 0.0120),
+    ("latency", "fp32", 2): (0.035, 0.0070),
+    ("throughput", "fp32", 1): (0.150, 0.0045),
+    ("throughput", "fp32", 2): (0.200, 0.0026),
+    ("latency", "bf16", 2): (0.030, 0.0050),
+    ("throughput", "bf16", 2): (0.150, 0.0016),
+    ("latency", "int8", 2): (0.025, 0.0035),
+    ("throughput", "int8", 2): (0.120, 0.0010),
+}
+
+
+def service(v, p, t, b):
+    c0, c1 = GROUPS[(v, p, t)]
+    return c0 + c1 * b
+
+
+def make_profile(groups=GROUPS, op=OP):
+    prof = Profile(source="synthetic")
+    for (v, p, t) in groups:
+        for b in BATCHES:
+            x = service(v, p, t, b)
+            prof.add(op, v, p, t, b, x, 1.3 * x)
+    return prof
+
+
+PROFILE = make_profile()
+FP32_ONLY = make_profile({k: v for k, v in GROUPS.items() if k[1] == "fp32"})
+
+
+# --- decisions: a table of cases --------------------------------------------
+CASES = [
+    # id, slo, queued, arrival_rate, expectations
+    ("tight_p99_single_request", SLO(p99_ms=0.2), 0, None,
+     dict(variant="latency", precision="fp32", batch_size=1, feasible=True, max_wait_ms=0.0)),
+    ("throughput_floor_bulk", SLO(min_throughput=200_000), 0, None,
+     dict(variant="throughput", precision="fp32", feasible=True, min_batch=128)),
+    ("throughput_floor_admits_int8", SLO(min_throughput=200_000, max_rel_error=1e-2), 0, None,
+     dict(variant="throughput", precision="int8", feasible=True, min_batch=128)),
+    ("budget_between_bf16_and_int8", SLO(min_throughput=200_000, max_rel_error=5e-3), 0, None,
+     dict(variant="throughput", precision="bf16", feasible=True)),
+    ("tight_p99_admits_int8_latency", SLO(p99_ms=0.2, max_rel_error=1e-2), 0, None,
+     dict(variant="latency", precision="int8", batch_size=1, feasible=True)),
+    ("stream_batches_within_p99", SLO(p99_ms=3.0), 0, 20_000,
+     dict(feasible=True, min_batch=2, max_batch=64)),
+    ("backlog_drains_in_batches", SLO(p99_ms=5.0), 100, None,
+     dict(feasible=True, min_batch=8, max_batch=100, max_wait_ms=0.0)),
+    ("impossible_p99", SLO(p99_ms=0.01), 0, None,
+     dict(feasible=False, variant="latency", batch_size=1, precision="fp32")),
+    ("impossible_throughput", SLO(min_throughput=10_000_000), 0, None,
+     dict(feasible=False, variant="throughput")),
+    ("overload", SLO(p99_ms=5.0), 0, 2_000_000, dict(feasible=False)),
+]
+
+
+@pytest.mark.parametrize("slo,queued,rate,want", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plan_cases(slo, queued, rate, want):
+    plan = Policy(slo, PROFILE).plan(OP, queued=queued, arrival_rate=rate)
+    for k, v in want.items():
+        if k == "min_batch":
+            assert plan.batch_size >= v, plan.explain()
+        elif k == "max_batch":
+            assert plan.batch_size <= v, plan.explain()
+        else:
+            assert getattr(plan, k) == v, plan.explain()
+    # invariants of every plan
+    assert plan.threads in (1, 2) and plan.batch_size >= 1 and plan.max_wait_ms >= 0
+    assert plan.predicted_p99_ms >= plan.predicted_p50_ms > 0
+    assert plan.service_p99_ms >= plan.service_p50_ms > 0
+    if plan.feasible:
+        assert ops.PRECISION_REL_ERROR[plan.precision] <= slo.max_rel_error
+        if slo.p99_ms is not None:
+            assert plan.predicted_p99_ms <= slo.p99_ms
+        if slo.min_throughput is not None:
+            assert plan.throughput >= slo.min_throughput
+    text = plan.explain()
+    assert plan.variant in text and str(plan.batch_size) in text and plan.precision in text
+    assert ("No plan meets the SLO" in text) == (not plan.feasible)
+
+
+def test_infeasible_plan_explains_itself():
+    plan = Policy(SLO(p99_ms=0.01), PROFILE).plan(OP)
+    assert not plan.feasible
+    assert plan.reason.startswith("infeasible")
+    text = plan.explain()
+    assert "misses the p99 target of 10 us" in text
+    # it is the plan with the lowest predicted p99 of all
+    assert all(a.predicted_p99_ms >= plan.predicted_p99_ms for a in plan.alternatives)
+
+
+def test_explain_names_numbers_and_exclusions():
+    plan = Policy(SLO(p99_ms=3.0), PROFILE).plan(OP, arrival_rate=20_000)
+    text = plan.explain()
+    assert "p99 target of 3 ms" in text and "headroom" in text
+    assert f"batches of up to {plan.batch_size}" in text
+    assert "Excluded by the accuracy budget" in text and "bf16" in text and "int8" in text
+    assert "runner-up" in text
+    assert plan.alternatives and all(a.precision == "fp32" for a in plan.alternatives)
+
+
+def test_alternatives_lost_for_a_reason():
+    plan = Policy(SLO(min_throughput=200_000), PROFILE).plan(OP)
+    assert len(plan.alternatives) == 3  # the other fp32 kernel choices
+    for a in plan.alternatives:
+        assert (a.variant, a.precision, a.threads) != (plan.variant, plan.precision, plan.threads)
+        assert a.why
+
+
+def test_fixed_precision_outside_budget_is_flagged():
+    plan = Policy(SLO(), PROFILE).plan(ops.Linear(384, 1536, precision="int8"))
+    assert plan.precision == "int8" and not plan.feasible
+    assert "No precision fits the accuracy budget" in plan.explain()
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(ValueError, match="no measurements"):
+        Policy(SLO(), PROFILE).plan(ops.Decode(8, 8, 64, 128))
+
+
+@pytest.mark.parametrize("kwargs", [dict(queued=-1), dict(queued=1.5), dict(arrival_rate=-3.0),
+                                    dict(arrival_rate=math.nan), dict(arrival_rate=math.inf)])
+def test_plan_rejects_bad_queue_state(kwargs):
+    with pytest.raises(ValueError):
+        Policy(SLO(), PROFILE).plan(OP, **kwargs)
+
+
+def test_policy_rejects_bad_arguments():
+    with pytest.raises(TypeError):
+        Policy({"p99_ms": 5}, PROFILE)
+    with pytest.raises(TypeError):
+        Policy(SLO(), "profile.json")
+    with pytest.raises(ValueError):
+        Policy(SLO(), PROFILE, max_batch=0)
+    with pytest.raises(TypeError):
+        Policy(SLO(), PROFILE).plan("linear")
+
+
+# --- properties ---------------------------------------------------------------
+@pytest.mark.parametrize("rate", [None, 2_000, 20_000, 60_000])
+@pytest.mark.parametrize("budget", [1e-4, 1e-2])
+def test_tighter_p99_never_gives_larger_predicted_p99(rate, budget):
+    prev = math.inf
+    for target in (50, 20, 10, 5, 3, 2, 1.5, 1, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02):
+        plan = Policy(SLO(p99_ms=target, max_rel_error=budget), PROFILE).plan(OP, arrival_rate=rate)
+        assert plan.predicted_p99_ms <= prev + 1e-12, (target, plan.explain())
+        prev = plan.predicted_p99_ms
+
+
+@pytest.mark.parametrize("target", [2.0, 5.0, 20.0])
+def test_more_load_never_gives_smaller_batch_while_feasible(target):
+    policy = Policy(SLO(p99_ms=target), FP32_ONLY)
+    prev = 0
+    for rate in (100, 1_000, 5_000, 10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 150_000):
+        plan = policy.plan(OP, arrival_rate=rate)
+        if not plan.feasible:
+            break
+        assert plan.batch_size >= prev, (rate, plan.explain())
+        prev = plan.batch_size
+    assert prev > 1
+
+
+@pytest.mark.parametrize("budget", [0.0, 1e-6, 1e-4, 4e-3, 5e-3, 1e-2, math.inf])
+@pytest.mark.parametrize("slo_kw", [dict(p99_ms=0.3), dict(min_throughput=300_000), dict(p99_ms=3)])
+def test_accuracy_budget_is_respected(budget, slo_kw):
+    plan = Policy(SLO(max_rel_error=budget, **slo_kw), PROFILE).plan(OP, arrival_rate=30_000)
+    if ops.PRECISION_REL_ERROR["fp32"] > budget:
+        assert not plan.feasible and plan.precision == "fp32"
+    else:
+        assert ops.PRECISION_REL_ERROR[plan.precision] <= budget
+
+
+def test_profile_measured_errors_override_the_nominal_table():
+    prof = make_profile()
+    prof.precision_error["int8"] = 3e-3  # measured better than the nominal 1e-2
+    plan = Policy(SLO(min_throughput=200_000, max_rel_error=4e-3), prof).plan(OP)
+    assert plan.precision == "int8" and plan.rel_error == 3e-3
+
+
+def test_model_plans_cover_the_whole_forward():
+    layer = ops.Model(ops=[ops.Linear(384, 1536, rows_per_item=4), ops.Linear(384, 1536, rows_per_item=4)],
+                      name="two-linears")
+    policy = Policy(SLO(p99_ms=2.0), PROFILE)
+    plan = policy.plan(layer, queued=8)
+    single = policy.plan(ops.Linear(384, 1536, rows_per_item=4), queued=8)
+    assert plan.feasible and plan.op == layer
+    assert plan.service_p50_ms > single.service_p50_ms
+
+
+# --- determinism ----------------------------------------------------------------
+def test_plans_are_deterministic_and_use_no_clock(monkeypatch):
+    cases = [(SLO(p99_ms=t, max_rel_error=e), q, r) for t in (0.2, 3.0) for e in (1e-4, 1e-2)
+             for q in (0, 50) for r in (None, 20_000)]
+    first = [Policy(s, PROFILE).plan(OP, queued=q, arrival_rate=r) for s, q, r in cases]
+
+    def no_clock(*a, **k):
+        raise AssertionError("the planner must not read a clock")
+    for name in ("time", "monotonic", "perf_counter", "perf_counter_ns", "monotonic_ns", "time_ns"):
+        monkeypatch.setattr(time, name, no_clock)
+    again = [Policy(s, make_profile()).plan(OP, queued=q, arrival_rate=r) for s, q, r in cases]
+    assert first == again
+    policy = Policy(cases[0][0], PROFILE)
+    assert policy.plan(OP) == policy.plan(OP)
+    assert isinstance(first[0], Plan) and hash(first[0]) == hash(again[0])
+
+
+def test_plan_is_frozen():
+    plan = Policy(SLO(p99_ms=1), PROFILE).plan(OP)
+    with pytest.raises(Exception):
+        plan.batch_size = 7
+
+
+# --- feedback -----------------------------------------------------------------
+def true_service_ms(plan, slowdown, i):
+    jitter = 1 + 0.02 * ((i * 7) % 5 - 2)  # deterministic +-4%
+    return service(plan.variant, plan.precision, plan.threads, plan.batch_size) * slowdown * jitter
+
+
+def test_observe_corrects_predictions():
+    policy = Policy(SLO(p99_ms=3.0), FP32_ONLY, min_observations=5)
+    plan = policy.plan(OP, arrival_rate=20_000)
+    before = plan.service_p50_ms
+    for _ in range(4):
+        policy.observe(plan, 2 * before / 1e3)
+    assert policy.correction(OP, plan.variant, plan.precision, plan.threads) is None  # prior until 5
+    policy.observe(plan, 2 * before / 1e3)
+    c50, tail = policy.correction(OP, plan.variant, plan.precision, plan.threads)
+    assert c50 == pytest.approx(2.0, rel=0.011) and tail == pytest.approx(2.0, rel=0.011)  # 2% grid
+    stats = policy.observed(plan)
+    assert stats["n"] == 5 and stats["p50_ms"] == pytest.approx(2 * before)
+    # the same kernel choice at the same batch is now predicted twice as slow
+    again = policy.plan_call(OP, plan.batch_size, threads=plan.threads)
+    if (again.variant, again.precision) == (plan.variant, plan.precision):
+        assert again.service_p50_ms == pytest.approx(2 * before, rel=0.011)
+    policy.reset_feedback()
+    assert policy.plan(OP, arrival_rate=20_000) == plan
+
+
+def test_observe_validates():
+    policy = Policy(SLO(p99_ms=3.0), PROFILE)
+    plan = policy.plan(OP)
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            policy.observe(plan, bad)
+    with pytest.raises(TypeError):
+        policy.observe("plan", 0.001)
+    with pytest.raises(ValueError):
+        policy.observe(plan, 0.001, batch=0)
+
+
+def test_slowdown_backs_off_then_recovers():
+    """A 3x slowdown mid-run: the policy backs off (smaller batch) within a
+    bounded number of observations, and returns to the original plan after."""
+    policy = Policy(SLO(p99_ms=3.0), FP32_ONLY, window=20, min_observations=5)
+    rate = 20_000
+    trace = []
+    for i in range(160):
+        slow = 3.0 if 60 <= i < 100 else 1.0
+        plan = policy.plan(OP, arrival_rate=rate)
+        trace.append((slow, plan))
+        policy.observe(plan, true_service_ms(plan, slow, i) / 1e3)
+    steady = trace[59][1]
+    assert steady.feasible and steady.batch_size > 1
+    assert all((p.variant, p.batch_size) == (steady.variant, steady.batch_size) for _, p in trace[10:60])
+    during = [p for _, p in trace[60:100]]
+    backed = next(i for i, p in enumerate(during) if p.batch_size < steady.batch_size or not p.feasible)
+    assert backed <= 15, [(p.variant, p.batch_size) for p in during]
+    # while slow, every plan accounts for it: its predicted service time is the slowed one
+    for p in during[backed:]:
+        assert p.service_p50_ms >= 2.5 * service(p.variant, p.precision, p.threads, p.batch_size)
+    after = [p for _, p in trace[100:]]
+    recovered = next(i for i, p in enumerate(after)
+                     if (p.variant, p.batch_size, p.threads) == (steady.variant, steady.batch_size, steady.threads))
+    assert recovered <= policy.window + 10
+    assert after[-1] == steady
+
+
+def test_aimd_caps_batch_on_a_miss_and_probes_back():
+    policy = Policy(SLO(p99_ms=3.0), FP32_ONLY, max_batch=64, probe_after=4)
+    plan = policy.plan(OP, arrival_rate=20_000)
+    assert plan.feasible and policy.batch_cap(OP) is None
+    b0 = plan.batch_size
+    policy.observe(plan, 0.050)  # a 50 ms batch: far past the budget
+    cap = policy.batch_cap(OP)
+    assert cap == int(0.9 * b0)
+    assert policy.plan(OP, arrival_rate=20_000).batch_size <= cap
+    assert "Feedback capped the batch" in policy.plan(OP, arrival_rate=20_000).explain()
+    # observations with headroom raise the cap additively, then lift it
+    for i in range(200):
+        p = policy.plan(OP, arrival_rate=20_000)
+        policy.observe(p, true_service_ms(p, 1.0, i) / 1e3)
+        c = policy.batch_cap(OP)
+        if i == 3:
+            assert c == cap + 1  # max_batch // 64
+        if c is None:
+            break
+    assert policy.batch_cap(OP) is None
+    assert policy.plan(OP, arrival_rate=20_000).batch_size == b0
+
+
+def test_observing_an_infeasible_plan_does_not_back_off():
+    policy = Policy(SLO(p99_ms=0.01), PROFILE)
+    plan = policy.plan(OP)
+    assert not plan.feasible
+    policy.observe(plan, 0.010)
+    assert policy.batch_cap(OP) is None
+
+
+def test_observe_is_thread_safe():
+    policy = Policy(SLO(p99_ms=3.0), FP32_ONLY)
+    plan = policy.plan(OP, arrival_rate=20_000)
+    errors = []
+
+    def worker(k):
+        try:
+            for i in range(200):
+                policy.observe(plan, true_service_ms(plan, 1.0, i + k) / 1e3)
+                policy.plan(OP, arrival_rate=20_000 + (i % 3))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert policy._op_count[OP.key] == 800
+    assert policy.observed(plan)["n"] == policy.window
+
+
+# --- with policy.active() ----------------------------------------------------------
+def chooser_profile():
+    """A machine where the throughput kernel wins even at 4 rows -- the opposite
+    of pykernels' size heuristic (latency up to 32 rows)."""
+    prof = Profile(source="synthetic")
+    small = ops.Linear(64, 64)
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        prof.add(small, "latency", "fp32", 1, b, 0.05 + 0.01 * b, 0.07 + 0.01 * b)
+        prof.add(small, "throughput", "fp32", 1, b, 0.01 + 0.001 * b, 0.02 + 0.001 * b)
+    return prof
+
+
+def test_active_changes_what_auto_does():
+    policy = Policy(SLO(p99_ms=1.0), chooser_profile())
+    a = np.ones((4, 64), np.float32)
+    b = np.ones((64, 64), np.float32)
+    assert _gemm._active_chooser is None
+    pykernels.gemm(a, b)  # no policy: the kernel's own size heuristic, nobody asked
+    assert policy.chooser_calls == 0
+    with policy.active() as p:
+        assert p is policy and _gemm._active_chooser == policy.choose
+        out = pykernels.gemm(a, b)
+        assert policy.chooser_calls == 1 and policy.choice_counts["throughput"] == 1
+        np.testing.assert_allclose(out, a @ b, rtol=1e-5)
+        pykernels.gemm(a, b, variant="latency")  # an explicit variant does not ask
+        assert policy.chooser_calls == 1
+        if hasattr(pykernels, "linear"):
+            pykernels.linear(a, b)
+            assert policy.chooser_calls == 2 and policy.choice_counts["throughput"] == 2
+        # the decision for 4 rows is the policy's (throughput), not the heuristic's (latency)
+        assert policy.choose("gemm", 4, 64, 64, "fp32") == "throughput"
+        # shapes the profile never measured are predicted by the fit
+        assert policy.choose("gemm", 4, 100, 80, "fp32") == "throughput"
+        # calls the registry cannot map fall back to the heuristic
+        assert policy.choose("unknown_op", 4, 64, 64, "fp32") is None
+    assert _gemm._active_chooser is None
+    calls = policy.chooser_calls
+    pykernels.gemm(a, b)
+    assert policy.chooser_calls == calls
+
+
+def test_active_restores_the_previous_chooser_even_on_error():
+    outer = Policy(SLO(p99_ms=1.0), chooser_profile())
+    inner = Policy(SLO(p99_ms=1.0), chooser_profile())
+    with outer.active():
+        with pytest.raises(RuntimeError):
+            with inner.active():
+                assert _gemm._active_chooser == inner.choose
+                raise RuntimeError("boom")
+        assert _gemm._active_chooser == outer.choose
+    assert _gemm._active_chooser is None
+
+
+def test_chooser_never_raises():
+    policy = Policy(SLO(p99_ms=1.0), chooser_profile())
+    assert policy.choose("gemm", 0, 64, 64, "fp32") is None
+    assert policy.choose("gemm", 4, 64, 64, "int8") is None  # no int8 measurements
+
+
+def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYKERNELS_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(Profile, "calibrate",
+                        classmethod(lambda cls, quick=True, progress=True, *a, **k: calls.append(quick) or make_profile()))
+    policy = Policy(SLO(p99_ms=1.0))
+    assert calls == []  # nothing happens until a plan is asked for
+    plan = policy.plan(OP)
+    assert calls == [True] and plan.feasible
+    # next time the saved file is used, no calibration
+    assert Policy(SLO(p99_ms=1.0)).plan(OP) == plan
+    assert calls == [True]
