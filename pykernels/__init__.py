@@ -4,6 +4,11 @@ GEMM and attention in a latency and a throughput variant, in fp32, bf16 and
 int8, plus a policy engine (``pykernels.policy``) that picks variant,
 precision, batch size and threads from SLO targets.
 """
+from . import _core
+
+if _core.init_error:  # e.g. PYKERNELS_ISA=bogus, or a path this CPU lacks
+    raise ValueError(_core.init_error)
+
 from ._gemm import PackedWeight, gemm, linear, pack
 from ._runtime import (
     CpuInfo,

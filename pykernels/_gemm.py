@@ -87,15 +87,28 @@ class PackedWeight:
     or altered one raises ValueError instead of reaching a kernel.
     """
 
-    __slots__ = ("shape", "precision", "rel_error", "_data", "_scale", "_code", "__weakref__")
+    __slots__ = ("_shape", "_precision", "_rel_error", "_data", "_scale", "_code", "__weakref__")
 
     def __init__(self, shape, precision, data, rel_error, scale=None):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.precision = precision
+        self._shape = (int(shape[0]), int(shape[1]))
+        self._precision = precision
         self._code = _PRECISION_CODE[precision]
         self._data = data
         self._scale = scale
-        self.rel_error = float(rel_error)
+        self._rel_error = float(rel_error)
+
+    # Read-only: the kernels size their reads from these.
+    @property
+    def shape(self) -> tuple:
+        return self._shape
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def rel_error(self) -> float:
+        return self._rel_error
 
     @property
     def nbytes(self) -> int:
@@ -274,10 +287,14 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     return res
 
 
+MAX_THREADS = 256  # the pool's limit (csrc/runtime/threadpool.cc: kMaxWorkers + 1)
+
+
 def _check_threads(threads) -> int:
+    """A per-call thread count: an int >= 1, capped at MAX_THREADS."""
     if type(threads) is not int or threads < 1:
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
-    return threads
+    return threads if threads <= MAX_THREADS else MAX_THREADS
 
 
 def _auto_variant(a, b) -> int:

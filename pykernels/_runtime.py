@@ -52,7 +52,7 @@ def set_num_threads(n: int) -> None:
     """Set the default thread count; ``threads=`` on a call overrides it."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"set_num_threads expects an int >= 1, got {n!r}")
-    _core.set_num_threads(n)
+    _core.set_num_threads(min(n, 256))  # the pool's limit
 
 
 @dataclass(frozen=True)
@@ -72,5 +72,11 @@ def kernels() -> list:
 
 
 def fork_join_us(threads: int = 2, spin: bool = True, reps: int = 2000) -> float:
-    """Median cost in microseconds of one empty parallel region on the pool."""
-    return _core.fork_join_ns(threads, spin, reps) / 1000.0
+    """Median cost in microseconds of one parallel region in which ``threads``
+    threads all take part (each task waits for the others, so the fork really
+    reaches every worker). ``spin``: workers spin between regions (latency
+    variant) rather than park (throughput variant)."""
+    for name, v in (("threads", threads), ("reps", reps)):
+        if type(v) is not int or not 1 <= v <= 1_000_000:
+            raise ValueError(f"{name} must be an int in [1, 1000000], got {v!r}")
+    return _core.fork_join_ns(min(threads, 256), bool(spin), reps) / 1000.0

@@ -514,17 +514,9 @@ for _t in (3, 4):
     SPECIAL_CHECKS.append((f"threads{_t}_oversubscribed",
                            functools.partial(check_oversubscribed_threads, threads=_t)))
 
-# Checks that fail because of a library bug (reported, not fixed here): id -> reason.
-# In-process they are xfail(strict=True); the per-ISA batches skip them.
-_EMPTY_OUT_BUG = (
-    "library bug: an empty out with M == 0 and N > 1, as NumPy creates it "
-    "(np.empty((0, 5), np.float32) has strides (0, 0)), is rejected with "
-    "ValueError 'out must have unit stride along its last axis'; np.matmul accepts it")
-KNOWN_BUGS = {
-    f"empty-{m}x{n}x{k}-out{o}-{v}": _EMPTY_OUT_BUG
-    for (m, n, k), o, v in itertools.product(((0, 5, 3), (0, 5, 0)), ("nan", "beta"),
-                                             ("latency", "throughput"))
-}
+# Checks that fail because of a known library bug: id -> reason (xfail strict
+# in-process; the per-ISA batches skip them). Empty since the fixes of 2026-11-26.
+KNOWN_BUGS: dict = {}  # fixed: empty out with strides (0, 0) is accepted
 
 
 # ---------------------------------------------------------------------------
@@ -665,12 +657,6 @@ def test_wrong_dtype_is_type_error_naming_dtype_and_fix(which, dtype):
     pytest.param(2.0, id="scalar"),
 ])
 def test_non_array_is_type_error(which, value, request):
-    if which == "b" and value is None:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=ValueError,
-            reason="library bug: gemm(a, None) is taken for the packed-weight path and "
-                   "raises ValueError 'shapes (2, 2) and (0, 0) are not aligned' instead "
-                   "of a TypeError naming the bad argument"))
     a, b = _ab(2, 2, 2)
     args = (value, b) if which == "a" else (a, value)
     with pytest.raises(TypeError) as ei:
@@ -800,11 +786,6 @@ def test_bad_threads_is_value_error(threads):
         pk.gemm(a, b, threads=threads)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug: threads=10**10 passes the Python check (an int >= 1) and then fails "
-    "converting to a C int inside the binding: TypeError 'gemm_f32(): incompatible "
-    "function arguments...' listing the internal signature; expected the count to be "
-    "capped (like set_num_threads caps at 256) or a ValueError naming threads"))
 def test_huge_threads_is_capped_or_clear_value_error():
     a, b = _ab(8, 9, 10)
     try:
@@ -951,11 +932,6 @@ def test_pickle_crosses_processes_and_isas(isa, tmp_path):
         assert_gemm_close(np.array(r, dtype=F32), ref, mag, 70, isa)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: PackedWeight.shape is a plain writable attribute and the binding "
-    "trusts it: after pw.shape = (K, 100000 * N) on a (K, N) pack, gemm(x, pw) reads "
-    "past the packed buffer and the interpreter dies with SIGSEGV. Expected the "
-    "assignment to be refused or gemm to check the shape against the packed data"))
 def test_mutated_packed_shape_does_not_crash():
     code = (
         "import numpy as np, pykernels as pk\n"

@@ -124,10 +124,6 @@ _ISA_ERROR_TYPE_CODE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: a bad PYKERNELS_ISA surfaces as ImportError, not ValueError. "
-    "module.cc throws py::value_error inside PYBIND11_MODULE, and pybind11 turns every "
-    "exception escaping module init into ImportError (the message is kept)"))
 @pytest.mark.parametrize("value", ["bogus", "avx512"])
 def test_isa_env_error_is_value_error(value):
     if value == "avx512" and supported_isas()[-1] == "avx512":
@@ -155,11 +151,6 @@ def test_set_num_threads_rejects(bad, restore_num_threads):
     assert pk.get_num_threads() == before
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug: set_num_threads(10**10) passes the Python check (an int >= 1) and "
-    "then fails converting to a C int: TypeError 'set_num_threads(): incompatible "
-    "function arguments...'; 300 is silently capped to 256, so expected the same cap "
-    "or a ValueError naming the value"))
 def test_set_num_threads_huge_is_capped_or_value_error(restore_num_threads):
     try:
         pk.set_num_threads(10**10)
@@ -236,10 +227,6 @@ def test_fork_join_us_is_positive_float(spin):
     assert isinstance(t, float) and t > 0.0 and np.isfinite(t)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: fork_join_us(reps=0) reads the median of an empty vector "
-    "(measure_fork_join_ns: t[reps / 2] with t empty) and the process dies with "
-    "SIGSEGV; it should raise ValueError"))
 def test_fork_join_us_rejects_zero_reps_without_crashing():
     proc = run_under_isa(None, "import pykernels as pk\n"
                                "try:\n"

@@ -100,7 +100,7 @@ Matrix as_out(py::handle h, int64_t m, int64_t n) {
                           ", expected " + shape_str(m, n));
   if (!a.writeable()) throw py::value_error("out is read-only");
   Matrix o = as_matrix(h, "out");
-  if (n > 1 && o.cs != 1)
+  if (m > 0 && n > 1 && o.cs != 1)
     throw py::value_error("out must have unit stride along its last axis (strides " +
                           std::string(py::str(a.attr("strides"))) +
                           "); pass a C-contiguous array");
@@ -184,6 +184,8 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
     g.b_rs = b.rs;
     g.b_cs = b.cs;
     g.n = b.cols;
+  } else if (packed_h.is_none()) {
+    throw py::type_error("b must be a numpy.ndarray of float32 or a PackedWeight, got None");
   } else {
     if (pk_k != a.cols)
       throw py::value_error("shapes " + shape_str(a.rows, a.cols) + " and " +
@@ -192,7 +194,21 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
                             std::to_string(pk_k) + " rows");
     if (precision < 0 || precision > 2) throw py::value_error("internal: bad precision code");
     g.precision = static_cast<pk::Precision>(precision);
-    g.b_packed = py::reinterpret_borrow<py::array>(packed_h).data();
+    auto packed = py::reinterpret_borrow<py::array>(packed_h);
+    // The packed buffer must hold exactly (k, n) of this precision: a
+    // PackedWeight is trusted data, but never enough to read past a buffer.
+    const int64_t expected = (pk_n + pk::kPanelCols - 1) / pk::kPanelCols *
+                             pk::pad_k(pk_k, g.precision) * pk::kPanelCols;
+    const int64_t itemsize = g.precision == pk::Precision::kF32 ? 4 : (g.precision == pk::Precision::kBF16 ? 2 : 1);
+    if (pk_n < 1 || pk_k < 0 || packed.size() != expected || packed.itemsize() != itemsize ||
+        !(packed.flags() & py::array::c_style))
+      throw py::value_error("PackedWeight data does not match its shape (" + std::to_string(pk_k) +
+                            ", " + std::to_string(pk_n) + "); repack the weight");
+    if (g.precision == pk::Precision::kI8) {
+      if (scale_h.is_none() || py::reinterpret_borrow<py::array>(scale_h).size() < pk_n)
+        throw py::value_error("int8 PackedWeight has no per-column scales for N=" + std::to_string(pk_n));
+    }
+    g.b_packed = packed.data();
     if (g.precision == pk::Precision::kI8) {
       g.col_scale = static_cast<const float*>(py::reinterpret_borrow<py::array>(scale_h).data());
       if (pk_k > kMaxKInt8)
@@ -328,12 +344,17 @@ py::list kernel_table() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pykernels C++ kernels (internal; use the pykernels package)";
+  // A bad PYKERNELS_ISA must reach the user as ValueError, but pybind11 turns
+  // any exception escaping module init into ImportError: record it instead and
+  // let pykernels/__init__.py raise it.
   const char* isa = std::getenv("PYKERNELS_ISA");
+  std::string init_error;
   try {
     pk::init_dispatch(isa ? isa : "");
   } catch (const std::invalid_argument& e) {
-    throw py::value_error(e.what());
+    init_error = e.what();
   }
+  m.attr("init_error") = init_error;
   g_f32_descr = py::dtype::of<float>().release().ptr();  // immortal singleton
   m.def("matmul", &matmul);
   m.def("pack_lowp", &pack_lowp);

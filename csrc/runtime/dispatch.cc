@@ -1,5 +1,7 @@
 #include "pykernels/dispatch.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 
 namespace pk {
@@ -64,6 +66,15 @@ void init_dispatch(const std::string& requested) {
       d.gemm = &generic::kGemm;
       d.gemm_blocking = blocking_for(f, 4, 16);
       break;
+  }
+  // Tuning override for experiments: PYKERNELS_BLOCKING="kc,mc,nc".
+  if (const char* env = std::getenv("PYKERNELS_BLOCKING")) {
+    long long kc = 0, mc = 0, nc = 0;
+    if (std::sscanf(env, "%lld,%lld,%lld", &kc, &mc, &nc) == 3 && kc >= 8 && mc >= 1 && nc >= 16) {
+      d.gemm_blocking.kc = kc / 8 * 8;
+      d.gemm_blocking.mc = mc;
+      d.gemm_blocking.nc = nc;
+    }
   }
   g_dispatch = d;
 }

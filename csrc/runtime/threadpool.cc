@@ -200,6 +200,7 @@ void set_default_num_threads(int n) {
 }
 
 double measure_fork_join_ns(int threads, bool spin, int reps) {
+  if (reps < 1 || threads < 1) return 0.0;  // the Python layer rejects these
   // Every task waits until all `threads` tasks have started, so the region
   // really forks to `threads` threads (a no-op region could be finished by the
   // caller alone before any worker woke up). 10 ms timeout: if the pool is busy
