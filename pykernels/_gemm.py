@@ -6,6 +6,9 @@ call path (32x32x32) is kept lean: identity checks on dtype objects, no
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 
 from . import _core
@@ -54,6 +57,9 @@ def policy_variant(op: str, m: int, k: int, n: int, precision: str) -> int:
     choice = chooser(op, m, k, n, precision)
     return _AUTO if choice is None else _VARIANT_CODE[choice]
 
+
+_SAVE_FORMAT = "pykernels.PackedWeight"
+_SAVE_VERSION = 1
 
 PRECISIONS = ("fp32", "bf16", "int8")
 _PRECISION_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
@@ -117,6 +123,80 @@ class PackedWeight:
     def __repr__(self) -> str:
         return (f"PackedWeight(shape={self.shape}, precision={self.precision!r}, "
                 f"nbytes={self.nbytes}, rel_error={self.rel_error:.3g})")
+
+    # ---- safe persistence ---------------------------------------------------
+    def save(self, path) -> None:
+        """Write to ``path`` as a NumPy ``.npz`` archive (no pickled objects):
+        the packed data, the int8 scales, and a JSON header with format name,
+        version, shape, precision, rel_error and a SHA-256 of the arrays.
+        ``PackedWeight.load`` validates every field before use."""
+        header = {"format": _SAVE_FORMAT, "version": _SAVE_VERSION, "shape": list(self._shape),
+                  "precision": self._precision, "rel_error": self._rel_error,
+                  "layout": f"panels{PANEL_COLS}", "sha256": self._digest()}
+        arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                  "data": self._data}
+        if self._scale is not None:
+            arrays["scale"] = self._scale
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "PackedWeight":
+        """Read a file written by ``save``; ValueError if anything is off."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                if not {"header", "data"} <= files:
+                    raise ValueError("missing arrays")
+                header = json.loads(bytes(z["header"]).decode())
+                data = z["data"]
+                scale = z["scale"] if "scale" in files else None
+        except (OSError, EOFError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{path}: not a PackedWeight file ({e})") from None
+        except (ValueError, KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a valid PackedWeight file ({e})") from None
+        except Exception as e:  # zipfile.BadZipFile and friends
+            raise ValueError(f"{path}: not a valid PackedWeight file ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict) or header.get("format") != _SAVE_FORMAT:
+            raise ValueError(f"{path}: not a PackedWeight file (format {header.get('format') if isinstance(header, dict) else None!r})")
+        if header.get("version") != _SAVE_VERSION:
+            raise ValueError(f"{path}: PackedWeight file version {header.get('version')!r} is not supported")
+        if header.get("layout") != f"panels{PANEL_COLS}":
+            raise ValueError(f"{path}: unknown packed layout {header.get('layout')!r}")
+        precision = header.get("precision")
+        shape = header.get("shape")
+        if precision not in _PRECISION_CODE:
+            raise ValueError(f"{path}: unknown precision {precision!r}")
+        if (not isinstance(shape, list) or len(shape) != 2
+                or not all(type(v) is int and 0 < v < 2**40 for v in shape)):
+            raise ValueError(f"{path}: bad shape {shape!r}")
+        rel_error = header.get("rel_error")
+        if not isinstance(rel_error, (int, float)) or not np.isfinite(rel_error) or rel_error < 0:
+            raise ValueError(f"{path}: bad rel_error {rel_error!r}")
+        k, n = shape
+        if data.dtype != _PACKED_DTYPE[precision] or data.shape != _packed_shape(k, n, precision):
+            raise ValueError(f"{path}: packed data {data.dtype}{data.shape} does not match "
+                             f"{precision} shape {(k, n)}")
+        if precision == "int8":
+            if scale is None or scale.dtype != _F32 or scale.shape != (n,):
+                raise ValueError(f"{path}: int8 scales missing or of the wrong shape")
+            if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+                raise ValueError(f"{path}: int8 scales must be finite and >= 0")
+        elif scale is not None:
+            raise ValueError(f"{path}: unexpected scales for precision {precision!r}")
+        pw = cls((k, n), precision, np.ascontiguousarray(data), rel_error,
+                 None if scale is None else np.ascontiguousarray(scale))
+        if header.get("sha256") != pw._digest():
+            raise ValueError(f"{path}: checksum mismatch (the file is corrupted)")
+        return pw
+
+    def _digest(self) -> str:
+        h = hashlib.sha256(self._data.tobytes())
+        if self._scale is not None:
+            h.update(self._scale.tobytes())
+        return h.hexdigest()
 
     def __reduce__(self):
         scale = None if self._scale is None else self._scale.tobytes()
