@@ -78,10 +78,16 @@ def plan_main(argv: Optional[List[str]] = None) -> int:
         op = ops.from_spec({k: v for k, v in spec.items() if v is not None})
         slo = SLO(p99_ms=a.p99_ms, p50_ms=a.p50_ms, min_throughput=a.min_throughput,
                   max_rel_error=a.max_rel_error)
-    except (KeyError, TypeError, ValueError) as e:
+    except KeyError as e:
+        ap.error(f"--op {a.op} needs --{str(e.args[0]).replace('_', '-')}")
+    except (TypeError, ValueError) as e:
         ap.error(f"bad op or SLO: {e}")
     policy = Policy(slo, _load(a.path, a.progress))
-    plan = policy.plan(op, queued=a.queued, arrival_rate=a.arrival_rate)
+    try:
+        plan = policy.plan(op, queued=a.queued, arrival_rate=a.arrival_rate)
+    except ValueError as e:
+        print(f"pykernels plan: {e}", file=sys.stderr)
+        return 1
     print(f"op: {op.key}   SLO: {slo.describe()}")
     print(f"variant={plan.variant} precision={plan.precision} threads={plan.threads} "
           f"batch_size={plan.batch_size} max_wait_ms={plan.max_wait_ms:.3f} "
