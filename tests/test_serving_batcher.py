@@ -1,0 +1,819 @@
+"""DynamicBatcher behaviour: batch formation, max wait, EDF across classes, the
+chunk bound, admission control, failures, close, asyncio, metrics, the
+quantile sketch, Prometheus text and concurrency.
+
+Most tests drive the batcher on a fake clock with ``start=False`` and
+``step()`` (every decision deterministic); ``fn`` advances the fake clock by
+the service time it stands for. The real-thread tests use a fn that finishes
+at once (or sleeps a millisecond) and assert behaviour, never timings.
+"""
+import asyncio
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from pykernels.policy import SLO
+from pykernels.serving import CLOSED_MESSAGE, DynamicBatcher, Overloaded, QuantileSketch
+
+
+# --- fakes -----------------------------------------------------------------------
+class FakeClock:
+    """Seconds, advanced by hand (thread-safe enough: float assignment)."""
+
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance_ms(self, ms: float) -> None:
+        self.t += ms / 1e3
+
+
+@dataclass(frozen=True)
+class FakePlan:
+    variant: str = "latency"
+    precision: str = "fp32"
+    threads: int = 1
+    batch_size: int = 4
+    max_wait_ms: float = 0.0
+    predicted_p50_ms: float = 1.0
+    predicted_p99_ms: float = 1.0
+    feasible: bool = True
+    service_p99_ms: float = 1.0  # predicted service time of a full batch
+
+    def explain(self) -> str:
+        return f"fake plan: batch {self.batch_size}, wait {self.max_wait_ms} ms"
+
+
+class FakePolicy:
+    """Always the same plan; records plan() and observe() calls."""
+
+    def __init__(self, batch_size=4, max_wait_ms=0.0, service_ms=1.0):
+        self.p = FakePlan(batch_size=batch_size, max_wait_ms=max_wait_ms,
+                          service_p99_ms=service_ms, predicted_p99_ms=service_ms,
+                          predicted_p50_ms=service_ms)
+        self.plans = []
+        self.observed = []
+        self.lock = threading.Lock()
+
+    def plan(self, op, *, queued=0, arrival_rate=None):
+        with self.lock:
+            self.plans.append((op, queued, arrival_rate))
+        return self.p
+
+    def observe(self, plan, seconds, batch=None):
+        with self.lock:
+            self.observed.append((plan, seconds, batch))
+
+
+class Recorder:
+    """fn that records (class tag, items) per batch and advances the fake clock
+    by ms_per_item * len(items) (+ ms_per_batch)."""
+
+    def __init__(self, clock=None, ms_per_item=0.0, ms_per_batch=0.0, hook=None):
+        self.clock = clock
+        self.ms_per_item = ms_per_item
+        self.ms_per_batch = ms_per_batch
+        self.batches = []
+        self.hook = hook
+
+    def __call__(self, items, plan):
+        self.batches.append(list(items))
+        if self.hook is not None:
+            self.hook(len(self.batches), items)
+        if self.clock is not None:
+            self.clock.advance_ms(self.ms_per_batch + self.ms_per_item * len(items))
+        return [("done", x) for x in items]
+
+
+def manual(fn, classes, policy, clock, **kw):
+    return DynamicBatcher(fn, policy=policy, classes=classes, clock=clock, start=False,
+                          replan_interval_s=0.0, **kw)
+
+
+# --- batch formation ---------------------------------------------------------------
+def test_batches_up_to_batch_size_then_waits_max_wait():
+    clock = FakeClock()
+    fn = Recorder()
+    b = manual(fn, {"interactive": SLO(p99_ms=1000)}, FakePolicy(batch_size=4, max_wait_ms=5), clock)
+    futs = [b.submit(i) for i in range(10)]
+    assert b.step() == 4 and b.step() == 4
+    assert b.step() == 0, "2 items < batch 4 must wait for max_wait"
+    clock.advance_ms(4.9)
+    assert b.step() == 0
+    clock.advance_ms(0.1)
+    assert b.step() == 2
+    assert [len(x) for x in fn.batches] == [4, 4, 2]
+    assert [f.result(0) for f in futs] == [("done", i) for i in range(10)]
+
+
+def test_max_wait_is_measured_from_the_oldest_request():
+    clock = FakeClock()
+    fn = Recorder()
+    b = manual(fn, {"interactive": SLO(p99_ms=1000)}, FakePolicy(batch_size=8, max_wait_ms=10), clock)
+    b.submit("a")
+    clock.advance_ms(6)
+    b.submit("b")
+    clock.advance_ms(3.9)
+    assert b.step() == 0
+    clock.advance_ms(0.1)  # 10 ms after "a" (only 4 ms after "b")
+    assert b.step() == 2
+    q = b.metrics()["interactive"]["latency_ms"]["queue"]
+    assert q["max"] == pytest.approx(10.0, rel=1e-9)
+    assert q["p50"] == pytest.approx(4.0, rel=0.01)  # lower median of {4, 10} within 1%
+
+
+def test_latest_start_time_overrides_a_long_max_wait():
+    # p99 20 ms, a plan that would wait 100 ms; a batch of 8 is predicted at 4 ms:
+    # the batch must start by deadline - 4 ms = 16 ms after the oldest arrival.
+    clock = FakeClock()
+    fn = Recorder(clock, ms_per_batch=3)
+    b = manual(fn, {"interactive": SLO(p99_ms=20)},
+               FakePolicy(batch_size=8, max_wait_ms=100, service_ms=4), clock)
+    f = b.submit("x")
+    clock.advance_ms(15.9)
+    assert b.step() == 0
+    clock.advance_ms(0.1)
+    assert b.step() == 1
+    assert f.result(0) == ("done", "x")
+    assert b.metrics()["interactive"]["slo_attainment"] == 1.0
+
+
+# --- earliest deadline first -----------------------------------------------------------
+def test_edf_order_across_classes():
+    clock = FakeClock()
+    order = []
+
+    def fn(items, plan):
+        order.extend(items)
+        return items
+
+    pol = FakePolicy(batch_size=1, max_wait_ms=0, service_ms=0.1)
+    b = manual(fn, {"loose": SLO(p99_ms=100), "tight": SLO(p99_ms=30), "bulk": SLO(min_throughput=1)},
+               pol, clock)
+    b.submit("bulk-0", "bulk")          # deadline +10 s (relaxed)
+    b.submit("loose-0", "loose")        # deadline 100
+    clock.advance_ms(10)
+    b.submit("tight-10", "tight")       # deadline 40
+    b.submit("loose-10", "loose")       # deadline 110
+    clock.advance_ms(50)
+    b.submit("tight-60", "tight")       # deadline 90
+    while b.step():
+        pass
+    assert order == ["tight-10", "tight-60", "loose-0", "loose-10", "bulk-0"]
+
+
+def test_aged_bulk_runs_before_fresh_interactive_but_interleaves():
+    clock = FakeClock()
+    order = []
+
+    def fn(items, plan):
+        order.append((plan.variant, len(items)))
+        return items
+
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=0.1),
+            "bulk": FakePolicy(batch_size=100, service_ms=100)}  # 1 ms/item -> chunks of 2 (2.5 ms bound)
+    pols["bulk"].p = FakePlan(variant="bulk", batch_size=100, service_p99_ms=100, predicted_p99_ms=100)
+    b = manual(fn, {"interactive": SLO(p99_ms=10), "bulk": SLO(min_throughput=1)}, pols, clock,
+               relaxed_deadline_s=1.0)
+    for i in range(6):
+        b.submit(i, "bulk")
+    clock.advance_ms(2000)  # bulk aged past its relaxed deadline
+    for i in range(3):
+        b.submit(100 + i, "interactive")
+    while b.step():
+        pass
+    # bulk is due first (EDF), but after each bulk chunk a ready interactive request runs
+    assert order == [("bulk", 2), ("latency", 1), ("bulk", 2), ("latency", 1), ("bulk", 2),
+                     ("latency", 1)]
+
+
+# --- the chunk bound -----------------------------------------------------------------------
+def test_bulk_is_chunked_so_interactive_waits_at_most_the_bound():
+    clock = FakeClock()
+    waits = {}
+    b = None
+
+    def hook(n, items):
+        if n == 1:  # an interactive request arrives while the first bulk chunk runs
+            waits["fut"] = b.submit("q", "interactive")
+
+    fn = Recorder(clock, ms_per_item=1.0, hook=hook)  # exactly the predicted 1 ms per item
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=1.0),
+            "bulk": FakePolicy(batch_size=64, service_ms=64.0)}
+    b = manual(fn, {"interactive": SLO(p99_ms=40), "bulk": SLO(min_throughput=10)}, pols, clock)
+    assert b.chunk_bound_s == pytest.approx(0.010)  # a quarter of the 40 ms target
+    bulk = [b.submit(i, "bulk") for i in range(100)]
+    while b.step():
+        pass
+    sizes = [len(x) for x in fn.batches]
+    assert sizes[0] == 10 and sizes[1] == 1, sizes          # chunk of 10 ms, then the interactive one
+    assert fn.batches[1] == ["q"]
+    assert max(sizes) <= 10 and sum(sizes) == 101
+    m = b.metrics()
+    assert m["interactive"]["latency_ms"]["queue"]["max"] <= 10.0 * 1.0000001
+    assert m["bulk"]["chunk_limit"] == 10 and m["bulk"]["chunked_batches"] == 10
+    assert waits["fut"].result(0) == ("done", "q")
+    assert [f.result(0) for f in bulk] == [("done", i) for i in range(100)]
+
+
+def test_chunk_size_learns_from_observed_service_times():
+    # the plan says 1 ms per item, the fn takes 2 ms: after the first chunks overrun,
+    # the fitted service time cuts them until they meet the 10 ms bound again: 5 items
+    clock = FakeClock()
+    fn = Recorder(clock, ms_per_item=2.0)
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=1.0),
+            "bulk": FakePolicy(batch_size=64, service_ms=64.0)}
+    b = manual(fn, {"interactive": SLO(p99_ms=40), "bulk": SLO()}, pols, clock)
+    for i in range(300):
+        b.submit(i, "bulk")
+    while b.step():
+        pass
+    sizes = [len(x) for x in fn.batches]
+    assert sizes[:3] == [10, 10, 10]  # 20 ms each: the plan's prior was wrong
+    assert sum(sizes) == 300
+    assert all(s == 5 for s in sizes[-20:-1]), sizes
+    fit = b.metrics()["bulk"]["service_fit"]  # right where it is used: 5 items take 10 ms
+    assert fit["fixed_ms"] + 5 * fit["per_item_ms"] + fit["tail_ms"] == pytest.approx(10.0, rel=0.01)
+
+
+def test_chunk_size_learns_a_fixed_cost_per_batch():
+    # 3 ms per batch + 0.5 ms per item, the plan says 1 ms per item: chunks sized
+    # on the fitted line stay within the 10 ms bound, close to the best 14 items
+    clock = FakeClock()
+    fn = Recorder(clock, ms_per_batch=3.0, ms_per_item=0.5)
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=1.0),
+            "bulk": FakePolicy(batch_size=64, service_ms=64.0)}
+    b = manual(fn, {"interactive": SLO(p99_ms=40), "bulk": SLO()}, pols, clock)
+    for i in range(300):
+        b.submit(i, "bulk")
+    while b.step():
+        pass
+    sizes = [len(x) for x in fn.batches]
+    assert sizes[:3] == [10, 10, 10]  # 8 ms each: the prior, proportional to the plan
+    assert all(12 <= s <= 14 for s in sizes[3:-1]), sizes
+    assert b.metrics()["bulk"]["latency_ms"]["service"]["max"] <= 10.0 * (1 + 1e-6)
+
+
+def test_tightest_class_is_not_chunked():
+    clock = FakeClock()
+    fn = Recorder()
+    b = manual(fn, {"interactive": SLO(p99_ms=400)}, FakePolicy(batch_size=64, service_ms=300), clock)
+    for i in range(64):
+        b.submit(i)
+    assert b.chunk_bound_s == pytest.approx(0.1)
+    assert b.step() == 64
+
+
+def test_interactive_waits_for_at_most_one_bulk_chunk_in_real_time():
+    # real threads and clock: fn sleeps 0.2 ms per item; bound = 40 ms / 4 = 10 ms
+    def fn(items, plan):
+        time.sleep(2e-4 * len(items))
+        return items
+
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=0.2),
+            "bulk": FakePolicy(batch_size=256, service_ms=51.2)}
+    b = DynamicBatcher(fn, policy=pols, classes={"interactive": SLO(p99_ms=40), "bulk": SLO()})
+    try:
+        bulk = [b.submit(i, "bulk") for i in range(2000)]
+        inter = []
+        for _ in range(10):
+            time.sleep(0.02)
+            inter.append(b.submit("q", "interactive"))
+        assert [f.result(10) for f in inter] == ["q"] * 10
+        b.close()
+        assert all(f.done() for f in bulk)
+        m = b.metrics()
+        assert m["bulk"]["chunk_limit"] <= 50  # 10 ms at the planned 0.2 ms per item
+        assert m["bulk"]["chunked_batches"] > 0
+        # each interactive request arrived to an empty interactive queue, so it waited
+        # for at most the bulk chunk in flight (plus scheduling slack on a shared machine)
+        wait = m["interactive"]["latency_ms"]["queue"]["max"]
+        assert wait <= m["bulk"]["latency_ms"]["service"]["max"] + 25.0
+    finally:
+        b.close()
+
+
+# --- admission control -------------------------------------------------------------------
+def test_admission_refuses_what_cannot_meet_its_deadline():
+    clock = FakeClock()
+    fn = Recorder(clock, ms_per_item=2.0)
+    # batches of 1 predicted at 2 ms: the k-th request waiting finishes at 2k ms
+    b = manual(fn, {"interactive": SLO(p99_ms=11)}, FakePolicy(batch_size=1, service_ms=2.0), clock)
+    futs = [b.submit(i) for i in range(5)]
+    with pytest.raises(Overloaded) as e:
+        b.submit(5)
+    assert e.value.retry_after_s == pytest.approx(0.001)  # 12 ms predicted vs the 11 ms deadline
+    assert e.value.cls == "interactive"
+    assert b.step() == 1          # one served: room for one more
+    futs.append(b.submit(5))
+    while b.step():
+        pass
+    assert [f.result(0) for f in futs] == [("done", i) for i in range(6)]
+    m = b.metrics()["interactive"]
+    assert (m["count"], m["accepted"], m["completed"], m["rejected"]) == (7, 6, 6, 1)
+    assert m["slo_attainment"] == 1.0
+    assert m["goodput"] == pytest.approx(6 / 7)
+
+
+def test_admission_counts_work_ahead_from_other_classes():
+    clock = FakeClock()
+    pols = {"a": FakePolicy(batch_size=1, service_ms=4.0), "b": FakePolicy(batch_size=1, service_ms=4.0)}
+    b = manual(Recorder(clock), {"a": SLO(p99_ms=10), "b": SLO(p99_ms=10)}, pols, clock)
+    b.submit(0, "a")
+    b.submit(1, "b")  # 4 + 4 = 8 ms <= 10
+    with pytest.raises(Overloaded):
+        b.submit(2, "a")  # 12 ms: the "b" request (same deadline, earlier) is ahead too
+
+
+def test_max_queue_refuses_any_class():
+    clock = FakeClock()
+    b = manual(Recorder(), {"bulk": SLO()}, FakePolicy(batch_size=8, max_wait_ms=50), clock, max_queue=3)
+    futs = [b.submit(i, "bulk") for i in range(3)]
+    with pytest.raises(Overloaded, match="queue full"):
+        b.submit(3, "bulk")
+    b.close(drain=True)
+    assert [f.result(0) for f in futs] == [("done", i) for i in range(3)]
+    assert b.metrics()["bulk"]["rejected"] == 1
+
+
+def test_overload_5x_refuses_at_submit_and_loses_nothing():
+    # capacity ~1 item/ms (fn sleeps 1 ms per item); 4 threads offer ~5 items/ms
+    def fn(items, plan):
+        time.sleep(1e-3 * len(items))
+        return [x * 2 for x in items]
+
+    b = DynamicBatcher(fn, policy=FakePolicy(batch_size=4, service_ms=4.0),
+                       classes={"interactive": SLO(p99_ms=20)}, name="overload")
+    accepted, rejected = [], []
+    lock = threading.Lock()
+
+    def client(t):
+        for i in range(250):
+            x = t * 1000 + i
+            try:
+                f = b.submit(x)
+            except Overloaded as e:
+                assert e.retry_after_s >= 0
+                with lock:
+                    rejected.append(x)
+            else:
+                with lock:
+                    accepted.append((x, f))
+            if i % 5 == 4:
+                time.sleep(0.004)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close(drain=True)
+    assert len(accepted) + len(rejected) == 1000
+    assert rejected, "5x the capacity must be refused in part"
+    assert accepted
+    for x, f in accepted:
+        assert f.result(timeout=5) == 2 * x
+    m = b.metrics()["interactive"]
+    assert m["rejected"] == len(rejected)
+    assert m["completed"] == m["accepted"] == len(accepted)
+    assert m["failed"] == 0 and m["queued"] == 0
+
+
+# --- failures ------------------------------------------------------------------------------
+def test_exception_in_fn_fails_only_that_batch():
+    clock = FakeClock()
+
+    def fn(items, plan):
+        if "bad" in items:
+            raise KeyError("bad item")
+        return [x.upper() for x in items]
+
+    b = manual(fn, {"interactive": SLO(p99_ms=100)}, FakePolicy(batch_size=2), clock)
+    futs = [b.submit(x) for x in ("a", "bad", "c", "d")]
+    assert b.step() == 2 and b.step() == 2
+    for f in futs[:2]:
+        with pytest.raises(KeyError, match="bad item"):
+            f.result(0)
+    assert [f.result(0) for f in futs[2:]] == ["C", "D"]
+    m = b.metrics()["interactive"]
+    assert (m["completed"], m["failed"]) == (2, 2)
+
+
+def test_wrong_number_of_results_fails_the_batch():
+    b = manual(lambda items, plan: items[:-1], {"interactive": SLO(p99_ms=100)},
+               FakePolicy(batch_size=3), FakeClock())
+    futs = [b.submit(i) for i in range(3)]
+    b.step()
+    for f in futs:
+        with pytest.raises(ValueError, match="2 results for a batch of 3"):
+            f.result(0)
+
+
+def test_planning_error_reaches_the_futures():
+    class Broken(FakePolicy):
+        def plan(self, op, *, queued=0, arrival_rate=None):
+            if queued > 1:
+                raise ValueError("no profile for this op")
+            return self.p
+
+    b = manual(Recorder(), {"bulk": SLO()}, Broken(batch_size=4), FakeClock())
+    futs = [b.submit(i, "bulk") for i in range(3)]
+    b.step()
+    for f in futs:
+        with pytest.raises(ValueError, match="no profile"):
+            f.result(0)
+    assert b.metrics()["bulk"]["failed"] == 3
+
+
+def test_cancelled_request_is_skipped_and_counted():
+    fn = Recorder()
+    b = manual(fn, {"interactive": SLO(p99_ms=100)}, FakePolicy(batch_size=4), FakeClock())
+    futs = [b.submit(i) for i in range(3)]
+    assert futs[1].cancel()
+    b.close()
+    assert fn.batches == [[0, 2]]
+    assert futs[0].result(0) == ("done", 0) and futs[1].cancelled()
+    assert b.metrics()["interactive"]["cancelled"] == 1
+
+
+# --- close -----------------------------------------------------------------------------------
+def test_close_drain_finishes_everything_without_waiting_for_batches():
+    pol = FakePolicy(batch_size=64, max_wait_ms=60_000)  # would wait a minute to fill
+    b = DynamicBatcher(lambda items, plan: [x + 1 for x in items], policy=pol,
+                       classes={"interactive": SLO(p99_ms=120_000), "bulk": SLO()})
+    futs = [b.submit(i, "bulk" if i % 3 else "interactive") for i in range(50)]
+    t0 = time.monotonic()
+    b.close(drain=True)
+    assert time.monotonic() - t0 < 30  # far less than the minute the plan would wait
+    assert [f.result(0) for f in futs] == list(range(1, 51))
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit(1)
+    b.close()  # idempotent
+    assert not b._thread.is_alive()
+
+
+def test_close_without_drain_fails_pending_and_completes_the_batch_in_flight():
+    started, release = threading.Event(), threading.Event()
+
+    def fn(items, plan):
+        started.set()
+        release.wait(5)
+        return items
+
+    b = DynamicBatcher(fn, policy=FakePolicy(batch_size=2), classes={"interactive": SLO(p99_ms=10_000)})
+    first = [b.submit(i) for i in range(2)]
+    assert started.wait(5)
+    pending = [b.submit(i) for i in range(2, 7)]
+    closer = threading.Thread(target=b.close, kwargs={"drain": False})
+    closer.start()
+    for f in pending:
+        with pytest.raises(RuntimeError, match=CLOSED_MESSAGE):
+            f.result(timeout=5)
+    release.set()
+    closer.join(5)
+    assert [f.result(0) for f in first] == [0, 1]
+    m = b.metrics()["interactive"]
+    assert (m["completed"], m["failed"], m["queued"]) == (2, 5, 0)
+
+
+def test_close_without_drain_in_manual_mode():
+    b = manual(Recorder(), {"interactive": SLO(p99_ms=100)}, FakePolicy(batch_size=4, max_wait_ms=50),
+               FakeClock())
+    futs = [b.submit(i) for i in range(3)]
+    b.close(drain=False)
+    for f in futs:
+        with pytest.raises(RuntimeError, match="batcher closed before this request ran"):
+            f.result(0)
+
+
+def test_context_manager_drains():
+    with DynamicBatcher(lambda items, plan: items, policy=FakePolicy(batch_size=8, max_wait_ms=10_000),
+                        classes={"interactive": SLO(p99_ms=60_000)}) as b:
+        futs = [b.submit(i) for i in range(5)]
+    assert b.closed and [f.result(0) for f in futs] == list(range(5))
+
+
+# --- asyncio ------------------------------------------------------------------------------------
+def test_asyncio_infer():
+    pol = FakePolicy(batch_size=8, max_wait_ms=1)
+    b = DynamicBatcher(lambda items, plan: [x * x for x in items], policy=pol,
+                       classes={"interactive": SLO(p99_ms=5_000), "bulk": SLO()})
+
+    async def main():
+        got = await asyncio.gather(*(b.infer(i, "bulk" if i % 2 else "interactive") for i in range(20)))
+        return got
+
+    try:
+        assert asyncio.run(main()) == [i * i for i in range(20)]
+    finally:
+        b.close()
+
+
+def test_asyncio_infer_raises_overloaded_at_once():
+    b = DynamicBatcher(lambda items, plan: items, policy=FakePolicy(batch_size=1, service_ms=50),
+                       classes={"interactive": SLO(p99_ms=10)})
+
+    async def main():
+        with pytest.raises(Overloaded):
+            await b.infer("x")
+
+    try:
+        asyncio.run(main())
+        assert b.metrics()["interactive"]["rejected"] == 1
+    finally:
+        b.close()
+
+
+# --- feedback ------------------------------------------------------------------------------------
+def test_observe_gets_service_time_only():
+    clock = FakeClock()
+    pol = FakePolicy(batch_size=4, max_wait_ms=10)
+    b = manual(Recorder(clock, ms_per_batch=3.0), {"interactive": SLO(p99_ms=100)}, pol, clock)
+    b.submit(1)
+    b.submit(2)
+    clock.advance_ms(10)  # 10 ms of queue time
+    assert b.step() == 2
+    assert len(pol.observed) == 1
+    plan, seconds, batch = pol.observed[0]
+    assert plan is pol.p and batch == 2
+    assert seconds == pytest.approx(0.003)
+    lat = b.metrics()["interactive"]["latency_ms"]
+    assert lat["queue"]["max"] == pytest.approx(10.0) and lat["service"]["max"] == pytest.approx(3.0)
+    assert lat["total"]["max"] == pytest.approx(13.0)
+
+
+def test_expensive_policy_calls_stay_within_the_duty_cycle():
+    clock = FakeClock()
+
+    class Slow(FakePolicy):  # each observe() costs 1 ms, as much as a batch
+        def observe(self, plan, seconds, batch=None):
+            super().observe(plan, seconds, batch)
+            clock.advance_ms(1.0)
+
+    pol = Slow(batch_size=1, service_ms=1.0)
+    b = manual(Recorder(clock, ms_per_batch=1.0), {"bulk": SLO()}, pol, clock)
+    for i in range(200):
+        b.submit(i, "bulk")
+    while b.step():
+        pass
+    m = b.metrics()["bulk"]
+    assert m["completed"] == 200
+    assert len(pol.observed) + m["observe_skipped"] == 200
+    # after a 1 ms observe the next waits 19 ms (5% of the time): about one batch in 20
+    assert 8 <= len(pol.observed) <= 13
+    assert all(s == pytest.approx(0.001) for _, s, _ in pol.observed)  # service time only
+
+
+def test_observe_without_batch_keyword_and_observe_errors_do_not_break_serving():
+    class Old:
+        def __init__(self):
+            self.calls = []
+
+        def plan(self, op, *, queued=0, arrival_rate=None):
+            return FakePlan(batch_size=2)
+
+        def observe(self, plan, seconds):
+            self.calls.append(seconds)
+            raise RuntimeError("feedback store is down")
+
+    pol = Old()
+    b = manual(Recorder(), {"interactive": SLO(p99_ms=100)}, pol, FakeClock())
+    futs = [b.submit(i) for i in range(4)]
+    b.step()
+    b.step()
+    assert [f.result(0) for f in futs] == [("done", i) for i in range(4)]
+    assert len(pol.calls) == 2 and b.metrics()["interactive"]["observe_errors"] == 2
+
+
+def test_policy_forms_dict_and_factory():
+    made = {}
+
+    def factory(slo):
+        made[slo.p99_ms] = FakePolicy(batch_size=3)
+        return made[slo.p99_ms]
+
+    b = manual(Recorder(), {"interactive": SLO(p99_ms=50), "bulk": SLO(p99_ms=500)}, factory, FakeClock(),
+               op="the-op")
+    b.submit(1)
+    b.submit(2, "bulk")
+    b.close()
+    assert set(made) == {50.0, 500.0}
+    assert all(p.plans and p.plans[0][0] == "the-op" for p in made.values())
+    with pytest.raises(ValueError, match="no entry for class 'bulk'"):
+        manual(Recorder(), {"interactive": SLO(p99_ms=50), "bulk": SLO()},
+               {"interactive": FakePolicy()}, FakeClock())
+    with pytest.raises(TypeError):
+        manual(Recorder(), {"interactive": SLO()}, object(), FakeClock())
+
+
+def test_unknown_class_is_a_value_error():
+    b = manual(Recorder(), {"interactive": SLO(p99_ms=50)}, FakePolicy(), FakeClock())
+    with pytest.raises(ValueError, match="unknown class 'bulk'"):
+        b.submit(1, "bulk")
+
+
+def test_with_the_real_policy_engine():
+    from pykernels.policy import Policy, Profile, ops
+
+    op = ops.Linear(384, 1536)
+    prof = Profile(source="synthetic")
+    for v, p, t, c0, c1 in (("latency", "fp32", 1, 0.03, 0.012), ("throughput", "fp32", 1, 0.15, 0.0045)):
+        for bs in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            x = c0 + c1 * bs
+            prof.add(op, v, p, t, bs, x, 1.3 * x)
+    clock = FakeClock()
+    seen = []
+
+    def fn(items, plan):
+        seen.append((plan.variant, len(items)))
+        clock.advance_ms(plan.service_p50_ms * len(items) / plan.batch_size)
+        return items
+
+    b = manual(fn, {"interactive": SLO(p99_ms=2.0), "bulk": SLO(min_throughput=50_000)},
+               lambda slo: Policy(slo, prof), clock, op=op)
+    for i in range(300):
+        b.submit(i, "bulk")
+    f = b.submit("q", "interactive")
+    while b.step():
+        pass
+    b.close()
+    assert f.result(0) == "q"
+    m = b.metrics()
+    assert m["bulk"]["completed"] == 300 and m["bulk"]["observe_errors"] == 0
+    assert m["interactive"]["observe_errors"] == 0
+    assert seen[0] == ("latency", 1)  # the interactive request first (EDF)
+    assert m["bulk"]["plan"]["variant"] == "throughput"
+    assert m["bulk"]["chunk_limit"] < m["bulk"]["plan"]["batch_size"]
+
+
+def test_plans_see_queue_length_and_arrival_rate_and_are_cached():
+    clock = FakeClock()
+    pol = FakePolicy(batch_size=4, max_wait_ms=1000)
+    b = DynamicBatcher(Recorder(), policy=pol, classes={"interactive": SLO(p99_ms=60_000)},
+                       clock=clock, start=False)  # default replan interval (0.25 s)
+    for i in range(100):
+        b.submit(i)
+        clock.advance_ms(1)  # 1000 requests/s
+    assert len(pol.plans) < 20, "plans are cached per queue-length and rate bucket"
+    op, queued, rate = pol.plans[-1]
+    assert queued == 64  # 100 queued, rounded down to a power of two
+    assert rate == pytest.approx(1000.0, rel=0.1)  # quarter-octave buckets
+    b.close()
+
+
+# --- metrics, sketch, Prometheus ----------------------------------------------------------------
+def test_metrics_fields_and_slo_attainment():
+    clock = FakeClock()
+    b = manual(Recorder(clock, ms_per_batch=3.0), {"interactive": SLO(p99_ms=5), "bulk": SLO()},
+               FakePolicy(batch_size=1, service_ms=3.0), clock, relaxed_deadline_s=60.0)
+    futs = [b.submit(i) for i in range(1)]
+    clock.advance_ms(1)
+    while b.step():
+        pass  # total 4 ms: within 5 ms
+    futs.append(b.submit(1))
+    clock.advance_ms(2.5)
+    b.step()  # total 5.5 ms: a miss
+    for i in range(4):
+        b.submit(i, "bulk")
+    while b.step():
+        pass
+    m = b.metrics()
+    want = {"slo_p99_ms", "count", "accepted", "completed", "failed", "rejected", "cancelled", "queued",
+            "in_flight", "batches", "mean_batch_size", "chunked_batches", "latency_ms", "samples",
+            "throughput", "throughput_recent", "slo_attainment", "goodput", "plan", "chunk_limit",
+            "observe_errors"}
+    assert want <= set(m["interactive"]) and want <= set(m["bulk"])
+    i = m["interactive"]
+    assert i["completed"] == 2 and i["slo_attainment"] == 0.5
+    assert set(i["latency_ms"]) == {"queue", "service", "total"}
+    for kind in i["latency_ms"].values():
+        assert {"p50", "p95", "p99"} <= set(kind)
+    assert i["latency_ms"]["service"]["p99"] == pytest.approx(3.0, rel=0.01)
+    assert i["latency_ms"]["total"]["p99"] == pytest.approx(4.0, rel=0.01)  # lower of {4, 5.5}
+    assert i["latency_ms"]["total"]["max"] == pytest.approx(5.5)
+    assert m["bulk"]["slo_attainment"] is None and m["bulk"]["completed"] == 4
+    assert m["bulk"]["throughput"] > 0
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "uniform", "pareto", "with_zeros"])
+def test_sketch_matches_numpy_percentile_within_relative_error(dist):
+    rng = np.random.default_rng(7)
+    n = 20_000
+    x = {"lognormal": rng.lognormal(-6, 1.5, n), "uniform": rng.uniform(1e-4, 2.0, n),
+         "pareto": rng.pareto(1.2, n) + 1e-3,
+         "with_zeros": np.where(rng.random(n) < 0.2, 0.0, rng.exponential(1e-2, n))}[dist]
+    a = 0.01
+    s = QuantileSketch(a)
+    half = QuantileSketch(a)
+    for v in x[: n // 2].tolist():
+        s.add(v)
+    for v in x[n // 2:].tolist():
+        half.add(v)
+    s.merge(half)
+    qs = (0.0, 0.01, 0.25, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
+    many = s.quantiles(qs)
+    for q in qs:
+        exact = float(np.percentile(x, 100 * q, method="lower"))  # rank floor(q (n - 1))
+        got = s.quantile(q)
+        assert got == many[q]
+        assert abs(got - exact) <= a * exact + 1e-12, (q, got, exact)
+    assert s.count == n and s.sum == pytest.approx(float(x.sum()))
+    assert s.min == x.min() and s.max == x.max()
+
+
+def test_sketch_edge_cases():
+    s = QuantileSketch()
+    assert s.quantile(0.5) is None and s.mean is None
+    s.add(3.0, count=5)
+    assert s.quantile(0.0) == s.quantile(1.0) == 3.0
+    with pytest.raises(ValueError):
+        s.add(-1.0)
+    with pytest.raises(ValueError):
+        s.add(float("nan"))
+    with pytest.raises(ValueError):
+        s.quantile(1.5)
+    with pytest.raises(ValueError):
+        s.merge(QuantileSketch(0.05))
+    with pytest.raises(ValueError):
+        QuantileSketch(0.0)
+
+
+LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                  r'(NaN|[+-]Inf|-?[0-9.eE+-]+)$')
+
+
+def test_prometheus_text_parses():
+    clock = FakeClock()
+    b = manual(Recorder(clock, ms_per_batch=2.0), {"interactive": SLO(p99_ms=50), 'we"ird\\cls': SLO()},
+               FakePolicy(batch_size=2, service_ms=2.0), clock, name="emb")
+    for i in range(5):
+        b.submit(i)
+        b.submit(i, 'we"ird\\cls')
+    b.close()
+    text = b.prometheus()
+    assert text.endswith("\n")
+    typed = {}
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            parts = line.split(" ", 3)
+            assert parts[1] in ("HELP", "TYPE") and len(parts) == 4
+            if parts[1] == "TYPE":
+                typed[parts[2]] = parts[3]
+            continue
+        mm = LINE.match(line)
+        assert mm, f"not a sample line: {line!r}"
+        float(mm.group(3).replace("Inf", "inf"))
+        samples.append(line)
+        base = re.sub(r"_(sum|count)$", "", mm.group(1))
+        assert base in typed, f"{mm.group(1)} has no TYPE line"
+    assert typed["pykernels_requests_total"] == "counter"
+    assert typed["pykernels_request_latency_seconds"] == "summary"
+    assert ('pykernels_requests_total{batcher="emb",class="interactive",outcome="completed"} 5'
+            in samples)
+    assert any(s.startswith('pykernels_request_latency_seconds{batcher="emb",class="interactive",'
+                            'kind="total",quantile="0.99"}') for s in samples)
+    assert 'class="we\\"ird\\\\cls"' in text
+    assert 'pykernels_slo_attainment_ratio{batcher="emb",class="interactive"} 1.0' in samples
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+def test_many_submitting_threads_lose_nothing():
+    pol = FakePolicy(batch_size=64, max_wait_ms=0.5)
+    calls = []
+
+    def fn(items, plan):
+        calls.append(len(items))
+        return [(x, threading.get_ident()) for x in items]
+
+    b = DynamicBatcher(fn, policy=pol, classes={"interactive": SLO(p99_ms=60_000), "bulk": SLO()},
+                       name="threads")
+    n_threads, per = 8, 1250
+    futs = [None] * (n_threads * per)
+    barrier = threading.Barrier(n_threads)
+
+    def client(t):
+        barrier.wait()
+        for i in range(per):
+            k = t * per + i
+            futs[k] = b.submit(k, "bulk" if k % 2 else "interactive")
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close(drain=True)
+    assert [f.result(0)[0] for f in futs] == list(range(n_threads * per))
+    assert sum(calls) == n_threads * per and max(calls) <= 64
+    m = b.metrics()
+    assert m["interactive"]["completed"] + m["bulk"]["completed"] == n_threads * per
+    assert m["interactive"]["rejected"] == m["bulk"]["rejected"] == 0
+    assert not math.isnan(m["bulk"]["throughput"])
