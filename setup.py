@@ -73,7 +73,7 @@ class BuildExtPerIsa(build_ext):
 ParallelCompile("PYKERNELS_BUILD_JOBS", default=0).install()
 
 setup(
-    packages=["pykernels", "pykernels.policy", "pykernels.models"],
+    packages=["pykernels", "pykernels.policy", "pykernels.models", "pykernels.serving"],
     package_dir={"pykernels": "pykernels", "pykernels.policy": "policy"},
     ext_modules=[
         Pybind11Extension(
