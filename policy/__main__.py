@@ -97,18 +97,51 @@ def plan_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+BETWEEN_BATCHES = (3, 12, 24, 48, 96, 192)
+
+
 def heldout_main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pykernels.policy heldout",
                                  description="Prediction error of the cost model on shapes and "
                                              "batches the profile never measured.")
     ap.add_argument("--path", help="training profile (default: the cached one, calibrated if missing)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds for the held-out run")
+    ap.add_argument("--same-run", action="store_true",
+                    help="measure the training and held-out cells in one interleaved run (so "
+                         "load drift between runs on a shared machine does not count as model "
+                         "error), then split them; --path is then ignored")
+    ap.add_argument("--precisions", help="comma-separated precisions to measure (default: all)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
-    train = _load(a.path, a.progress)
-    held = Profile.calibrate(quick=True, progress=a.progress, heldout=True, budget_s=a.budget / 2)
-    between = Profile.calibrate(quick=True, progress=a.progress, ops=list(train.ops.values()),
-                                batches=[3, 12, 24, 48, 96, 192], budget_s=a.budget / 2)
+    precs = a.precisions.split(",") if a.precisions else None
+    if a.same_run:
+        shapes, held_shapes, buckets, held_batches = [], [], set(), set()
+        for kind in sorted(ops.op_types()):
+            d = ops.calibration_defaults(kind)
+            if d is None or not ops.candidates(kind):
+                continue
+            shapes += d["quick_shapes"]
+            held_shapes += d["heldout_shapes"]
+            buckets |= set(d["quick_batches"])
+            held_batches |= set(d["heldout_batches"])
+        allb = sorted(buckets | held_batches | set(BETWEEN_BATCHES))
+        every = Profile.calibrate(quick=True, progress=a.progress, ops=shapes + held_shapes,
+                                  batches=allb, precisions=precs, budget_s=a.budget)
+        train_keys = {o.base().key for o in shapes}
+        train = Profile([m for m in every.measurements if m.op in train_keys and m.batch in buckets],
+                        ops={k: o for k, o in every.ops.items() if k in train_keys}, key=every.key,
+                        precision_error=every.precision_error)
+        held = Profile([m for m in every.measurements if m.op not in train_keys and m.batch in held_batches],
+                       ops={k: o for k, o in every.ops.items() if k not in train_keys}, key=every.key)
+        between = Profile([m for m in every.measurements if m.op in train_keys and m.batch not in buckets],
+                          ops=train.ops, key=every.key)
+    else:
+        train = _load(a.path, a.progress)
+        held = Profile.calibrate(quick=True, progress=a.progress, heldout=True, precisions=precs,
+                                 budget_s=a.budget / 2)
+        between = Profile.calibrate(quick=True, progress=a.progress, ops=list(train.ops.values()),
+                                    batches=list(BETWEEN_BATCHES), precisions=precs,
+                                    budget_s=a.budget / 2)
     print(f"training profile: {train!r}")
     print(f"held-out shapes: {held!r}")
     print("shapes never measured (fitted model):\n" + heldout_error(train, held).summary())

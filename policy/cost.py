@@ -315,11 +315,15 @@ class ErrorReport:
     def p90_p99(self) -> float:
         return self._q(90, p99=True)
 
-    def by_source(self) -> Dict[str, "ErrorReport"]:
-        out: Dict[str, list] = {}
+    def by(self, *fields: str) -> Dict[tuple, "ErrorReport"]:
+        """Split by row fields, e.g. ``by("variant", "threads")``."""
+        out: Dict[tuple, list] = {}
         for r in self.rows:
-            out.setdefault(r.source, []).append(r)
+            out.setdefault(tuple(getattr(r, f) for f in fields), []).append(r)
         return {k: ErrorReport(tuple(v)) for k, v in sorted(out.items())}
+
+    def by_source(self) -> Dict[str, "ErrorReport"]:
+        return {k[0]: v for k, v in self.by("source").items()}
 
     def summary(self) -> str:
         if not self.rows:
@@ -328,6 +332,9 @@ class ErrorReport:
                  f"max {self.max:.1%}; p99 error median {self.median_p99:.1%}, p90 {self.p90_p99:.1%}"]
         for src, rep in self.by_source().items():
             lines.append(f"  {src:>12}: {rep.n} cells, p50 error median {rep.median:.1%}, "
+                         f"p90 {rep.p90:.1%}")
+        for (v, p, t), rep in self.by("variant", "precision", "threads").items():
+            lines.append(f"  {v:>10}/{p}/t={t}: {rep.n} cells, p50 error median {rep.median:.1%}, "
                          f"p90 {rep.p90:.1%}")
         if self.skipped:
             lines.append(f"  ({self.skipped} cells had no prediction: kernel group not in the profile)")

