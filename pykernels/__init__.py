@@ -4,6 +4,7 @@ GEMM and attention in a latency and a throughput variant, in fp32, bf16 and
 int8, plus a policy engine (``pykernels.policy``) that picks variant,
 precision, batch size and threads from SLO targets.
 """
+from ._attention import attention, decode_attention
 from ._gemm import PackedWeight, gemm, pack
 from ._runtime import (
     CpuInfo,
@@ -21,7 +22,9 @@ __all__ = [
     "CpuInfo",
     "KernelEntry",
     "PackedWeight",
+    "attention",
     "cpu_info",
+    "decode_attention",
     "fork_join_us",
     "gemm",
     "get_num_threads",

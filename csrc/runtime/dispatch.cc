@@ -55,16 +55,21 @@ void init_dispatch(const std::string& requested) {
     case Isa::kAvx512:
       d.gemm_f32 = &avx512::kGemmF32;
       d.gemm_f32_blocking = blocking_for(f, 6, 64);
+      d.attention = &avx512::kAttention;
       break;
     case Isa::kAvx2:
       d.gemm_f32 = &avx2::kGemmF32;
       d.gemm_f32_blocking = blocking_for(f, 6, 16);
+      d.attention = &avx2::kAttention;
       break;
     default:
       d.gemm_f32 = &generic::kGemmF32;
       d.gemm_f32_blocking = blocking_for(f, 4, 16);
+      d.attention = &generic::kAttention;
       break;
   }
+  d.attention_tiling.l1d_bytes = f.l1d_bytes;
+  d.attention_tiling.l2_bytes = f.l2_bytes;
   g_dispatch = d;
 }
 
