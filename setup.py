@@ -17,11 +17,13 @@ from setuptools import setup
 
 ISA_UNITS = {
     "avx2": (
-        ["csrc/kernels/avx2/gemm_avx2.cc"],
+        ["csrc/kernels/avx2/gemm_avx2.cc",
+         "csrc/kernels/avx2/attention_avx2.cc"],
         ["-mavx2", "-mfma", "-mf16c"],
     ),
     "avx512": (
-        ["csrc/kernels/avx512/gemm_avx512.cc"],
+        ["csrc/kernels/avx512/gemm_avx512.cc",
+         "csrc/kernels/avx512/attention_avx512.cc"],
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
          "-mavx512vnni", "-mfma", "-mf16c",
          "-Wno-maybe-uninitialized"]  # GCC 12 false positive in avx512fintrin.h,
@@ -36,6 +38,7 @@ BASELINE_SOURCES = [
     "csrc/runtime/threadpool.cc",
     "csrc/runtime/workspace.cc",
     "csrc/kernels/reference/gemm_generic.cc",
+    "csrc/kernels/reference/attention_generic.cc",
 ]
 
 HEADERS = [

@@ -9,6 +9,7 @@ from . import _core
 if _core.init_error:  # e.g. PYKERNELS_ISA=bogus, or a path this CPU lacks
     raise ValueError(_core.init_error)
 
+from ._attention import attention, decode_attention
 from ._gemm import PackedWeight, gemm, linear, pack
 from ._runtime import (
     CpuInfo,
@@ -26,7 +27,9 @@ __all__ = [
     "CpuInfo",
     "KernelEntry",
     "PackedWeight",
+    "attention",
     "cpu_info",
+    "decode_attention",
     "fork_join_us",
     "gemm",
     "get_num_threads",

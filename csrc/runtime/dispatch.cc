@@ -57,14 +57,17 @@ void init_dispatch(const std::string& requested) {
     case Isa::kAvx512:
       d.gemm = &avx512::kGemm;
       d.gemm_blocking = blocking_for(f, 6, 64);
+      d.attention = &avx512::kAttention;
       break;
     case Isa::kAvx2:
       d.gemm = &avx2::kGemm;
       d.gemm_blocking = blocking_for(f, 6, 16);
+      d.attention = &avx2::kAttention;
       break;
     default:
       d.gemm = &generic::kGemm;
       d.gemm_blocking = blocking_for(f, 4, 16);
+      d.attention = &generic::kAttention;
       break;
   }
   // Tuning override for experiments: PYKERNELS_BLOCKING="kc,mc,nc".
@@ -76,6 +79,8 @@ void init_dispatch(const std::string& requested) {
       d.gemm_blocking.nc = nc;
     }
   }
+  d.attention_tiling.l1d_bytes = f.l1d_bytes;
+  d.attention_tiling.l2_bytes = f.l2_bytes;
   g_dispatch = d;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <string>
 
+#include "pykernels/attention.h"
 #include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
 
@@ -14,6 +15,8 @@ struct Dispatch {
   bool capped = false;           // PYKERNELS_ISA lowered it
   const GemmKernels* gemm = nullptr;
   Blocking gemm_blocking;
+  const AttentionKernels* attention = nullptr;
+  AttentionTiling attention_tiling;
 };
 
 // Resolves the table. `requested` is the PYKERNELS_ISA value ("" = best);

@@ -1,0 +1,159 @@
+"""Attention (prefill) and decode attention: one call into C++.
+
+Dtype, shape, stride, head-count, ``kv_lens`` and block-table checks run in the
+binding (``csrc/bindings/module.cc``), before any kernel reads memory; their
+messages follow the SPEC. This layer parses ``variant`` and ``threads``,
+normalizes the small integer arrays (``kv_lens``, ``block_table``) and handles
+an ``out`` that overlaps an input.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from . import _gemm as _gemm_module
+from ._gemm import _AUTO, _VARIANT_CODE, VARIANTS, _check_threads, policy_variant
+
+try:  # a declared dependency; without it only float32 inputs are accepted
+    import ml_dtypes
+
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+    _core.set_bf16_dtype(BFLOAT16)
+except ImportError:  # pragma: no cover
+    BFLOAT16 = None
+
+_I32 = np.dtype(np.int32)
+_I64 = np.dtype(np.int64)
+
+
+def _precision(arr) -> str:
+    return "bf16" if BFLOAT16 is not None and getattr(arr, "dtype", None) == BFLOAT16 else "fp32"
+
+
+def _variant_code(variant: str) -> int:
+    code = _VARIANT_CODE.get(variant)
+    if code is None:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return code
+
+
+def _index_array(name: str, x, dtype, ndim: int):
+    """``kv_lens`` / ``block_table`` as a C-contiguous array of ``dtype``
+    (copied only when it is not one already: these are a few integers)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name} has dtype {x.dtype}, expected integers; "
+                            f"convert with {name}.astype(np.{dtype.name})")
+        if x.dtype in (_I32, _I64) and x.flags.c_contiguous and (ndim == 1 or x.dtype == dtype):
+            return x
+    else:
+        x = np.asarray(x)
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+    info = np.iinfo(dtype)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        bad = x.min() if x.min() < info.min else x.max()
+        raise ValueError(f"{name} holds {bad}, outside the {dtype.name} range")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=None,
+              variant: str = "auto", threads=None):
+    """Scaled dot-product attention, float32 result of shape (B, Hq, Sq, D).
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Skv, D) with ``Hq % Hkv == 0`` (grouped-query
+    attention: query head h uses KV head ``h // (Hq // Hkv)``). float32 or
+    ``ml_dtypes.bfloat16`` (q and k/v may differ; k and v share one dtype), any
+    strides with unit stride along D. Softmax and accumulation are fp32.
+
+    scale: defaults to ``1/sqrt(D)``. kv_lens: (B,) integers; keys at positions
+    ``>= kv_lens[b]`` are masked (padding) and never read. causal: query row i sees
+    keys ``j <= i + L_b - Sq`` with ``L_b = kv_lens[b]`` (or Skv), i.e. the
+    queries are the last Sq positions (chunked prefill). A row that sees no key
+    returns zeros.
+
+    variant: "latency" (split the KV length across threads, merge by log-sum-exp),
+    "throughput" (one task per batch item, KV head and query tile, online
+    softmax) or "auto" (the active policy, else latency when ``Sq * Hq / Hkv <=
+    16``). threads: an int >= 1, or None for the default (one thread for tiny
+    problems).
+    """
+    code = _variant_code(variant)
+    if code == _AUTO and _active_chooser() is not None:
+        code = _auto_attention(q, k)
+    threads = 0 if threads is None else _check_threads(threads)
+    if kv_lens is not None:
+        kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
+    res = _core.attention(q, k, v, kv_lens, out, scale, bool(causal), code, threads)
+    if res is None:  # out overlaps an input: compute into a temporary, then copy
+        tmp = np.empty(out.shape, dtype=np.float32)
+        _core.attention(q, k, v, kv_lens, tmp, scale, bool(causal), code, threads)
+        out[...] = tmp
+        return out
+    return res
+
+
+def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=None, out=None,
+                     variant: str = "auto", threads=None):
+    """Attention of one new query token per sequence over a KV cache.
+
+    q: (B, Hq, D). Contiguous cache: k_cache, v_cache (B, Hkv, S_max, D). Paged
+    cache (as in vLLM): (num_blocks, Hkv, block_size, D) with ``block_table``
+    (B, max_blocks) int32 mapping sequence b's logical block i to a physical
+    block. kv_lens: (B,) integers, the number of cached tokens of each sequence
+    (keys ``>= kv_lens[b]`` are not read; None means S_max for a contiguous
+    cache). Every block id covering ``[0, kv_lens[b])`` is checked before any
+    read: an out-of-range id raises ValueError. float32 or bfloat16 caches;
+    float32 result of shape (B, Hq, D).
+
+    variant: "latency" splits each sequence's KV length across threads
+    (flash-decoding), "throughput" runs one task per (batch item, KV head),
+    "auto" asks the active policy, else latency when ``Hq / Hkv <= 16``.
+    """
+    code = _variant_code(variant)
+    if code == _AUTO and _active_chooser() is not None:
+        code = _auto_decode(q, k_cache, kv_lens)
+    threads = 0 if threads is None else _check_threads(threads)
+    if kv_lens is not None:
+        kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
+    if block_table is not None:
+        block_table = _index_array("block_table", block_table, _I32, 2)
+    res = _core.decode_attention(q, k_cache, v_cache, kv_lens, block_table, out, scale, code,
+                                 threads)
+    if res is None:
+        tmp = np.empty(out.shape, dtype=np.float32)
+        _core.decode_attention(q, k_cache, v_cache, kv_lens, block_table, tmp, scale, code,
+                               threads)
+        out[...] = tmp
+        return out
+    return res
+
+
+# ---- variant="auto" under an active policy -------------------------------------
+# The chooser hook is pykernels._gemm._active_chooser (one for every op), called
+# as chooser(op, m, k, n, precision):
+#   "attention":        m = B * Hq * Sq query rows, k = D, n = Skv keys
+#   "decode_attention": m = B * Hq query rows,      k = D, n = the longest kv_lens
+
+def _active_chooser():
+    return _gemm_module._active_chooser
+
+
+def _auto_attention(q, k) -> int:
+    qs, ks = getattr(q, "shape", ()), getattr(k, "shape", ())
+    if len(qs) != 4 or len(ks) != 4:
+        return _AUTO  # the binding raises the precise error
+    return policy_variant("attention", qs[0] * qs[1] * qs[2], qs[3], ks[2], _precision(k))
+
+
+def _auto_decode(q, k_cache, kv_lens) -> int:
+    qs, ks = getattr(q, "shape", ()), getattr(k_cache, "shape", ())
+    if len(qs) != 3 or len(ks) != 4:
+        return _AUTO
+    try:
+        n = int(np.max(kv_lens)) if kv_lens is not None and np.size(kv_lens) else ks[2]
+    except (TypeError, ValueError):
+        return _AUTO
+    return policy_variant("decode_attention", qs[0] * qs[1], qs[2], n, _precision(k_cache))
