@@ -248,6 +248,7 @@ class Policy:
         self._op_ratios: Dict[str, collections.deque] = {}
         self._op_corr: Dict[str, Tuple[float, float]] = {}
         self._op_count: Dict[str, int] = {}
+        self._last_seen: Dict[tuple, int] = {}
         self._cells: Dict[tuple, collections.deque] = {}
         self._caps: Dict[str, int] = {}
         self._streak: Dict[str, int] = {}
@@ -514,6 +515,13 @@ class Policy:
         with self._lock:
             n = self._op_count[op.key] = self._op_count.get(op.key, 0) + 1
             changed = n % self.window == 0  # staleness of kernel-choice corrections
+            last = self._last_seen.get(gk)
+            self._last_seen[gk] = n
+            if last is not None and n - last > 2 * self.window:
+                # This kernel choice's evidence has expired (the op was served
+                # by others meanwhile): start its window afresh.
+                self._ratios.pop(gk, None)
+                self._corr.pop(gk, None)
             for store, corr, k, stamp in ((self._ratios, self._corr, gk, (n,)),
                                           (self._op_ratios, self._op_corr, op.key, ())):
                 w = store.get(k)
@@ -592,6 +600,7 @@ class Policy:
             self._op_ratios.clear()
             self._op_corr.clear()
             self._op_count.clear()
+            self._last_seen.clear()
             self._cells.clear()
             self._caps.clear()
             self._streak.clear()
@@ -612,7 +621,8 @@ class Policy:
             return hit
         choice = None
         try:
-            mapped = _ops.op_for_call(op_name, m, k, n, precision)
+            mapped = _ops.op_for_call(op_name, m, k, n, precision,
+                                      tuple(self.cost_model.profile.ops.values()))
             if mapped is not None:
                 op, batch = mapped
                 threads = _call_threads(m * k * n)

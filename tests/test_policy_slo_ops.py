@@ -125,10 +125,11 @@ def test_registry_new_backend_joins_by_registering():
         Entry(op="fake_decode", variant="latency", precision="fp32", isa="generic", name="fake_1x1"),
     ]
     calls = []
+    real = ops.candidates("decode", table).get(("latency", "fp32"))
     b = ops.register_backend("decode", "fake_decode",
-                             lambda op, v, p, t, u, cache: (lambda: calls.append(u)))
+                             lambda op, v, p, t, u, cache: (lambda: calls.append(u)), priority=100)
     try:
-        assert ("latency", "fp32") in ops.candidates("decode", table)
+        assert ops.candidates("decode", table)[("latency", "fp32")] is b  # highest priority wins
         run = ops.runner(ops.Decode(8, 8, 64, 16), "latency", "fp32", 1, 3, table=table)
         run()
         assert calls == [3]
@@ -137,7 +138,7 @@ def test_registry_new_backend_joins_by_registering():
         assert (("throughput", "int8") in ops.candidates("linear", table)) == hasattr(pykernels, "linear")
     finally:
         ops.unregister_backend(b)
-    assert ("latency", "fp32") not in ops.candidates("decode", table)
+    assert ops.candidates("decode", table).get(("latency", "fp32")) is real
 
 
 def test_kernel_tiles_parse_names():
@@ -152,3 +153,19 @@ def test_op_for_call_maps_gemm_calls():
     op, batch = ops.op_for_call("gemm", 7, 64, 32, "fp32")
     assert op == ops.Linear(64, 32, "fp32") and batch == 7
     assert ops.op_for_call("unknown_kernel", 1, 2, 3, "fp32") is None
+
+
+def test_op_for_call_recovers_attention_shapes_from_known_ops():
+    known = (ops.Linear(8, 8), ops.Attention(12, 4, 32, 128, 256, True), ops.Decode(32, 8, 128, 512))
+    # attention: m = B * Hq * Sq rows, k = D, n = Skv
+    op, batch = ops.op_for_call("attention", 3 * 12 * 128, 32, 256, "bf16", known)
+    assert op == ops.Attention(12, 4, 32, 128, 256, True, "bf16") and batch == 3
+    # an unknown layout: planned per query row on a one-head stand-in
+    op, batch = ops.op_for_call("attention", 40, 64, 100, "fp32", known)
+    assert op == ops.Attention(1, 1, 64, 1, 100, False, "fp32") and batch == 40
+    # decode: m = B * Hq rows, k = D, n = longest kv_len
+    op, batch = ops.op_for_call("decode_attention", 4 * 32, 128, 512, "fp32", known)
+    assert op == ops.Decode(32, 8, 128, 512, "fp32") and batch == 4
+    op, batch = ops.op_for_call("decode_attention", 2 * 32, 128, 700, "fp32", known)
+    assert op == ops.Decode(32, 8, 128, 700, "fp32") and batch == 2
+    assert ops.op_for_call("decode_attention", 0, 128, 700, "fp32", known) is None
