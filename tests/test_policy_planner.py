@@ -419,3 +419,13 @@ def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):
     # next time the saved file is used, no calibration
     assert Policy(SLO(p99_ms=1.0)).plan(OP) == plan
     assert calls == [True]
+
+
+def test_measured_error_just_over_the_budget_is_admitted():
+    prof = make_profile()
+    prof.precision_error["int8"] = 0.0101  # int8 "~1e-2", measured on random data
+    plan = Policy(SLO(min_throughput=200_000, max_rel_error=1e-2), prof).plan(OP)
+    assert plan.precision == "int8"
+    prof.precision_error["int8"] = 0.02
+    plan = Policy(SLO(min_throughput=200_000, max_rel_error=1e-2), prof).plan(OP)
+    assert plan.precision == "bf16"
