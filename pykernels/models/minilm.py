@@ -234,3 +234,108 @@ def _pool(x: np.ndarray, lens: np.ndarray) -> np.ndarray:
     mean = summed / np.maximum(mask.sum(axis=1), 1e-9)
     norm = np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
     return (mean / norm).astype(np.float32)
+
+
+
+def encoder_op(model: "MiniLM", tokens: int):
+    """One text of ``tokens`` tokens through the whole encoder, as a leaf op of
+    ``pykernels.policy`` (kind "encoder"): the serving layer plans whole
+    forwards, measured directly (``measure_encoder``) rather than summed from
+    kernel profiles, so fixed per-call costs (tokenizer, NumPy glue) count."""
+    h, f, layers = model.hidden, int(model.config["intermediate_size"]), len(model.layers)
+    per_token = 2.0 * layers * (3 * h * h + h * h + 2 * h * f)
+    weight_bytes = 4.0 * layers * (4 * h * h + 2 * h * f) * (
+        {"fp32": 1.0, "bf16": 0.5, "int8": 0.25}[model.precision])
+    return _encoder_op_type()(name="minilm", tokens=int(tokens), flops_per_token=per_token,
+                              weight_bytes=weight_bytes, precision=model.precision)
+
+
+_ENCODER = None
+
+
+def _encoder_op_type():
+    """Registers the "encoder" op kind with the policy engine on first use."""
+    global _ENCODER
+    if _ENCODER is not None:
+        return _ENCODER
+    from dataclasses import dataclass as _dc
+
+    from ..policy import ops
+
+    @ops.register_op("encoder")
+    @_dc(frozen=True)
+    class Encoder(ops.Op):
+        """A transformer encoder forward over ``tokens`` tokens per item."""
+
+        name: str = "encoder"
+        tokens: int = 1
+        flops_per_token: float = 1.0
+        weight_bytes: float = 0.0
+        precision: str | None = None
+
+        def _shape_items(self):
+            return [("name", self.name), ("tokens", self.tokens)]
+
+        @classmethod
+        def from_params(cls, p: dict) -> "Encoder":
+            return cls(name=str(p.get("name", "encoder")), tokens=int(p["tokens"]),
+                       flops_per_token=float(p.get("flops_per_token", 1.0)),
+                       weight_bytes=float(p.get("weight_bytes", 0.0)), precision=p.get("precision"))
+
+        def base(self):
+            if self.precision is None:
+                return self
+            return type(self)(self.name, self.tokens, self.flops_per_token, self.weight_bytes)
+
+        def flops(self, batch: int = 1) -> float:
+            return float(batch) * self.tokens * self.flops_per_token
+
+        def bytes(self, batch: int = 1, precision: str = "fp32") -> float:
+            return self.weight_bytes + float(batch) * self.tokens * 4.0 * 384 * 12
+
+    _ENCODER = Encoder
+    return Encoder
+
+
+def measure_encoder(model: "MiniLM", texts_by_tokens: dict, configs, batches, profile=None,
+                    reps: int = 3):
+    """Measures ``model.encode`` service times into a policy ``Profile``.
+
+    texts_by_tokens: {tokens: [texts of about that many tokens]}; configs:
+    [(variant, threads)]; batches: batch sizes. Returns the profile."""
+    import time
+
+    from ..policy import Profile
+
+    profile = profile if profile is not None else Profile()
+    for tokens, texts in texts_by_tokens.items():
+        op = encoder_op(model, tokens)
+        for variant, threads in configs:
+            for b in batches:
+                batch = [texts[i % len(texts)] for i in range(b)]
+                model.encode(batch, batch_size=b, variant=variant, threads=threads)  # warm
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    model.encode(batch, batch_size=b, variant=variant, threads=threads)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                times.sort()
+                profile.add(op, variant, model.precision, threads, b, times[len(times) // 2],
+                            max(times[-1], times[len(times) // 2]), samples=reps)
+    return profile
+
+
+def policy_op(model: "MiniLM", tokens: int, name: str | None = None):
+    """The forward of one text of ``tokens`` tokens as a ``pykernels.policy``
+    op: per layer the fused QKV, output, FFN-up and FFN-down projections (rows
+    = tokens per item) and the self-attention over the sequence."""
+    from ..policy import ops
+
+    h, f = model.hidden, int(model.config["intermediate_size"])
+    layer = [ops.Linear(h, 3 * h, rows_per_item=tokens),
+             ops.Attention(model.heads, model.heads, model.head_dim, tokens, tokens, False),
+             ops.Linear(h, h, rows_per_item=tokens),
+             ops.Linear(h, f, rows_per_item=tokens),
+             ops.Linear(f, h, rows_per_item=tokens)]
+    return ops.Model(tuple(layer * len(model.layers)), name=name or f"minilm-{tokens}tok",
+                     precision=model.precision)
