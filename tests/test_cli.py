@@ -96,6 +96,41 @@ def test_bench_threads_and_pinned_shapes(tmp_path):
     assert {rec["impl"] for rec in doc["results"]} == {"pykernels"}
 
 
+def test_bench_linear_quick_table_and_json(tmp_path):
+    """`pykernels bench linear`: every precision x variant and the NumPy baseline
+    on one small shape (K not a multiple of 4, N not of 16), the summary, the
+    fused bias+GELU overhead table, and the JSON record; every result correct."""
+    out = tmp_path / "linear.json"
+    r = run("-m", "pykernels", "bench", "linear", "--quick", "--shapes", "3x70x45",
+            "--fused-shape", "8x64x48", "--budget", "0.01", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "WRONG" not in r.stdout and "ERROR" not in r.stdout, r.stdout
+    for label in ("fp32 latency", "fp32 throughput", "bf16 latency", "bf16 throughput",
+                  "int8 latency", "int8 throughput", "numpy fp32"):
+        assert label in r.stdout, label
+    assert "NumPy/x" in r.stdout and "fused bias+GELU overhead" in r.stdout
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("3x70x45")]) == 2
+
+    doc = json.loads(out.read_text())
+    assert doc["suite"] == "linear"
+    for key in ("cpu_info", "git_commit", "machine", "results", "summary", "fused", "rel_tol"):
+        assert key in doc, key
+    ours = {(rec["precision"], rec["variant"]) for rec in doc["results"]
+            if rec["impl"] == "pykernels"}
+    assert ours == {(p, v) for p in ("fp32", "bf16", "int8") for v in ("latency", "throughput")}
+    assert ("numpy", "fp32") in {(rec["impl"], rec["precision"]) for rec in doc["results"]}
+    for rec in doc["results"]:
+        assert (rec["m"], rec["k"], rec["n"], rec["op"]) == (3, 70, 45, "linear")
+        if rec["impl"] == "pykernels":
+            assert rec["ok"], rec
+            assert rec["rel_error"] <= doc["rel_tol"][rec["precision"]]
+            assert rec["median_s"] > 0 and rec["gflops"] > 0
+    assert doc["summary"][0]["best"]["int8"]["median_s"] > 0
+    fused = [f for f in doc["fused"] if f["impl"] == "pykernels"]
+    assert len(fused) == 6 and all(f["ok"] and f["ratio"] > 0 for f in fused), fused
+    assert {(f["m"], f["k"], f["n"]) for f in fused} == {(8, 64, 48)}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["frobnicate"], "invalid choice"),
     ([], "usage"),
