@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import numpy as np
 
@@ -260,7 +261,8 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
             raise ValueError("int8 packing needs finite weights (found NaN or Inf)")
         scale = np.empty(n, dtype=_F32)
     err2, ref2 = _core.pack_lowp(wk, _PRECISION_CODE[precision], data, scale)
-    rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0
+    # NaN/Inf weights make the sums NaN: report NaN (IEEE), never "exact".
+    rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else (0.0 if ref2 == 0 else float("nan"))
     return PackedWeight((k, n), precision, data, rel, scale)
 
 
@@ -300,8 +302,10 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
         raise ValueError(f"shapes {x.shape} and {(k, n)} are not aligned: x has {x.shape[-1]} "
                          f"features but w has {k} rows")
     lead = x.shape[:-1]
-    x2 = x if x.ndim == 2 else x.reshape(-1, k)
-    m = x2.shape[0]
+    m = math.prod(lead)
+    x2 = x if x.ndim == 2 else x.reshape(m, k)  # (m, k) explicit: -1 fails when k == 0
+    if x.dtype is not _F32 and x.dtype != _F32:
+        raise _type_error("x", x)
     out2 = None
     if out is not None:
         if not isinstance(out, np.ndarray) or out.shape != lead + (n,):

@@ -130,13 +130,14 @@ def bf16_round(a) -> np.ndarray:
 
 def _quantize_rows(v):
     """Symmetric int8 per row of v (float32): (int values as int64, float32 scales),
-    with the library's fp32 arithmetic (gemm.h, runtime/pack.cc)."""
+    with the library's arithmetic (runtime/pack.cc): the float32 max, then
+    v * (127 / max) rounded in double (float32 would overflow for max < 3.7e-37)."""
     v = np.asarray(v, dtype=F32)
     amax = np.max(np.abs(v), axis=1) if v.shape[1] else np.zeros(v.shape[0], F32)
     amax = amax.astype(F32)
     with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, F32(127.0) / amax, F32(0.0)).astype(F32)
-    q = np.clip(np.rint(v * inv[:, None]), -127, 127).astype(np.int64)
+        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
+    q = np.clip(np.rint(v.astype(np.float64) * inv[:, None]), -127, 127).astype(np.int64)
     return q, (amax / F32(127.0)).astype(F32)
 
 
@@ -811,11 +812,7 @@ _K0_ND_BUG = (
     "(0,) or (2, 3, 0) is not) raises ValueError 'cannot reshape array of size 0 into "
     "shape (0)' from x.reshape(-1, k) in _gemm.linear; NumPy gives act(bias) broadcast "
     "to x.shape[:-1] + (N,)")
-KNOWN_BUGS = {}
-for _v in VARIANTS:
-    for _a in ACTIVATIONS:
-        KNOWN_BUGS[f"k_zero-1d-{act_name(_a)}-{_v}"] = _K0_ND_BUG
-        KNOWN_BUGS[f"k_zero-3d-{act_name(_a)}-{_v}"] = _K0_ND_BUG
+KNOWN_BUGS: dict = {}  # the K == 0 reshape bug (_K0_ND_BUG) is fixed
 
 
 # ---------------------------------------------------------------------------
@@ -931,15 +928,6 @@ def test_linear_special(check):
 # Library bugs found by this file (xfail strict; reproducers in the reasons)
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: int8 quantization of a row (or weight column) whose max |v| is "
-    "below 127 / FLT_MAX ~ 3.7e-37 (tiny or subnormal values): inv = 127 / amax "
-    "overflows to +Inf, so every 0 entry becomes 0 * Inf = NaN, which "
-    "fmin(127, fmax(-127, NaN)) turns into -127 (runtime/pack.cc quantize_rows_i8 "
-    "and pack_b_i8). Reproducer: linear(np.array([[1e-38, 0, 0, 0]], np.float32), "
-    "pack(np.ones((4, 2), np.float32), precision='int8')) gives -2e-38 per column "
-    "instead of +1e-38; pack(np.array([[1e-38], [0.]], np.float32), "
-    "precision='int8').rel_error is 1.0"))
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_int8_tiny_row_scale(variant):
     rng = np.random.default_rng(9)
@@ -952,26 +940,12 @@ def test_int8_tiny_row_scale(variant):
     assert rel_fro(res[1], ref[1]) <= CONTRACT["int8"], rel_fro(res[1], ref[1])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: int8 pack of a weight column whose max |w| < ~3.7e-37: 127 / max "
-    "overflows, zeros quantize to -127 (runtime/pack.cc pack_b_i8). Reproducer: "
-    "pack(np.array([[1e-38], [0.]], np.float32), precision='int8').rel_error == 1.0 "
-    "and linear(np.array([[0., 1.]], np.float32), that) == -1e-38 instead of 0"))
 def test_int8_tiny_weight_column():
     w = np.array([[1e-38], [0.0]], F32)
     pw = pk.pack(w, precision="int8")
     assert pw.rel_error <= 1e-2, pw.rel_error
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: out overlapping bias is not detected (the binding checks out "
-    "against x and a raw w only), so the K-blocked kernels (fp32/bf16 throughput, "
-    "the raw-w paths) read bias after writing partial sums into out. Reproducer: "
-    "x = rng.standard_normal((1, 1000), np.float32); w = rng.standard_normal((1000, "
-    "64), np.float32); out = rng.standard_normal((1, 64), np.float32); "
-    "linear(x, pack(w), out[0].copy(), variant='throughput') != "
-    "linear(x, pack(w), out[0], out=out, variant='throughput') (errors ~60); NumPy "
-    "semantics: as if computed into a temporary"))
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "raw"])
 def test_out_aliasing_bias(precision):
     rng = np.random.default_rng(0)
@@ -1369,12 +1343,6 @@ def test_pack_int8_nonfinite_weights_is_value_error(value, layout):
     np.testing.assert_array_equal(w, w0)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug: pack(w, precision='bf16').rel_error is 0.0 when w holds a NaN "
-    "(sum of squared errors and of squares are both NaN, and pack() maps "
-    "'ref2 > 0' False to 0.0), claiming an exact pack; with an Inf instead it is NaN. "
-    "Reproducer: pk.pack(np.full((2, 2), np.nan, np.float32), precision='bf16')"
-    ".rel_error == 0.0. IEEE arithmetic (SPEC: NaN propagates) gives NaN"))
 def test_bf16_rel_error_of_nan_weight_is_not_zero():
     w = np.ones((4, 3), F32)
     w[1, 2] = np.nan

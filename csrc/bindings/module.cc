@@ -233,6 +233,14 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
   } else {
     c = as_out(out_h, g.m, g.n);
     if (overlaps(c, a) || (g.b && overlaps(c, b))) return py::none();
+    if (g.bias) {  // the K-blocked kernels read bias after writing partial sums
+      Matrix bias_m;
+      bias_m.rows = 1;
+      bias_m.cols = g.n;
+      bias_m.lo = reinterpret_cast<const char*>(g.bias);
+      bias_m.hi = bias_m.lo + sizeof(float) * g.n;
+      if (overlaps(c, bias_m)) return py::none();
+    }
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (g.m == 0 || g.n == 0) return result;

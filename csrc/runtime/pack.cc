@@ -118,15 +118,17 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
   for (int64_t kk = 0; kk < k; ++kk)
     for (int64_t col = 0; col < n; ++col)
       scale[col] = std::fmax(scale[col], std::fabs(b[kk * b_rs + col * b_cs]));
-  std::vector<float> inv(static_cast<size_t>(n));
+  // 127 / max in double: in float it overflows for max < ~3.7e-37 (tiny or
+  // subnormal columns), turning zeros into 0 * inf = NaN.
+  std::vector<double> inv(static_cast<size_t>(n));
   for (int64_t col = 0; col < n; ++col) {
-    inv[col] = scale[col] > 0.0f ? 127.0f / scale[col] : 0.0f;
+    inv[col] = scale[col] > 0.0f ? 127.0 / scale[col] : 0.0;
     scale[col] /= 127.0f;
   }
   for (int64_t kk = 0; kk < k; ++kk) {
     for (int64_t col = 0; col < n; ++col) {
       const float w = b[kk * b_rs + col * b_cs];
-      const float q = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(w * inv[col])));
+      const double q = std::fmin(127.0, std::fmax(-127.0, std::nearbyint(w * inv[col])));
       out[panel_index(kk, col, kp, 4)] = static_cast<int8_t>(q);
       const double d = static_cast<double>(w) - static_cast<double>(q) * scale[col];
       e2 += d * d;
@@ -155,9 +157,9 @@ void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_
       continue;
     }
     scale[i] = amax / 127.0f;
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const double inv = amax > 0.0f ? 127.0 / amax : 0.0;  // double: see pack_b_i8
     for (int64_t kk = 0; kk < k; ++kk) {
-      const float v = std::fmin(127.0f, std::fmax(-127.0f, std::nearbyint(row[kk * a_cs] * inv)));
+      const double v = std::fmin(127.0, std::fmax(-127.0, std::nearbyint(row[kk * a_cs] * inv)));
       q[kk] = static_cast<int16_t>(v);
     }
     for (int64_t kk = k; kk < k_padded; ++kk) q[kk] = 0;
