@@ -111,30 +111,34 @@ def heldout_main(argv: Optional[List[str]] = None) -> int:
                          "load drift between runs on a shared machine does not count as model "
                          "error), then split them; --path is then ignored")
     ap.add_argument("--precisions", help="comma-separated precisions to measure (default: all)")
+    ap.add_argument("--kinds", default="linear",
+                    help="op kinds for --same-run, comma-separated (default: linear)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     a = ap.parse_args(argv)
     precs = a.precisions.split(",") if a.precisions else None
     if a.same_run:
-        shapes, held_shapes, buckets, held_batches = [], [], set(), set()
-        for kind in sorted(ops.op_types()):
+        work, train_cells, held_cells, between_cells = [], set(), set(), set()
+        for kind in a.kinds.split(","):
             d = ops.calibration_defaults(kind)
             if d is None or not ops.candidates(kind):
                 continue
-            shapes += d["quick_shapes"]
-            held_shapes += d["heldout_shapes"]
-            buckets |= set(d["quick_batches"])
-            held_batches |= set(d["heldout_batches"])
-        allb = sorted(buckets | held_batches | set(BETWEEN_BATCHES))
-        every = Profile.calibrate(quick=True, progress=a.progress, ops=shapes + held_shapes,
-                                  batches=allb, precisions=precs, budget_s=a.budget)
-        train_keys = {o.base().key for o in shapes}
-        train = Profile([m for m in every.measurements if m.op in train_keys and m.batch in buckets],
-                        ops={k: o for k, o in every.ops.items() if k in train_keys}, key=every.key,
-                        precision_error=every.precision_error)
-        held = Profile([m for m in every.measurements if m.op not in train_keys and m.batch in held_batches],
-                       ops={k: o for k, o in every.ops.items() if k not in train_keys}, key=every.key)
-        between = Profile([m for m in every.measurements if m.op in train_keys and m.batch not in buckets],
-                          ops=train.ops, key=every.key)
+            qb = tuple(d["quick_batches"])
+            between_b = tuple(b for b in BETWEEN_BATCHES if qb[0] < b < qb[-1] and b not in qb)
+            for o in d["quick_shapes"]:
+                work.append((o, sorted(set(qb) | set(between_b))))
+                train_cells |= {(o.key, b) for b in qb}
+                between_cells |= {(o.key, b) for b in between_b}
+            for o in d["heldout_shapes"]:
+                work.append((o, list(d["heldout_batches"])))
+                held_cells |= {(o.key, b) for b in d["heldout_batches"]}
+        every = Profile.calibrate(quick=True, progress=a.progress, ops=work, precisions=precs,
+                                  budget_s=a.budget)
+
+        def part(cells):
+            ms = [m for m in every.measurements if (m.op, m.batch) in cells]
+            return Profile(ms, ops={m.op: every.ops[m.op] for m in ms}, key=every.key,
+                           precision_error=every.precision_error)
+        train, held, between = part(train_cells), part(held_cells), part(between_cells)
     else:
         train = _load(a.path, a.progress)
         held = Profile.calibrate(quick=True, progress=a.progress, heldout=True, precisions=precs,

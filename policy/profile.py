@@ -416,8 +416,8 @@ class Profile:
         """Measure service times on this machine.
 
         ops: the shapes to measure (default: every registered op kind that has
-            kernels, on its registered quick or full shapes). A ``Model`` is
-            measured through its parts.
+            kernels, on its registered quick or full shapes), each an op or an
+            ``(op, batches)`` pair. A ``Model`` is measured through its parts.
         batches: batch buckets in items (default: the kind's quick/full buckets).
         threads: thread counts (default: 1 and ``get_num_threads()``).
         variants, precisions: restrict the kernels measured.
@@ -454,11 +454,13 @@ class Profile:
                 for s in shapes:
                     add_work(s, bl)
         else:
-            for op in ops:
+            for item in ops:
+                op, own = (item if isinstance(item, tuple) and len(item) == 2 else (item, None))
                 if not isinstance(op, Op):
-                    raise TypeError(f"ops must be pykernels.policy.ops objects, got {op!r}")
+                    raise TypeError(f"ops must be pykernels.policy.ops objects or (op, batches) "
+                                    f"pairs, got {item!r}")
                 d = _ops.calibration_defaults(op.parts()[0].kind) or {}
-                bl = batches or d.get("quick_batches" if quick else "full_batches") or (1, 8, 64)
+                bl = own or batches or d.get("quick_batches" if quick else "full_batches") or (1, 8, 64)
                 add_work(op, bl)
 
         cells = []
@@ -491,6 +493,11 @@ class Profile:
             t_start = time.perf_counter()
             for c in cells:
                 base, variant, precision, t, u, backend = c
+                if time.perf_counter() - t_start > 2 * budget:
+                    failures.append(f"{base.key} {variant}/{precision} t={t} b={u}: "
+                                    "not measured, the time budget ran out during warm-up")
+                    bar.step()
+                    continue
                 try:
                     fn = backend.prepare(base, variant, precision, t, u, cache)
                     fn()
