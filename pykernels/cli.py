@@ -1390,10 +1390,41 @@ def run_info(args) -> int:
 # subcommand -> (add_arguments, run). run(args) returns the exit code; the first
 # line of its docstring is the help. `demo`, `calibrate`, `plan` and `serve`
 # are added here as they land.
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments
+    add_demo_arguments(p)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job: MiniLM under mixed interactive + bulk traffic, five serving policies."""
+    from .demo import run_demo_cli
+    return run_demo_cli(args)
+
+
+def _add_passthrough(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs=argparse.REMAINDER,
+                   help="arguments of the policy command (see --help after the command)")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Measure this machine's kernels into a policy profile (or --from-benchmark JSON)."""
+    from .policy.__main__ import calibrate_main
+    return calibrate_main(args.rest)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Show the plan the policy makes for an op and an SLO, with its explanation."""
+    from .policy.__main__ import plan_main
+    return plan_main(args.rest)
+
+
 COMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "info": (_add_info_arguments, run_info),
     "bench": (_add_bench_arguments, run_bench),
+    "demo": (_add_demo_arguments, run_demo),
+    "calibrate": (_add_passthrough, run_calibrate),
+    "plan": (_add_passthrough, run_plan),
 }
 
 

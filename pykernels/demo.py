@@ -364,6 +364,12 @@ def run_demo_cli(args) -> int:
     """Mixed interactive + bulk MiniLM workload under five serving policies."""
     duration = args.duration if args.duration is not None else (2.0 if args.quick else 9.0)
     policies = args.policies.split(",") if args.policies else None
+    known = ("static-latency", "static-throughput", "fixed-delay", "aimd", "pykernels")
+    for name in policies or ():
+        if name not in known:
+            print(f"pykernels demo: unknown policy {name!r}; choose from {', '.join(known)}",
+                  file=sys.stderr)
+            return 2
     run_demo(duration=duration, rate=args.rate, p99_ms=args.p99_ms,
              outstanding=args.bulk_outstanding, precision=args.precision, quick=args.quick,
              json_path=args.json_path, progress=not args.no_progress, policies=policies)
