@@ -37,6 +37,10 @@ A benchmark that should feed the policy puts what it measured in
         "precision": "fp32",     # "fp32" | "bf16" | "int8" | "fp16" (default "fp32")
         "threads": 2,            # threads the call used (required)
         "isa": "avx2",           # optional: cpu_info().isa; rows from another ISA are skipped
+        "impl": "pykernels",     # optional; any other value ("numpy", "torch") is a
+                                 # baseline and ignored, as is a benchmark without "op"
+        "b": "packed",           # optional, linear/gemm: "raw" (an unpacked weight) is
+                                 # ignored; the profile models prepacked weights
     })
     benchmark(pykernels.gemm, x, w, variant="latency", threads=2)
 
@@ -591,11 +595,15 @@ class Profile:
         for b in benches:
             name = b.get("name", "?") if isinstance(b, dict) else "?"
             info = (b.get("extra_info") or {}) if isinstance(b, dict) else {}
-            if "op" not in info:
-                continue  # a baseline (NumPy, PyTorch): not ours
+            if "op" not in info or info.get("impl", "pykernels") != "pykernels":
+                continue  # a baseline (NumPy, SciPy, PyTorch): not ours
+            if info.get("b") == "raw":
+                continue  # an unpacked weight: not the prepacked Linear the profile models
             try:
                 if info.get("isa") is not None and isa is not None and info["isa"] != isa:
                     raise ValueError(f"isa {info['isa']!r} is not this profile's {isa!r}")
+                if info.get("variant") not in ("latency", "throughput"):
+                    raise ValueError(f"variant {info.get('variant')!r} is not latency/throughput")
                 op = _ops.from_spec(info)
                 batch = info.get(op.batch_field, info.get("batch"))
                 if batch is None:
