@@ -1456,6 +1456,16 @@ def _version() -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``pykernels`` and ``python -m pykernels``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The policy commands own their argument parsers: hand them argv as is
+    # (an argparse REMAINDER positional cannot start with an option).
+    passthrough = {"calibrate": "calibrate_main", "plan": "plan_main"}
+    if argv and argv[0] in passthrough:
+        from .policy import __main__ as policy_cli
+        try:
+            return int(getattr(policy_cli, passthrough[argv[0]])(argv[1:]) or 0)
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
