@@ -248,20 +248,40 @@ def serving_profile(model_ops: Sequence, *, path=None, budget_s: float = 8.0,
     return prof
 
 
+def warm_up(model, threads: Optional[Sequence[int]] = None) -> None:
+    """Run the forward once per kernel variant and thread count the plans may
+    pick, at batch 1 and 4, before serving: the first calls of a process pay
+    for page faults on the weights, the tokenizer's and the thread pool's
+    start-up (10-100x a warm call). Served, such a call would enter the
+    batcher's learned service time as its tail and make admission refuse
+    interactive requests that would have met their target."""
+    import pykernels
+
+    n = pykernels.get_num_threads()
+    for t in sorted(set(threads or (1, n))):
+        for variant in ("latency", "throughput"):
+            for b in (1, 4):
+                model.encode(["warming up the encoder with a short text"] * b,
+                             variant=variant, threads=t)
+
+
 def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
                  bulk_throughput: Optional[float] = None, max_queue: int = 4096,
                  profile_path=None, calibrate_budget_s: float = 8.0,
-                 name: str = "embeddings", **batcher_kw) -> DynamicBatcher:
+                 name: str = "embeddings", warm: bool = True, **batcher_kw) -> DynamicBatcher:
     """A DynamicBatcher for ``model`` with two classes: ``interactive`` (p99
     target ``interactive_p99_ms``) and ``bulk`` (throughput floor
     ``bulk_throughput`` texts/s, or none), each planned by a ``Policy`` on
-    ``profile`` (default: ``serving_profile``)."""
+    ``profile`` (default: ``serving_profile``). ``warm``: ``warm_up(model)``
+    first."""
     from ..policy import SLO, Policy
 
     prec = getattr(model, "precision", "fp32")
     op_i, op_b = _model_ops(model)
     if profile is None:
         profile = serving_profile([op_i, op_b], path=profile_path, budget_s=calibrate_budget_s)
+    if warm:
+        warm_up(model, sorted({m.threads for m in profile.measurements}) or None)
     err = _MAX_REL_ERROR.get(prec, 1e-4)
     classes = {"interactive": SLO(p99_ms=float(interactive_p99_ms), max_rel_error=err),
                "bulk": SLO(min_throughput=bulk_throughput, max_rel_error=err)}
@@ -298,6 +318,9 @@ def parse_embeddings_request(body: bytes, *, limits: Limits, classes: Sequence[s
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"the request body must be a JSON object, got {_type_name(data)}",
                        code="invalid_type")
@@ -575,6 +598,14 @@ class EmbeddingService:
                 if p and p.get(key) is not None:
                     v = p[key] * scale if scale != 1 else int(p[key])
                     out.append(f"{name}{_labels(batcher=b, **{'class': cls})} {_num(v)}")
+        family("pykernels_service_fit_seconds", "gauge",
+               "The batcher's learned service time of a batch of n: fixed + per_item * n + tail.")
+        for cls, s in snaps.items():
+            fit = s.get("service_fit")
+            if fit:
+                for term in ("fixed", "per_item", "tail"):
+                    out.append(f"pykernels_service_fit_seconds{_labels(batcher=b, **{'class': cls}, term=term)} "
+                               f"{_num(fit[term + '_ms'] / 1e3)}")
         family("pykernels_slo_p99_target_seconds", "gauge", "The class's p99 latency target.")
         for cls, s in snaps.items():
             if s.get("slo_p99_ms") is not None:
