@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 

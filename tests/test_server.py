@@ -486,8 +486,9 @@ def test_overload_is_429_with_retry_after(tight_server):
 
 
 def test_sigterm_drains_requests_in_flight(tight_server):
-    n_req, n_texts = 3, 24
-    texts = ["a bulk document that takes a while to embed, about kernels. " * 4] * n_texts
+    n_req, n_texts = 3, 32  # ~100 tokens each: a request takes a few hundred ms at least
+    texts = [f"bulk document {i} that takes a while to embed, about kernels. " * 8
+             for i in range(n_texts)]
     out = [None] * n_req
 
     def send(i):

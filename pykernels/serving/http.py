@@ -83,7 +83,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -258,7 +258,7 @@ def warm_up(model, threads: Optional[Sequence[int]] = None) -> None:
     import pykernels
 
     n = pykernels.get_num_threads()
-    for t in sorted(set(threads or (1, n))):
+    for t in sorted({t for t in (threads or ()) if 1 <= t <= n} or {1, n}):
         for variant in ("latency", "throughput"):
             for b in (1, 4):
                 model.encode(["warming up the encoder with a short text"] * b,

@@ -43,9 +43,9 @@ replica) works too; the stats are then only reported.
 
 Weights. ``build_app(model)`` puts the loaded model, its ``PackedWeight``s
 included (they pickle), into Ray's object store once (``ray.put``) and hands
-the replicas a reference: each replica on a node maps the same object, and a
-node without the weights fetches them from the object store, not from disk or
-a hub. The float32 originals the model keeps for its float64 reference are left
+the replicas a reference: the object store keeps one copy per node (fetched
+from the driver's node over Ray's transfer, not from disk or a hub) and each
+replica unpickles its own packed weights from it, so nothing is re-packed. The float32 originals the model keeps for its float64 reference are left
 behind (half the bytes). The reference is owned by the driver: use it from a
 long-lived driver (``serve.run`` in a script). For ``serve deploy`` of a config
 file, pass ``model=None``: each replica then loads the weights from the
@@ -65,7 +65,7 @@ import copy
 import logging
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 try:
     import ray
