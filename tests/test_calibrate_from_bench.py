@@ -95,17 +95,17 @@ def test_calibrate_command_then_plan_command(bench_json):
 
 
 def test_pykernels_calibrate_subcommand(bench_json):
-    """Through ``pykernels calibrate`` once the subcommand is registered."""
+    """The same through the ``pykernels`` command line (``python -m pykernels``)."""
     from pykernels import cli
 
     if "calibrate" not in cli.COMMANDS:
-        pytest.skip("`pykernels calibrate` is not registered in pykernels.cli.COMMANDS yet")
-    _, unparsed = cli.build_parser().parse_known_args(["calibrate", "--from-benchmark", "x.json"])
-    if unparsed:  # argparse.REMAINDER does not take a first argument that looks like an option
-        pytest.xfail("pykernels.cli passes `calibrate` arguments through a REMAINDER positional, "
-                     f"which leaves {unparsed} unparsed; `pykernels calibrate --from-benchmark "
-                     "FILE` exits 2 until cli.main hands argv[1:] to calibrate_main directly")
+        pytest.skip("`pykernels calibrate` is not registered in pykernels.cli.COMMANDS")
     out, env, d = bench_json
     path = d / "profile-cli.json"
-    run(["-m", "pykernels", "calibrate", "--from-benchmark", str(out), "--path", str(path)], env)
-    assert Profile.load(path) is not None
+    proc = run(["-m", "pykernels", "calibrate", "--from-benchmark", str(out), "--path", str(path)],
+               env)
+    assert "saved to" in proc.stdout
+    assert {m.op for m in Profile.load(path).measurements} == {"linear(k=256,n=256)"}
+    proc = run(["-m", "pykernels", "plan", "--op", "linear", "--k", "256", "--n", "256",
+                "--p99-ms", "1000", "--path", str(path), "--no-progress"], env)
+    assert "feasible=True" in proc.stdout
