@@ -1401,6 +1401,17 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_demo_cli(args)
 
 
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from .serving.http import add_serve_arguments
+    add_serve_arguments(p)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """OpenAI-compatible embeddings server (MiniLM behind the SLO-aware batcher)."""
+    from .serving.http import run_serve as _run
+    return _run(args)
+
+
 def _add_passthrough(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER,
                    help="arguments of the policy command (see --help after the command)")
@@ -1423,6 +1434,7 @@ COMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "info": (_add_info_arguments, run_info),
     "bench": (_add_bench_arguments, run_bench),
     "demo": (_add_demo_arguments, run_demo),
+    "serve": (_add_serve_arguments, run_serve),
     "calibrate": (_add_passthrough, run_calibrate),
     "plan": (_add_passthrough, run_plan),
 }

@@ -817,3 +817,24 @@ def test_many_submitting_threads_lose_nothing():
     assert m["interactive"]["completed"] + m["bulk"]["completed"] == n_threads * per
     assert m["interactive"]["rejected"] == m["bulk"]["rejected"] == 0
     assert not math.isnan(m["bulk"]["throughput"])
+
+
+def test_idle_batcher_admits_a_probe_after_a_slow_outlier():
+    """Regression (found by the server tests): one slow first batch made every
+    later prediction miss the target, so every request was refused and no new
+    observation could correct it. An idle batcher with observations admits."""
+    clock = FakeClock()
+    durations = iter([200.0, 10.0, 10.0] + [10.0] * 50)
+
+    def fn(items, plan):
+        clock.advance_ms(next(durations))
+        return items
+
+    b = manual(fn, {"interactive": SLO(p99_ms=50)}, FakePolicy(batch_size=1, service_ms=10), clock)
+    served = 0
+    for i in range(20):
+        fut = b.submit(i)  # must not raise Overloaded: the batcher is idle each time
+        assert b.step() == 1
+        assert fut.result(timeout=1) == i
+        served += 1
+    assert served == 20 and b.metrics()["interactive"]["rejected"] == 0

@@ -520,7 +520,13 @@ class DynamicBatcher:
             deadline = now + c.offset_s
             if c.p99_s is not None:
                 finish = now + self._ahead_s(c, deadline, now)
-                if finish > deadline:
+                # An idle batcher admits a probe once the class has observed
+                # batches: a learned prediction that says even an empty queue
+                # misses (e.g. after one slow outlier) could otherwise never be
+                # corrected, as refused requests produce no observations. With
+                # no observations yet, the plan's prior decides.
+                probe = self._in_flight is None and self._queued == 0 and st.batches > 0
+                if finish > deadline and not probe:
                     st.rejected += 1
                     raise Overloaded(
                         f"class {c.name!r}: predicted completion in {(finish - now) * 1e3:.3g} ms "
