@@ -36,6 +36,9 @@ struct AV {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // Pins a value to a register: GCC otherwise folds a load used by several
+  // FMAs into each of them (one load per use instead of one per value).
+  static void keep(reg& v) { asm("" : "+x"(v)); }
   static float hsum(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
