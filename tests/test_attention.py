@@ -661,3 +661,78 @@ def test_bad_out_variant_threads():
         pk.decode_attention(q[:, :, 0], k, v, None, out=np.zeros((2, 4, 15), np.float32))
     for x, y in zip(before, (q, k, v)):
         np.testing.assert_array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------
+# The AVX-512 tiles, emulated: same .inc, W = 16, on any x86-64
+# ---------------------------------------------------------------------------
+
+EMU_SOURCES = ["tests/native/attention_w16_emu.cc", "csrc/runtime/threadpool.cc",
+               "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
+EMU_DEPS = EMU_SOURCES + ["csrc/kernels/common/attention_impl.inc",
+                          "csrc/kernels/avx512/attention_avx512_tiles.h",
+                          "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
+
+
+def _emu_binary():
+    """Builds (once per source hash, ~8 s at -O0) the W=16 emulation driver."""
+    import hashlib
+    import shutil
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("no C++ compiler to build the W=16 emulation")
+    h = hashlib.sha256()
+    for rel in EMU_DEPS:
+        with open(os.path.join(REPO_ROOT, rel), "rb") as f:
+            h.update(f.read())
+    out_dir = os.path.join(REPO_ROOT, "build", "native-tests")
+    exe = os.path.join(out_dir, f"attention_w16_emu-{h.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        os.makedirs(out_dir, exist_ok=True)
+        cmd = [cxx, "-std=c++17", "-O0", "-I", os.path.join(REPO_ROOT, "csrc", "include")]
+        cmd += [os.path.join(REPO_ROOT, s) for s in EMU_SOURCES] + ["-pthread", "-o", exe + ".tmp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        os.replace(exe + ".tmp", exe)
+    return exe
+
+
+EMU_CASES = [
+    # (B, Hq, Hkv, Sq, Skv, D, causal, lens, variant, threads, bf16, big caches)
+    (2, 4, 2, 5, 37, 32, True, True, "latency", 2, False, False),
+    (1, 8, 1, 70, 150, 64, True, False, "throughput", 2, False, False),   # 4-vector score tile
+    (1, 8, 1, 70, 150, 64, True, False, "throughput", 1, False, True),    # 48 KiB / 2 MiB plan
+    (2, 8, 8, 1, 600, 128, False, True, "latency", 2, False, False),      # dot 1x8, split-KV
+    (2, 16, 4, 1, 300, 80, False, True, "throughput", 2, True, False),    # dot 4x4, D = 5 zmm
+    (1, 4, 4, 33, 33, 17, True, True, "throughput", 1, False, False),     # D pads to 32
+    (1, 6, 3, 130, 130, 96, False, True, "latency", 2, False, False),     # D = 6 zmm
+    (1, 2, 1, 3, 300, 200, False, False, "latency", 1, True, False),      # D = 200 -> 208
+    (1, 32, 4, 9, 200, 128, True, False, "throughput", 2, True, True),    # G=8: 64- and 8-row tiles
+]
+
+
+def test_avx512_tiles_emulated(tmp_path):
+    exe = _emu_binary()
+    for n, (b, hq, hkv, sq, skv, d, causal, has_lens, variant, threads, bf16, big) in enumerate(EMU_CASES):
+        rng = np.random.default_rng(100 + n)
+        dt = BF16 if bf16 else np.float32
+        q, k, v = randn(rng, (b, hq, sq, d), dt), randn(rng, (b, hkv, skv, d), dt), randn(rng, (b, hkv, skv, d), dt)
+        lens = None
+        if has_lens:
+            lens = rng.integers(0, skv + 1, b).astype(np.int64)
+            lens[0] = skv
+            lens.tofile(tmp_path / "lens.bin")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            np.ascontiguousarray(x).view(np.uint16 if bf16 else np.float32).tofile(tmp_path / f"{name}.bin")
+        args = [exe] + [str(int(x)) for x in (b, hq, hkv, sq, skv, d, causal, has_lens,
+                                              VARIANTS.index(variant), threads, bf16)] + [str(tmp_path)]
+        env = dict(os.environ)
+        env.pop("EMU_BIG_CACHES", None)
+        if big:
+            env["EMU_BIG_CACHES"] = "1"
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, f"case {n}: {proc.stderr[-2000:]}"
+        got = np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(q.shape)
+        worst, msg = mismatch(got, reference(q, k, v, causal=causal, kv_lens=lens), d, "avx512")
+        assert worst <= 1.0, f"case {n} {EMU_CASES[n]}: {msg}"

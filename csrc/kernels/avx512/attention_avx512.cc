@@ -54,12 +54,7 @@ struct AV {
   }
 };
 
-constexpr int kSKR = 6;
-constexpr int kSNV = 4;
-constexpr int kDotRows = 4;
-constexpr int kDotKB[kDotRows + 1] = {1, 8, 8, 4, 4};
-constexpr int kPvMR = 6;
-constexpr int kPvDC[kPvMR + 1] = {8, 8, 8, 6, 5, 4, 4};
+#include "attention_avx512_tiles.h"
 
 #include "../common/attention_impl.inc"
 
