@@ -62,7 +62,7 @@ constexpr int kSNV = 2;
 constexpr int kDotRows = 2;
 constexpr int kDotKB[kDotRows + 1] = {1, 8, 4};
 constexpr int kPvMR = 6;
-constexpr int kPvDC[kPvMR + 1] = {8, 8, 4, 4, 3, 2, 2};
+constexpr int kPvDC[kPvMR + 1] = {8, 8, 4, 3, 3, 2, 2};
 
 #include "../common/attention_impl.inc"
 
