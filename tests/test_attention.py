@@ -469,6 +469,14 @@ def test_threads_and_variants_agree():
         for threads in (1, 2, 4):
             got = pk.attention(q, k, v, causal=True, variant=variant, threads=threads)
             assert_close(got, ref, 64)
+    # one head, one sequence: the query tile is cut so every thread gets tasks
+    q1, k1, v1 = q[:1, :1], k[:1, :1], v[:1, :1]
+    ref1 = reference(q1, k1, v1, causal=True, kv_lens=[333])
+    for variant in VARIANTS:
+        for threads in (2, 8):
+            got = pk.attention(q1, k1, v1, causal=True, kv_lens=np.array([333]), variant=variant,
+                               threads=threads)
+            assert_close(got, ref1, 64)
 
 
 def test_concurrent_calls():
