@@ -2,7 +2,7 @@
 // 16 ymm registers. Tiles (see attention_impl.inc for the loops):
 //   scores, many rows: 6 keys x 2 ymm of query rows = 12 accumulators + 2 Q +
 //     1 broadcast = 15 ymm; 12 independent FMAs cover the 4-cycle latency x 2 pipes.
-//   scores, few rows (dot along D): 1x8, 2x4, 3x2, 4x2 (rows x keys) accumulators.
+//   scores, few rows (dot along D): 1x8, 2x4 (rows x keys) accumulators.
 //   P.V: 6 rows x 2 ymm (12 accumulators) down to 1 row x 8 ymm (decode).
 #include <immintrin.h>
 
@@ -36,6 +36,9 @@ struct AV {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // Pins a value to a register: GCC otherwise folds a load used by several
+  // FMAs into each of them (one load per use instead of one per value).
+  static void keep(reg& v) { asm("" : "+x"(v)); }
   static float hsum(reg v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -53,10 +56,13 @@ struct AV {
 
 constexpr int kSKR = 6;
 constexpr int kSNV = 2;
-constexpr int kDotRows = 4;
-constexpr int kDotKB[kDotRows + 1] = {1, 8, 4, 2, 2};
+// Two rows at most: 2 rows x 4 keys = 8 accumulators + 4 K + 2 Q registers, 6
+// loads per 8 FMAs; 4 rows x 2 keys made GCC fold Q into the FMAs (10 loads per
+// 8 FMAs, load-port bound). More rows take several passes over the L1 tile.
+constexpr int kDotRows = 2;
+constexpr int kDotKB[kDotRows + 1] = {1, 8, 4};
 constexpr int kPvMR = 6;
-constexpr int kPvDC[kPvMR + 1] = {8, 8, 4, 4, 3, 2, 2};
+constexpr int kPvDC[kPvMR + 1] = {8, 8, 4, 3, 3, 2, 2};
 
 #include "../common/attention_impl.inc"
 

@@ -41,6 +41,9 @@ struct AV {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  // Pins a value to a register: GCC otherwise folds a load used by several
+  // FMAs into each of them (one load per use instead of one per value).
+  static void keep(reg& v) { asm("" : "+v"(v)); }
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
   static reg round(reg x) {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -51,12 +54,7 @@ struct AV {
   }
 };
 
-constexpr int kSKR = 6;
-constexpr int kSNV = 4;
-constexpr int kDotRows = 4;
-constexpr int kDotKB[kDotRows + 1] = {1, 8, 8, 4, 4};
-constexpr int kPvMR = 6;
-constexpr int kPvDC[kPvMR + 1] = {8, 8, 8, 6, 5, 4, 4};
+#include "attention_avx512_tiles.h"
 
 #include "../common/attention_impl.inc"
 

@@ -44,6 +44,7 @@ struct AV {
     }
     return r;
   }
+  static void keep(reg&) {}
   static float hsum(reg x) { return (x.v[0] + x.v[2]) + (x.v[1] + x.v[3]); }
   // Round to nearest even by the 1.5 * 2^23 trick (exact for |x| < 2^22; the
   // callers clamp to [-127, 0]), as cvtps2dq does under the default MXCSR.
