@@ -203,8 +203,11 @@ def test_kernels_registry_entries():
         # the entry (linear runs the gemm kernel with a fused epilogue, so its name may
         # start with "gemm"). Latency and throughput kernels need distinct names, so
         # one qualifier may sit before the tile (as in gemm_avx2_f32_lat_6x16).
-        m = re.match(rf"^([a-z][a-z0-9]*)_{re.escape(e.isa)}_"
-                     rf"(?:{_DTYPE.get(e.precision, e.precision)})_(?:[a-z]+_)?\d+x\d+$", e.name)
+        # Attention kernels name their algorithm where a GEMM names its register
+        # tile (the tiles vary with the head dimension): ..._f32_flash / _splitkv.
+        tile = r"(?:\d+x\d+|flash|splitkv)" if "attention" in e.op else r"\d+x\d+"
+        m = re.match(rf"^([a-z][a-z0-9_]*?)_{re.escape(e.isa)}_"
+                     rf"(?:{_DTYPE.get(e.precision, e.precision)})_(?:[a-z]+_)?{tile}$", e.name)
         assert m, f"{e.name!r} does not follow op_isa_dtype_tile ({e})"
         if e.op == "gemm":
             assert m.group(1) == "gemm", e
