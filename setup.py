@@ -1,7 +1,7 @@
 """Build of the pykernels C++ extension.
 
 One pybind11 module, ``pykernels._core``. The per-ISA kernel translation units
-are compiled with their own flags (never -march=native) and linked into the same
+are compiled with their own ISA flags (never tuned to the build host) and linked into the same
 module; the dispatcher picks one table at import from CPUID + XCR0. Everything
 else (runtime, bindings, the generic kernels) is compiled for the x86-64
 baseline, so importing the module is safe on any x86-64 CPU.
