@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -90,12 +91,16 @@ def run_isolated(code: str, *, timeout: float = 120, mem_cap_mb: int | None = No
         extra["ASAN_OPTIONS"] = ":".join(o for o in opts if o)
     elif mem_cap_mb is not None:
         code = "import numpy, pykernels\n" + _MEM_CAP_PRELUDE.format(extra_mb=mem_cap_mb) + code
-    proc = run_python(code, env=subprocess_env(None, **extra), timeout=timeout)
-    report = ""
-    if report_dir is not None:
-        for name in sorted(os.listdir(report_dir)):
-            with open(os.path.join(report_dir, name)) as f:
-                report += f.read()
+    try:
+        proc = run_python(code, env=subprocess_env(None, **extra), timeout=timeout)
+        report = ""
+        if report_dir is not None:
+            for name in sorted(os.listdir(report_dir)):
+                with open(os.path.join(report_dir, name)) as f:
+                    report += f.read()
+    finally:
+        if report_dir is not None:
+            shutil.rmtree(report_dir, ignore_errors=True)
     return proc, report + ("\n" + proc.stderr if "runtime error:" in proc.stderr else "")
 
 
