@@ -538,6 +538,24 @@ def check_zero_rows(isa, *, precision, variant, act):
     assert msg is None, msg
 
 
+def check_int8_extreme_sums(isa, *, variant):
+    """int8 at the ends of the integer range, where the u8 x s8 (VNNI) scheme's
+    biased sums sum_k (w + 128) a differ most from the true ones: rows and
+    columns quantizing to all +127 / all -127 / alternating signs, K = 8202
+    (not a multiple of 4). Exact equality with the emulation proves the
+    128 * sum_k a[k] correction and the int32 wrap-around are right on every
+    path (the generic path runs that scheme)."""
+    k, n = 8202, 48
+    signs = np.where(np.arange(k) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    x = np.stack([np.ones(k, np.float32), -np.ones(k, np.float32), signs, -signs])
+    cols = [np.ones(k, np.float32), -np.ones(k, np.float32), signs, -signs]
+    w = np.stack([cols[j % 4] * (1.0 + j) for j in range(n)], axis=1).astype(np.float32)
+    res = pk.linear(x, pk.pack(w, precision="int8"), variant=variant)
+    np.testing.assert_array_equal(res, int8_emulate(x, w),
+                                  err_msg="int8 extreme sums differ from the emulation")
+    np.testing.assert_allclose(res, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-6)
+
+
 def check_outlier_row(isa, *, variant, outlier):
     """int8, a row with one huge finite outlier: the row's scale is outlier/127,
     so the outlier quantizes to +-127 and every other entry of that row
@@ -786,6 +804,7 @@ for _v in VARIANTS:
                  variant=_v, lead=_lead)
     for _o in (1e30, -1e30, 1e37, 3e4):
         _add(f"outlier_row-int8-{_o:g}-{_v}", check_outlier_row, variant=_v, outlier=_o)
+    _add(f"int8_extreme_sums-{_v}", check_int8_extreme_sums, variant=_v)
     for _val, _a in itertools.product((np.inf, -np.inf, np.nan), (None, "relu", "silu")):
         _add(f"nonfinite_row-int8-{_val}-{act_name(_a)}-{_v}", check_nonfinite_row_int8,
              variant=_v, value=_val, act=_a)

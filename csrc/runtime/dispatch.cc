@@ -55,7 +55,7 @@ void init_dispatch(const std::string& requested) {
   }
   switch (d.isa) {
     case Isa::kAvx512:
-      d.gemm = &avx512::kGemm;
+      d.gemm = f.avx512_vnni ? &avx512::kGemmVnni : &avx512::kGemm;
       d.gemm_blocking = blocking_for(f, 6, 64);
       d.attention = &avx512::kAttention;
       break;

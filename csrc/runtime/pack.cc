@@ -139,8 +139,9 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
   *ref2 = r2;
 }
 
+template <class Q>
 void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
-                      int64_t k_padded, int16_t* out, float* scale) {
+                      int64_t k_padded, Q* out, float* scale, int32_t* row_sum) {
   for (int64_t i = 0; i < m; ++i) {
     const float* row = a + i * a_rs;
     float amax = 0.0f;
@@ -150,20 +151,30 @@ void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_
       finite &= std::isfinite(x);
       amax = std::fmax(amax, std::fabs(x));
     }
-    int16_t* q = out + i * k_padded;
+    Q* q = out + i * k_padded;
+    if (row_sum) row_sum[i] = 0;
     if (!finite) {  // Inf or NaN in the row: every output of the row is NaN
       scale[i] = std::numeric_limits<float>::quiet_NaN();
-      std::memset(q, 0, sizeof(int16_t) * k_padded);
+      std::memset(q, 0, sizeof(Q) * k_padded);
       continue;
     }
     scale[i] = amax / 127.0f;
     const double inv = amax > 0.0f ? 127.0 / amax : 0.0;  // double: see pack_b_i8
+    // 64-bit sum: |sum| <= 127 k; it is used modulo 2^32 like the tile sums.
+    int64_t sum = 0;
     for (int64_t kk = 0; kk < k; ++kk) {
       const double v = std::fmin(127.0, std::fmax(-127.0, std::nearbyint(row[kk * a_cs] * inv)));
-      q[kk] = static_cast<int16_t>(v);
+      q[kk] = static_cast<Q>(v);
+      sum += q[kk];
     }
     for (int64_t kk = k; kk < k_padded; ++kk) q[kk] = 0;
+    if (row_sum) row_sum[i] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(sum)));
   }
 }
+
+template void quantize_rows_i8<int16_t>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                        int16_t*, float*, int32_t*);
+template void quantize_rows_i8<int8_t>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                       int8_t*, float*, int32_t*);
 
 }  // namespace pk

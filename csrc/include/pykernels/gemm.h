@@ -84,7 +84,10 @@ struct GemmKernels {
 
 namespace generic { extern const GemmKernels kGemm; }
 namespace avx2 { extern const GemmKernels kGemm; }
-namespace avx512 { extern const GemmKernels kGemm; }
+namespace avx512 {
+extern const GemmKernels kGemm;      // int8 by vpmaddwd (AVX-512F/BW)
+extern const GemmKernels kGemmVnni;  // int8 by vpdpbusd (AVX512_VNNI), the rest shared
+}
 
 // ---- packing and quantization (baseline code, runtime/pack.cc) ---------------
 // fp32: B (k x n, element strides) -> ceil(n/16) * k * 16 floats.
@@ -99,10 +102,18 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
                int8_t* out, float* scale, double* err2, double* ref2);
 // Rounds an fp32 value to the nearest bf16 (ties to even), kept in fp32.
 float round_to_bf16(float x);
-// Quantizes rows of A to int16-held int8 values in [-127, 127], K padded with
-// zeros to `k_padded`; scale[i] = max|A[i, :]| / 127 (0 for an all-zero row).
-// Deterministic and shared by every ISA, so integer results match exactly.
+// Quantizes rows of A to int8 values in [-127, 127] held in Q (int16_t for the
+// vpmaddwd tiles, int8_t for the vpdpbusd ones), K padded with zeros to
+// `k_padded`; scale[i] = max|A[i, :]| / 127 (0 for an all-zero row). When
+// `row_sum` is not null it receives sum_k q[i, k] (the u8 x s8 tiles subtract
+// 128 * row_sum from their sums). Deterministic and shared by every ISA, so
+// integer results match exactly.
+template <class Q>
 void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
-                      int64_t k_padded, int16_t* out, float* scale);
+                      int64_t k_padded, Q* out, float* scale, int32_t* row_sum);
+extern template void quantize_rows_i8<int16_t>(const float*, int64_t, int64_t, int64_t, int64_t,
+                                               int64_t, int16_t*, float*, int32_t*);
+extern template void quantize_rows_i8<int8_t>(const float*, int64_t, int64_t, int64_t, int64_t,
+                                              int64_t, int8_t*, float*, int32_t*);
 
 }  // namespace pk

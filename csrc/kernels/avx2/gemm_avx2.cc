@@ -44,10 +44,17 @@ struct V {
 };
 
 struct VI {
+  using act_t = int16_t;
   using reg = __m256i;
   using wreg = __m256i;
   using areg = __m256i;
   static constexpr int kRegsPerPanel = 4;  // 16 bytes (4 columns x 4 k) each
+  static constexpr int kLanesPerCol = 2;
+  static constexpr int kWeightBias = 0;
+  // 4 accumulators per panel; 1x48 (12), 2x16 (8), 3x16 (12).
+  static constexpr int kMR = 3;
+  static constexpr int kMaxAcc = 12;
+  static constexpr int kLatNP[kMR + 1] = {1, 3, 1, 1};
   static reg zero() { return _mm256_setzero_si256(); }
   static areg bcast_a4(const int16_t* a) {
     long long x;
@@ -66,10 +73,6 @@ constexpr int kTputNP = 1;
 constexpr int kMaxAcc = 12;
 // Latency tiles by rows: 1x64 (8 acc), 2x48 (12), 3x32 (12), then 16 wide.
 constexpr int kLatNP[kTputMR + 1] = {1, 4, 3, 2, 1, 1, 1};
-// int8: 4 accumulators per panel; 1x48 (12), 2x16 (8), 3x16 (12).
-constexpr int kI8MR = 3;
-constexpr int kI8MaxAcc = 12;
-constexpr int kI8LatNP[kI8MR + 1] = {1, 3, 1, 1};
 
 #include "../common/gemm_impl.inc"
 
@@ -80,7 +83,7 @@ const GemmKernels kGemm = {
      {"gemm_avx2_i8_lat_3x16", "gemm_avx2_i8_3x16"}},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
-     {&i8_latency, &i8_throughput}}};
+     {&i8_latency<VI>, &i8_throughput<VI>}}};
 
 }  // namespace avx2
 }  // namespace pk

@@ -54,37 +54,46 @@ struct V {
 #undef PK_MAP
 };
 
-// int8 with the same pair-split lane layout as the SIMD paths: for the 4
-// columns of group g, lane 2c holds k0*k0 + k1*k1 products, lane 2c+1 k2, k3.
+// int8: the u8 x s8 scheme of AVX512_VNNI's vpdpbusd, in scalar code, so the
+// one path every test runs on every machine is the executable model of the
+// VNNI kernels (which this project's CI machines cannot execute): weights
+// read as u8 w + 128 (widen flips the sign bit), activations as s8, one int32
+// lane per column accumulating 4 products per step with two's-complement
+// wrap-around, and the tile epilogue removing 128 * sum_k a[k]. The integer
+// results equal the vpmaddwd paths' exactly (tests/test_linear.py checks it).
 struct VI {
-  struct reg { int32_t v[8]; };
-  struct wreg { int16_t w[16]; };
-  struct areg { int32_t a[4]; };
+  using act_t = int8_t;
+  struct reg { int32_t v[4]; };   // 4 columns
+  struct wreg { uint8_t w[16]; };  // 4 columns x 4 k, biased by 128
+  struct areg { int8_t a[4]; };
   static constexpr int kRegsPerPanel = 4;
-  static reg zero() { reg r; for (int i = 0; i < 8; ++i) r.v[i] = 0; return r; }
-  static areg bcast_a4(const int16_t* a) { return areg{{a[0], a[1], a[2], a[3]}}; }
+  static constexpr int kLanesPerCol = 1;
+  static constexpr int kWeightBias = 128;
+  static constexpr int kMR = 2;
+  static constexpr int kMaxAcc = 8;
+  static constexpr int kLatNP[kMR + 1] = {1, 2, 1};
+  static reg zero() { return reg{{0, 0, 0, 0}}; }
+  static areg bcast_a4(const int8_t* a) { return areg{{a[0], a[1], a[2], a[3]}}; }
   static wreg widen(const int8_t* group_row, int g) {
     wreg w;
-    for (int i = 0; i < 16; ++i) w.w[i] = group_row[16 * g + i];
+    for (int i = 0; i < 16; ++i) w.w[i] = static_cast<uint8_t>(group_row[16 * g + i]) ^ 0x80u;
     return w;
   }
   static reg madd(reg acc, const wreg& w, const areg& a) {
-    for (int l = 0; l < 8; ++l) {
-      const int c = l / 2, h = l % 2;
-      acc.v[l] += w.w[4 * c + 2 * h] * a.a[2 * h] + w.w[4 * c + 2 * h + 1] * a.a[2 * h + 1];
+    for (int c = 0; c < 4; ++c) {
+      int32_t dot = 0;  // |dot| <= 4 * 255 * 128: no overflow
+      for (int j = 0; j < 4; ++j) dot += static_cast<int32_t>(w.w[4 * c + j]) * a.a[j];
+      acc.v[c] = static_cast<int32_t>(static_cast<uint32_t>(acc.v[c]) + static_cast<uint32_t>(dot));
     }
     return acc;
   }
-  static void store(int32_t* p, const reg& v) { for (int i = 0; i < 8; ++i) p[i] = v.v[i]; }
+  static void store(int32_t* p, const reg& v) { for (int i = 0; i < 4; ++i) p[i] = v.v[i]; }
 };
 
 constexpr int kTputMR = 4;
 constexpr int kTputNP = 1;
 constexpr int kMaxAcc = 16;  // 4x16: 16 xmm accumulators (the compiler spills a few)
 constexpr int kLatNP[kTputMR + 1] = {1, 1, 1, 1, 1};
-constexpr int kI8MR = 2;
-constexpr int kI8MaxAcc = 8;
-constexpr int kI8LatNP[kI8MR + 1] = {1, 2, 1};
 
 #include "../common/gemm_impl.inc"
 
@@ -95,7 +104,7 @@ const GemmKernels kGemm = {
      {"gemm_generic_i8_lat_2x16", "gemm_generic_i8_2x16"}},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
-     {&i8_latency, &i8_throughput}}};
+     {&i8_latency<VI>, &i8_throughput<VI>}}};
 
 }  // namespace generic
 }  // namespace pk
