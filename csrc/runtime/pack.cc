@@ -10,6 +10,8 @@
 
 namespace pk {
 
+#include "../kernels/common/quantize.inc"
+
 void pack_b_f32(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
                 float* out, const ParallelPolicy& par) {
   // Work unit: a group of up to 16 panels (256 columns). The loop order follows
@@ -56,20 +58,6 @@ void pack_b_f32(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs
   // Packing streams memory: parallel only when there is enough of it.
   const int threads = npanels * k >= 4096 ? par.threads : 1;
   parallel_for(ngroups, threads, par.spin, pack_group);
-}
-
-float round_to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    u |= 0x00400000u;  // NaN: keep it a (quiet) NaN after truncation
-  } else {
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-  }
-  u &= 0xffff0000u;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
 }
 
 namespace {
@@ -128,7 +116,7 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
   for (int64_t kk = 0; kk < k; ++kk) {
     for (int64_t col = 0; col < n; ++col) {
       const float w = b[kk * b_rs + col * b_cs];
-      const double q = std::fmin(127.0, std::fmax(-127.0, std::nearbyint(w * inv[col])));
+      const double q = round_half_even(std::fmin(127.0, std::fmax(-127.0, w * inv[col])));
       out[panel_index(kk, col, kp, 4)] = static_cast<int8_t>(q);
       const double d = static_cast<double>(w) - static_cast<double>(q) * scale[col];
       e2 += d * d;
@@ -138,43 +126,5 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
   *err2 = e2;
   *ref2 = r2;
 }
-
-template <class Q>
-void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
-                      int64_t k_padded, Q* out, float* scale, int32_t* row_sum) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* row = a + i * a_rs;
-    float amax = 0.0f;
-    bool finite = true;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float x = row[kk * a_cs];
-      finite &= std::isfinite(x);
-      amax = std::fmax(amax, std::fabs(x));
-    }
-    Q* q = out + i * k_padded;
-    if (row_sum) row_sum[i] = 0;
-    if (!finite) {  // Inf or NaN in the row: every output of the row is NaN
-      scale[i] = std::numeric_limits<float>::quiet_NaN();
-      std::memset(q, 0, sizeof(Q) * k_padded);
-      continue;
-    }
-    scale[i] = amax / 127.0f;
-    const double inv = amax > 0.0f ? 127.0 / amax : 0.0;  // double: see pack_b_i8
-    // 64-bit sum: |sum| <= 127 k; it is used modulo 2^32 like the tile sums.
-    int64_t sum = 0;
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const double v = std::fmin(127.0, std::fmax(-127.0, std::nearbyint(row[kk * a_cs] * inv)));
-      q[kk] = static_cast<Q>(v);
-      sum += q[kk];
-    }
-    for (int64_t kk = k; kk < k_padded; ++kk) q[kk] = 0;
-    if (row_sum) row_sum[i] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(sum)));
-  }
-}
-
-template void quantize_rows_i8<int16_t>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                        int16_t*, float*, int32_t*);
-template void quantize_rows_i8<int8_t>(const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                       int8_t*, float*, int32_t*);
 
 }  // namespace pk

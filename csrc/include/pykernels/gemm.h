@@ -100,20 +100,4 @@ void pack_b_bf16(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_c
 // int8 symmetric per column -> ceil(n/16) * pad_k(k) * 16 int8 and scale[n].
 void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
                int8_t* out, float* scale, double* err2, double* ref2);
-// Rounds an fp32 value to the nearest bf16 (ties to even), kept in fp32.
-float round_to_bf16(float x);
-// Quantizes rows of A to int8 values in [-127, 127] held in Q (int16_t for the
-// vpmaddwd tiles, int8_t for the vpdpbusd ones), K padded with zeros to
-// `k_padded`; scale[i] = max|A[i, :]| / 127 (0 for an all-zero row). When
-// `row_sum` is not null it receives sum_k q[i, k] (the u8 x s8 tiles subtract
-// 128 * row_sum from their sums). Deterministic and shared by every ISA, so
-// integer results match exactly.
-template <class Q>
-void quantize_rows_i8(const float* a, int64_t m, int64_t k, int64_t a_rs, int64_t a_cs,
-                      int64_t k_padded, Q* out, float* scale, int32_t* row_sum);
-extern template void quantize_rows_i8<int16_t>(const float*, int64_t, int64_t, int64_t, int64_t,
-                                               int64_t, int16_t*, float*, int32_t*);
-extern template void quantize_rows_i8<int8_t>(const float*, int64_t, int64_t, int64_t, int64_t,
-                                              int64_t, int8_t*, float*, int32_t*);
-
 }  // namespace pk

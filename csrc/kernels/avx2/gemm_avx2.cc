@@ -7,7 +7,9 @@
 // exactly (no saturation, unlike vpmaddubsw): 16 multiply-adds per instruction.
 #include <immintrin.h>
 
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "pykernels/gemm.h"

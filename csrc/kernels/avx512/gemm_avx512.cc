@@ -12,7 +12,9 @@
 // intrinsics of VIVnni are specific to them.
 #include <immintrin.h>
 
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "pykernels/gemm.h"

@@ -3,7 +3,9 @@
 // the same tile code as the SIMD paths runs on it; int8 sums are exact, so the
 // generic path gives bit-identical int32 results and is the in-library oracle.
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "pykernels/gemm.h"
