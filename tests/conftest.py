@@ -17,6 +17,13 @@ of interpreter launches to a handful per ISA.
 
 The in-process tests run on the default (best) ISA.
 
+Native test drivers
+-------------------
+``build_native_driver(name, sources, deps)`` compiles a C++ test driver from
+``tests/native/`` together with library sources (once per hash of everything it
+depends on, into ``build/native-tests/``) and returns the executable's path; it
+skips when no C++ compiler is found.
+
 Reference and tolerance
 -----------------------
 ``gemm_reference`` computes ``alpha * a @ b + beta * c0`` in float64 together with
@@ -182,3 +189,37 @@ def gemm_mismatch(got, ref, mag, k: int, isa: str) -> str | None:
 def assert_gemm_close(got, ref, mag, k: int, isa: str | None = None) -> None:
     msg = gemm_mismatch(got, ref, mag, k, isa or current_isa())
     assert msg is None, msg
+
+
+# ---------------------------------------------------------------------------
+# Native test drivers (tests/native/*.cc)
+# ---------------------------------------------------------------------------
+
+def build_native_driver(name: str, sources: list, deps: list, *, include_dirs: tuple = (),
+                        flags: tuple = ("-O0",)) -> str:
+    """Builds ``sources`` (repository-relative) into ``build/native-tests/<name>-<hash>``
+    unless a binary for the same ``sources + deps`` content and flags exists, and
+    returns its path. -O0 by default: these drivers check logic on small shapes,
+    and their template-heavy units compile several times faster than at -O1."""
+    import hashlib
+    import shutil
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip(f"no C++ compiler to build {name}")
+    h = hashlib.sha256(repr((flags, tuple(include_dirs))).encode())
+    for rel in list(sources) + list(deps):
+        with open(os.path.join(REPO_ROOT, rel), "rb") as f:
+            h.update(f.read())
+    out_dir = os.path.join(REPO_ROOT, "build", "native-tests")
+    exe = os.path.join(out_dir, f"{name}-{h.hexdigest()[:16]}")
+    if not os.path.exists(exe):
+        os.makedirs(out_dir, exist_ok=True)
+        cmd = [cxx, "-std=c++17", *flags]
+        for inc in (*include_dirs, os.path.join(REPO_ROOT, "csrc", "include")):
+            cmd += ["-I", inc]
+        cmd += [os.path.join(REPO_ROOT, s) for s in sources] + ["-pthread", "-o", exe + ".tmp"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        os.replace(exe + ".tmp", exe)
+    return exe

@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 
 import pykernels as pk
+from conftest import build_native_driver
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -683,27 +684,8 @@ EMU_DEPS = EMU_SOURCES + ["csrc/kernels/common/attention_impl.inc",
 
 
 def _emu_binary():
-    """Builds (once per source hash, ~8 s at -O0) the W=16 emulation driver."""
-    import hashlib
-    import shutil
-
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        pytest.skip("no C++ compiler to build the W=16 emulation")
-    h = hashlib.sha256()
-    for rel in EMU_DEPS:
-        with open(os.path.join(REPO_ROOT, rel), "rb") as f:
-            h.update(f.read())
-    out_dir = os.path.join(REPO_ROOT, "build", "native-tests")
-    exe = os.path.join(out_dir, f"attention_w16_emu-{h.hexdigest()[:16]}")
-    if not os.path.exists(exe):
-        os.makedirs(out_dir, exist_ok=True)
-        cmd = [cxx, "-std=c++17", "-O0", "-I", os.path.join(REPO_ROOT, "csrc", "include")]
-        cmd += [os.path.join(REPO_ROOT, s) for s in EMU_SOURCES] + ["-pthread", "-o", exe + ".tmp"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        os.replace(exe + ".tmp", exe)
-    return exe
+    """The W=16 emulation driver (~8 s to build at -O0)."""
+    return build_native_driver("attention_w16_emu", EMU_SOURCES, EMU_DEPS[len(EMU_SOURCES):])
 
 
 EMU_CASES = [
