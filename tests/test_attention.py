@@ -673,19 +673,24 @@ def test_bad_out_variant_threads():
 
 
 # ---------------------------------------------------------------------------
-# The AVX-512 tiles, emulated: same .inc, W = 16, on any x86-64
+# The AVX-512 unit under SIMDe: the real attention_avx512.cc, on any x86-64
 # ---------------------------------------------------------------------------
 
-EMU_SOURCES = ["tests/native/attention_w16_emu.cc", "csrc/runtime/threadpool.cc",
-               "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
-EMU_DEPS = EMU_SOURCES + ["csrc/kernels/common/attention_impl.inc",
-                          "csrc/kernels/avx512/attention_avx512_tiles.h",
-                          "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
+EMU_SOURCES = ["tests/native/attention_avx512_simde.cc", "csrc/kernels/avx512/attention_avx512.cc",
+               "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
+EMU_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/attention_impl.inc",
+            "csrc/kernels/avx512/attention_avx512_tiles.h",
+            "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
 
 
 def _emu_binary():
-    """The W=16 emulation driver (~8 s to build at -O0)."""
-    return build_native_driver("attention_w16_emu", EMU_SOURCES, EMU_DEPS[len(EMU_SOURCES):])
+    """The driver over the AVX-512 attention unit compiled against SIMDe (~15 s
+    to build at -O0); SIMDe comes with the test extra (simde-py)."""
+    simde_py = pytest.importorskip("simde_py", reason="simde-py (the test extra) provides SIMDe")
+    return build_native_driver(
+        "attention_avx512_simde", EMU_SOURCES, EMU_DEPS, flags=("-O0", "-w"),
+        include_dirs=(os.path.join(REPO_ROOT, "tests", "native", "simde_shim"),
+                      simde_py.get_include()))
 
 
 EMU_CASES = [
@@ -702,7 +707,7 @@ EMU_CASES = [
 ]
 
 
-def test_avx512_tiles_emulated(tmp_path):
+def test_avx512_unit_under_simde(tmp_path):
     exe = _emu_binary()
     for n, (b, hq, hkv, sq, skv, d, causal, has_lens, variant, threads, bf16, big) in enumerate(EMU_CASES):
         rng = np.random.default_rng(100 + n)

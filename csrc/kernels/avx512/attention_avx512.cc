@@ -43,7 +43,11 @@ struct AV {
   }
   // Pins a value to a register: GCC otherwise folds a load used by several
   // FMAs into each of them (one load per use instead of one per value).
-  static void keep(reg& v) { asm("" : "+v"(v)); }
+  static void keep(reg& v) {
+#ifndef PK_NO_REGISTER_PINS  // defined by the SIMDe test build, whose reg is a struct
+    asm("" : "+v"(v));
+#endif
+  }
   static float hsum(reg v) { return _mm512_reduce_add_ps(v); }
   static reg round(reg x) {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

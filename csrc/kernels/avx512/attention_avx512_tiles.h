@@ -1,7 +1,6 @@
 // Register tiles of the AVX-512 attention kernels (see attention_avx512.cc for
-// the register arithmetic). A header of its own so that the W=16 emulation test
-// (tests/test_attention.py::test_avx512_tiles_emulated) instantiates
-// attention_impl.inc with exactly these values on machines without AVX-512.
+// the register arithmetic). tests/test_attention.py::test_avx512_unit_under_simde
+// runs the unit that uses them on machines without AVX-512.
 #pragma once
 
 constexpr int kSKR = 6;

@@ -11,3 +11,17 @@
 #ifndef _MM_FROUND_NO_EXC
 #define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
 #endif
+// Reductions SIMDe 0.8 does not provide, in the halving order GCC's
+// avx512fintrin.h uses (256-bit halves, then 128, 64, 32).
+#ifndef _mm512_reduce_add_ps
+static inline float pk_shim_mm512_reduce_add_ps(simde__m512 v) {
+  float s[16];
+  simde_mm512_storeu_ps(s, v);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+#define _mm512_reduce_add_ps(v) pk_shim_mm512_reduce_add_ps(v)
+#endif
+// The kernels' empty-asm register pins need a real vector register.
+#define PK_NO_REGISTER_PINS 1

@@ -1,10 +1,11 @@
-// Test driver: attention_impl.inc instantiated with the AVX-512 tile constants
-// over a portable 16-lane vector (fused multiply-add per lane, as vfmadd does),
-// so the W=16 control flow of the avx512 build (score tiles of 4 vectors of
-// rows, D in 16-float vectors, its P.V and dot tables) runs on any x86-64.
-// Built and driven by tests/test_attention.py::test_avx512_tiles_emulated.
+// Test driver: the AVX-512 attention unit, csrc/kernels/avx512/
+// attention_avx512.cc, compiled unchanged against SIMDe's portable
+// implementations of the AVX-512 intrinsics (tests/native/simde_shim/
+// immintrin.h), so its W=16 tiles (score tiles of 4 vectors of rows, D in
+// 16-float vectors, its P.V and dot tables, the 48 KiB / 2 MiB tile plan) run on
+// any x86-64. Built and driven by tests/test_attention.py::test_avx512_unit_under_simde.
 //
-// usage: attention_w16_emu B Hq Hkv Sq Skv D causal has_lens variant threads bf16 dir
+// usage: attention_avx512_simde B Hq Hkv Sq Skv D causal has_lens variant threads bf16 dir
 //   reads dir/{q,k,v}.bin (float32, or uint16 bf16 when bf16=1, C order) and
 //   dir/lens.bin (int64, when has_lens), writes dir/out.bin (float32).
 #include <algorithm>
@@ -18,59 +19,6 @@
 
 #include "pykernels/attention.h"
 #include "pykernels/runtime.h"
-
-namespace pk {
-namespace emu16 {
-
-struct AV {
-  struct reg { float v[16]; };
-  static constexpr int W = 16;
-  template <class F> static reg map(F f) { reg r; for (int i = 0; i < W; ++i) r.v[i] = f(i); return r; }
-  static reg zero() { return map([](int) { return 0.0f; }); }
-  static reg load(const float* p) { return map([&](int i) { return p[i]; }); }
-  static void store(float* p, reg x) { for (int i = 0; i < W; ++i) p[i] = x.v[i]; }
-  static reg bcast(float x) { return map([&](int) { return x; }); }
-  static reg fma(reg a, reg b, reg c) { return map([&](int i) { return std::fma(a.v[i], b.v[i], c.v[i]); }); }
-  static reg mul(reg a, reg b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
-  static reg add(reg a, reg b) { return map([&](int i) { return a.v[i] + b.v[i]; }); }
-  static reg sub(reg a, reg b) { return map([&](int i) { return a.v[i] - b.v[i]; }); }
-  static reg max(reg a, reg b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
-  static reg select_lt(reg a, reg b, reg x, reg y) {
-    return map([&](int i) { return a.v[i] < b.v[i] ? x.v[i] : y.v[i]; });
-  }
-  static reg load_bf16(const uint16_t* p) {
-    return map([&](int i) {
-      const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    });
-  }
-  static void keep(reg&) {}
-  static float hsum(reg x) {  // pairwise, as the zmm reduction
-    float s[16];
-    for (int i = 0; i < 16; ++i) s[i] = x.v[i];
-    for (int w = 8; w >= 1; w /= 2)
-      for (int i = 0; i < w; ++i) s[i] += s[i + w];
-    return s[0];
-  }
-  static reg round(reg x) { return map([&](int i) { return std::nearbyint(x.v[i]); }); }
-  static reg pow2i(reg n) {
-    return map([&](int i) {
-      const int32_t e = n.v[i] == n.v[i] ? static_cast<int32_t>(n.v[i]) + 127 : 0;
-      const uint32_t u = static_cast<uint32_t>(e) << 23;
-      float f;
-      std::memcpy(&f, &u, 4);
-      return f;
-    });
-  }
-};
-
-#include "../../csrc/kernels/avx512/attention_avx512_tiles.h"
-#include "../../csrc/kernels/common/attention_impl.inc"
-
-}  // namespace emu16
-}  // namespace pk
 
 template <class T>
 static std::vector<T> read_file(const std::string& path, size_t n) {
@@ -130,8 +78,8 @@ int main(int argc, char** argv) {
   par.spin = variant == 0;
   pk::AttentionTiling tl;  // 32 KiB / 512 KiB: also try the 48 KiB / 2 MiB plan
   if (std::getenv("EMU_BIG_CACHES")) { tl.l1d_bytes = 48 * 1024; tl.l2_bytes = 2 * 1024 * 1024; }
-  if (variant == 0) pk::emu16::attention_latency(g, par, tl);
-  else pk::emu16::attention_throughput(g, par, tl);
+  if (variant == 0) pk::avx512::kAttention.latency(g, par, tl);
+  else pk::avx512::kAttention.throughput(g, par, tl);
   FILE* f = std::fopen((dir + "/out.bin").c_str(), "wb");
   std::fwrite(out.data(), sizeof(float), nq, f);
   std::fclose(f);
