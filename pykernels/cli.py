@@ -171,6 +171,90 @@ def rel_error(got, ref64) -> float:
     return diff / denom
 
 
+def time_checked(rec: dict, make_fn: Callable[[], Callable[[], object]],
+                 check: Callable[[object], Tuple[float, float]], *, budget: float,
+                 min_reps: int, limit=None) -> dict:
+    """Check one implementation's output once, then time it; fills and returns ``rec``.
+
+    ``make_fn()`` builds the no-argument callable; ``check(result)`` returns
+    (rel. error, tolerance) of its first result; ``limit`` is a context manager
+    (``blas_threads``, ``torch_threads``) held around both, whose value goes to
+    ``rec["threads_limited"]``. An exception while building or checking (a
+    baseline that cannot run) is recorded as ``error``, not raised; a wrong
+    result is recorded with ``ok=False`` and not timed. A timed record gets
+    ``median_s``, ``min_s``, ``samples`` and ``calls``; the caller adds rates.
+    """
+    with contextlib.ExitStack() as stack:
+        if limit is not None:
+            rec["threads_limited"] = bool(stack.enter_context(limit))
+        try:
+            fn = make_fn()
+            err, tol = check(fn())
+        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            rec.update(ok=False, error=f"{type(e).__name__}: {e}")
+            return rec
+        rec["rel_error"] = err
+        rec["rel_tol"] = tol
+        rec["ok"] = bool(err <= tol)
+        if not rec["ok"]:
+            return rec
+        t = measure(fn, budget_s=budget, min_reps=min_reps)
+    rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls)
+    return rec
+
+
+def add_rates(rec: dict, flops: float, nbytes: Optional[float], peak_core: float,
+              threads: int) -> dict:
+    """GFLOP/s, GB/s (when ``nbytes`` is given) and % of the ``threads``-core
+    fp32 peak of a timed record, in place."""
+    if "median_s" in rec:
+        t = rec["median_s"]
+        rec["gflops"] = flops / t / 1e9
+        if nbytes is not None:
+            rec["gbytes_per_s"] = nbytes / t / 1e9
+        rec["pct_peak"] = 100.0 * flops / t / 1e9 / (peak_core * threads)
+    return rec
+
+
+def have_threadpoolctl() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_bench_json(path: str, suite: str, *, torch, have_tpc: bool, peak_core: float,
+                     peak_src: str, quick: bool, budget: float, min_reps: int, rel_tol,
+                     results: List[dict], summary: List[dict], **extra) -> None:
+    """The ``--json`` document every ``pykernels bench`` suite writes
+    (schema ``pykernels-bench/1``): the machine, the settings, the records."""
+    doc = {
+        "schema": "pykernels-bench/1",
+        "suite": suite,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "machine": machine_record(),
+        "torch_version": getattr(torch, "__version__", None),
+        "numpy_version": np.__version__,
+        "git_commit": git_commit(),
+        "cpu_info": cpu_info_dict(),
+        "blas_threads_limited": have_tpc,
+        "peak_gflops_per_core": peak_core,
+        "peak_source": peak_src,
+        "quick": bool(quick),
+        "budget_s": budget,
+        "min_reps": min_reps,
+        "rel_tol": rel_tol,
+        "results": results,
+        "summary": summary,
+    }
+    doc.update(extra)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
 # fp32 GEMM error grows like sqrt(K)*eps: at K=4096, 64 * 6e-8 ~ 4e-6, so 1e-4
 # leaves a 25x margin for every target shape and still catches a wrong tile.
 GEMM_REL_TOL = 1e-4
@@ -192,19 +276,44 @@ def fmt_time(s: Optional[float]) -> str:
 
 
 @contextlib.contextmanager
-def blas_threads(n: int):
-    """Limit NumPy's and SciPy's BLAS pools to ``n`` threads for the block.
+def blas_threads(n: int, *, numpy_only: bool = False):
+    """Limit the BLAS pools in this process to ``n`` threads for the block.
 
     Yields True when the limit was applied (threadpoolctl importable), False
     when the libraries keep their default thread count.
+
+    ``numpy_only=True``: NumPy's BLAS at ``n`` and every other BLAS in the
+    process (SciPy wheels bring their own OpenBLAS) at 1. Two OpenBLAS pools at
+    2 threads on a 2-core machine fight: the idle pool's workers spin after a
+    wake-up and take the core the busy pool waits on (measured here: a
+    64x384x384 np.matmul went from 0.2 ms to 48 ms once SciPy's OpenBLAS was
+    loaded at 2 threads). NumPy's library is the one whose path lies in the
+    numpy package (numpy or numpy.libs); if none does, every BLAS gets ``n``.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:
         yield False
         return
-    with threadpool_limits(limits=n, user_api="blas"):
+    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    mine = libs
+    if numpy_only:
+        np_dir = os.path.dirname(os.path.abspath(np.__file__))
+        mine = [lib for lib in libs if os.path.abspath(lib.filepath).startswith(
+            (np_dir + os.sep, np_dir + ".libs"))] or libs
+    saved = [(lib, lib.num_threads) for lib in libs]
+    try:
+        for lib in libs:
+            lib.set_num_threads(n if lib in mine else 1)
         yield True
+    finally:
+        for lib, t in saved:
+            lib.set_num_threads(t)
+
+
+def numpy_blas_threads(n: int):
+    """``blas_threads(n, numpy_only=True)``: NumPy's BLAS at ``n``, any other at 1."""
+    return blas_threads(n, numpy_only=True)
 
 
 @contextlib.contextmanager
@@ -212,7 +321,7 @@ def torch_threads(torch, n: int):
     prev = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        yield True
     finally:
         torch.set_num_threads(prev)
 
@@ -457,11 +566,7 @@ def run_bench_gemm(args) -> int:
     baselines = [] if args.no_baselines else [
         c for c in BASELINE_GEMM_CASES if c.impl != "torch" or torch is not None]
     cases = list(OUR_GEMM_CASES) + baselines
-    have_tpc = True
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        have_tpc = False
+    have_tpc = have_threadpoolctl()
 
     out = sys.stdout
     print(f"pykernels bench gemm: fp32, isa {info.isa} ({info.vendor} {info.model}, "
@@ -508,35 +613,14 @@ def run_bench_gemm(args) -> int:
                    "threads": threads, "impl": case.impl, "variant": case.variant,
                    "precision": "fp32", "b": case.b, "isa": info.isa,
                    "flops": prob.flops}
-            with contextlib.ExitStack() as stack:
-                if case.impl in ("numpy", "scipy"):
-                    rec["threads_limited"] = stack.enter_context(blas_threads(threads))
-                elif case.impl == "torch":
-                    stack.enter_context(torch_threads(torch, threads))
-                    rec["threads_limited"] = True
-                try:
-                    fn = prob.call(case, threads, torch)
-                    err = rel_error(fn(), prob.ref)
-                except Exception as e:  # a baseline that cannot run is reported, not fatal
-                    rec.update(ok=False, error=f"{type(e).__name__}: {e}")
-                    row[case.label] = rec
-                    results.append(rec)
-                    if case.impl == "pykernels":
-                        failed = True
-                    continue
-                rec["rel_error"] = err
-                rec["ok"] = bool(err < GEMM_REL_TOL)
-                if not rec["ok"]:
-                    if case.impl == "pykernels":
-                        failed = True
-                    row[case.label] = rec
-                    results.append(rec)
-                    continue
-                t = measure(fn, budget_s=budget, min_reps=min_reps)
-            rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls,
-                       gflops=prob.flops / t.median_s / 1e9,
-                       gbytes_per_s=prob.bytes_moved / t.median_s / 1e9,
-                       pct_peak=100.0 * prob.flops / t.median_s / 1e9 / (peak_core * threads))
+            limit = (blas_threads(threads) if case.impl in ("numpy", "scipy") else
+                     torch_threads(torch, threads) if case.impl == "torch" else None)
+            time_checked(rec, functools.partial(prob.call, case, threads, torch),
+                         lambda got, ref=prob.ref: (rel_error(got, ref), GEMM_REL_TOL),
+                         budget=budget, min_reps=min_reps, limit=limit)
+            add_rates(rec, prob.flops, prob.bytes_moved, peak_core, threads)
+            if case.impl == "pykernels" and not (rec.get("ok") and "median_s" in rec):
+                failed = True
             row[case.label] = rec
             results.append(rec)
         _print_gemm_rows(shape, threads, row, out)
@@ -547,35 +631,30 @@ def run_bench_gemm(args) -> int:
     _print_gemm_summary(summary, baselines, out)
 
     if args.json:
-        doc = {
-            "schema": "pykernels-bench/1",
-            "suite": "gemm",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "argv": sys.argv,
-            "machine": machine_record(),
-            "torch_version": getattr(torch, "__version__", None),
-            "numpy_version": np.__version__,
-            "git_commit": git_commit(),
-            "cpu_info": cpu_info_dict(),
-            "blas_threads_limited": have_tpc,
-            "peak_gflops_per_core": peak_core,
-            "peak_source": peak_src,
-            "quick": bool(args.quick),
-            "budget_s": budget,
-            "min_reps": min_reps,
-            "rel_tol": GEMM_REL_TOL,
-            "results": results,
-            "summary": summary,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_bench_json(args.json, "gemm", torch=torch, have_tpc=have_tpc, peak_core=peak_core,
+                         peak_src=peak_src, quick=args.quick, budget=budget, min_reps=min_reps,
+                         rel_tol=GEMM_REL_TOL, results=results, summary=summary)
         print(f"wrote {args.json}", file=out)
     if failed:
         print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _best(recs: List[dict], **match) -> Optional[dict]:
+    """The fastest correct, timed record whose fields equal ``match``, or None."""
+    ok = [r for r in recs if r.get("ok") and "median_s" in r
+          and all(r.get(k) == v for k, v in match.items())]
+    return min(ok, key=lambda r: r["median_s"]) if ok else None
+
+
+def _group(results: List[dict], keys: Tuple[str, ...]) -> Dict[tuple, List[dict]]:
+    """Records grouped by the values of ``keys``, in first-seen order."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
 
 
 _ROW_FMT = "{:<15} {:>3}  {:<18} {:>9} {:>8} {:>6} {:>7}  {:>9} {:>10}"
@@ -615,21 +694,17 @@ def _print_gemm_rows(shape: GemmShape, threads: int, row: Dict[str, dict], out) 
 def _gemm_summary(results: List[dict], baselines) -> List[dict]:
     """Per (shape, threads): the fastest correct pykernels case and its ratio
     to each baseline (baseline median / ours; > 1 means pykernels is faster)."""
-    groups: Dict[tuple, List[dict]] = {}
-    for r in results:
-        groups.setdefault((r["m"], r["k"], r["n"], r["threads"]), []).append(r)
     summary = []
-    for (m, k, n, t), recs in groups.items():
-        ours = [r for r in recs if r["impl"] == "pykernels" and r.get("ok") and "median_s" in r]
-        best = min(ours, key=lambda r: r["median_s"]) if ours else None
+    for (m, k, n, t), recs in _group(results, ("m", "k", "n", "threads")).items():
+        best = _best(recs, impl="pykernels")
         entry = {"m": m, "k": k, "n": n, "threads": t,
                  "best": None if best is None else {
                      "variant": best["variant"], "b": best["b"], "median_s": best["median_s"],
                      "gflops": best["gflops"], "pct_peak": best["pct_peak"]},
                  "baselines": {}}
         for c in baselines:
-            rec = next((r for r in recs if r["impl"] == c.impl), None)
-            if rec is None or not rec.get("ok") or "median_s" not in rec:
+            rec = _best(recs, impl=c.impl)
+            if rec is None:
                 entry["baselines"][c.impl] = None
                 continue
             entry["baselines"][c.impl] = {
@@ -884,38 +959,6 @@ def _add_linear_arguments(p: argparse.ArgumentParser) -> None:
                    help="time pykernels only (no NumPy/torch)")
 
 
-@contextlib.contextmanager
-def numpy_blas_threads(n: int):
-    """NumPy's BLAS at ``n`` threads and every other BLAS in the process (SciPy
-    wheels bring their own OpenBLAS) at 1 for the block; yields True when applied.
-
-    Two OpenBLAS pools at 2 threads on a 2-core machine fight: the idle pool's
-    workers spin after a wake-up and take the core the busy pool waits on
-    (measured here: a 64x384x384 np.matmul went from 0.2 ms to 48 ms once SciPy's
-    OpenBLAS was loaded at 2 threads). NumPy's library is the one whose path
-    lies in the numpy package (numpy or numpy.libs); if none does, every BLAS
-    gets ``n``, like ``blas_threads``."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        yield False
-        return
-    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-    np_dir = os.path.dirname(os.path.abspath(np.__file__))
-    mine = [lib for lib in libs
-            if os.path.abspath(lib.filepath).startswith((np_dir + os.sep, np_dir + ".libs"))]
-    if not mine:
-        mine = libs
-    saved = [(lib, lib.num_threads) for lib in libs]
-    try:
-        for lib in libs:
-            lib.set_num_threads(n if lib in mine else 1)
-        yield True
-    finally:
-        for lib, t in saved:
-            lib.set_num_threads(t)
-
-
 def _linear_record(case: LinearCase, shape: GemmShape, threads: int, isa: str,
                    activation: Optional[str], bias: bool) -> dict:
     return {"op": "linear", "m": shape.m, "k": shape.k, "n": shape.n, "threads": threads,
@@ -928,34 +971,17 @@ def _time_linear_case(prob: LinearProblem, case: LinearCase, threads: int, torch
                       *, budget: float, min_reps: int, peak_core: float,
                       activation: Optional[str] = None, bias: bool = True) -> dict:
     """Check one implementation's output once, then time it; fills and returns rec."""
-    with contextlib.ExitStack() as stack:
-        if case.impl == "numpy":
-            rec["threads_limited"] = stack.enter_context(numpy_blas_threads(threads))
-        elif case.impl == "torch":
-            stack.enter_context(torch_threads(torch, threads))
-            rec["threads_limited"] = True
-        try:
-            fn = prob.call(case, threads, torch, bias=bias, activation=activation)
-            ref = prob.ref_for(activation) if bias else (
-                prob.ref - prob.bias if activation is None else None)
-            got = to_numpy32(fn())
-            err = rel_error(got, ref) if ref is not None else 0.0
-        except Exception as e:  # a baseline that cannot run is reported, not fatal
-            rec.update(ok=False, error=f"{type(e).__name__}: {e}")
-            return rec
-        tol = (LINEAR_REL_TOL if case.impl == "pykernels" else
-               LINEAR_BASELINE_REL_TOL)[case.precision]
-        rec["rel_error"] = err
-        rec["rel_tol"] = tol
-        rec["ok"] = bool(err <= tol)
-        if not rec["ok"]:
-            return rec
-        t = measure(fn, budget_s=budget, min_reps=min_reps)
-    rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls,
-               gflops=prob.flops / t.median_s / 1e9,
-               gbytes_per_s=prob.bytes_moved(case.precision) / t.median_s / 1e9,
-               pct_peak=100.0 * prob.flops / t.median_s / 1e9 / (peak_core * threads))
-    return rec
+    ref = prob.ref_for(activation) if bias else (
+        prob.ref - prob.bias if activation is None else None)
+    tol = (LINEAR_REL_TOL if case.impl == "pykernels" else
+           LINEAR_BASELINE_REL_TOL)[case.precision]
+    limit = (numpy_blas_threads(threads) if case.impl == "numpy" else
+             torch_threads(torch, threads) if case.impl == "torch" else None)
+    time_checked(rec, functools.partial(prob.call, case, threads, torch, bias=bias,
+                                        activation=activation),
+                 lambda got: (rel_error(to_numpy32(got), ref) if ref is not None else 0.0, tol),
+                 budget=budget, min_reps=min_reps, limit=limit)
+    return add_rates(rec, prob.flops, prob.bytes_moved(case.precision), peak_core, threads)
 
 
 def run_bench_linear(args) -> int:
@@ -995,11 +1021,7 @@ def run_bench_linear(args) -> int:
     ours = [c for c in OUR_LINEAR_CASES if c.precision in precisions]
     baselines = [] if args.no_baselines else [
         c for c in BASELINE_LINEAR_CASES if c.impl != "torch" or torch is not None]
-    have_tpc = True
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        have_tpc = False
+    have_tpc = have_threadpoolctl()
 
     out = sys.stdout
     print(f"pykernels bench linear: x @ w + b, isa {info.isa} ({info.vendor} {info.model}, "
@@ -1061,30 +1083,10 @@ def run_bench_linear(args) -> int:
         _print_fused(fused, fused_shape, t, out)
 
     if args.json:
-        doc = {
-            "schema": "pykernels-bench/1",
-            "suite": "linear",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "argv": sys.argv,
-            "machine": machine_record(),
-            "torch_version": getattr(torch, "__version__", None),
-            "numpy_version": np.__version__,
-            "git_commit": git_commit(),
-            "cpu_info": cpu_info_dict(),
-            "blas_threads_limited": have_tpc,
-            "peak_gflops_per_core": peak_core,
-            "peak_source": peak_src,
-            "quick": bool(args.quick),
-            "budget_s": budget,
-            "min_reps": min_reps,
-            "rel_tol": dict(LINEAR_REL_TOL),
-            "results": results,
-            "summary": summary,
-            "fused": fused,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_bench_json(args.json, "linear", torch=torch, have_tpc=have_tpc,
+                         peak_core=peak_core, peak_src=peak_src, quick=args.quick, budget=budget,
+                         min_reps=min_reps, rel_tol=dict(LINEAR_REL_TOL), results=results,
+                         summary=summary, fused=fused)
         print(f"wrote {args.json}", file=out)
     if failed:
         print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
@@ -1118,10 +1120,6 @@ def _print_linear_rows(shape: GemmShape, threads: int, row: List[dict], out) -> 
             print(f"{'':21}^ {label}: {why}", file=out)
 
 
-def _best(recs: List[dict], **match) -> Optional[dict]:
-    ok = [r for r in recs if r.get("ok") and "median_s" in r
-          and all(r.get(k) == v for k, v in match.items())]
-    return min(ok, key=lambda r: r["median_s"]) if ok else None
 
 
 def _linear_summary(results: List[dict], precisions) -> List[dict]:
@@ -1129,11 +1127,8 @@ def _linear_summary(results: List[dict], precisions) -> List[dict]:
     our fp32 of the same variant (the issue's "bf16 >= 1.8x our fp32 latency"
     ratios), and each baseline's median over our best of the same precision
     (> 1 means pykernels is faster)."""
-    groups: Dict[tuple, List[dict]] = {}
-    for r in results:
-        groups.setdefault((r["m"], r["k"], r["n"], r["threads"]), []).append(r)
     summary = []
-    for (m, k, n, t), recs in groups.items():
+    for (m, k, n, t), recs in _group(results, ("m", "k", "n", "threads")).items():
         entry = {"m": m, "k": k, "n": n, "threads": t, "best": {}, "vs_fp32": {},
                  "baselines": {}}
         for p in precisions:
