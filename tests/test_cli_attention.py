@@ -127,3 +127,21 @@ def test_numpy_baseline_matches_reference(causal, padded, hq, hkv, sq, skv):
                 p = np.exp(row - row.max())
                 np.testing.assert_allclose(ref[bi, h, i], p @ vr[bi, h, :L] / p.sum(),
                                            rtol=1e-10, atol=1e-12)
+
+
+def test_targets_are_read_from_the_summary():
+    """The issue-4 target lines take the ratio of the matching summary entry:
+    baseline / ours for torch, our fp32 / our bf16 for 'bf16 vs fp32'."""
+    from pykernels.cli import ATTENTION_GOALS, _attention_goals
+
+    shape = ATTENTION_GOALS[0][0]  # decode B=1 H32/32 L2048
+    entry = {"kind": shape.kind, "b": shape.b, "hq": shape.hq, "hkv": shape.hkv,
+             "sq": shape.sq, "skv": shape.skv, "d": shape.d, "threads": 2,
+             "bf16_vs_fp32": 1.5,
+             "baselines": {"torch fp32": {"ratio": 1.2}, "torch bf16": None}}
+    goals = _attention_goals([entry])
+    assert [(g["compare"], g["target"], g["ratio"], g["met"]) for g in goals] == [
+        ("torch fp32", 1.0, 1.2, True), ("bf16 vs fp32", 1.7, 1.5, False)]
+    assert all(g["shape"] == shape.label and g["threads"] == 2 for g in goals)
+    entry["baselines"]["torch fp32"] = None  # torch not importable: not measured
+    assert _attention_goals([entry])[0]["met"] is None
