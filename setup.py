@@ -1,4 +1,9 @@
-"""Build of the pykernels C++ extension.
+"""Build of the pykernels extensions.
+
+Two Cython modules, each with a pure-Python twin that serves when the module is
+missing: ``pykernels.policy._sketch`` (the quantile sketch, ``policy/_sketch.pyx``,
+twin in ``policy/sketch.py``) and ``pykernels.policy._scan`` (the planner's
+per-decision loop, ``policy/_scan.pyx``, twin in ``policy/scan.py``).
 
 One pybind11 module, ``pykernels._core``. The per-ISA kernel translation units
 are compiled with their own ISA flags (never tuned to the build host) and linked into the same
@@ -12,8 +17,9 @@ Environment switches:
 """
 import os
 
+from Cython.Build import cythonize
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import Extension, setup
 
 ISA_UNITS = {
     "avx2": (
@@ -60,6 +66,8 @@ class BuildExtPerIsa(build_ext):
     """Compiles each ISA's units with its own flags, then links them in."""
 
     def build_extension(self, ext):
+        if ext.name != "pykernels._core":  # the Cython modules: plain C, baseline flags
+            return super().build_extension(ext)
         objects = []
         for _isa, (sources, flags) in ISA_UNITS.items():
             objects += self.compiler.compile(
@@ -87,7 +95,16 @@ setup(
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             depends=HEADERS,
-        )
+        ),
+        *cythonize(
+            # -ffp-contract=off: no FMA contraction, so the compiled code
+            # computes exactly what its pure-Python twin computes
+            [Extension(f"pykernels.policy.{name}", [f"policy/{name}.pyx"],
+                       extra_compile_args=["-O2", "-ffp-contract=off"])
+             for name in ("_sketch", "_scan")],
+            compiler_directives={"language_level": "3"},
+            quiet=True,
+        ),
     ],
     cmdclass={"build_ext": BuildExtPerIsa},
 )

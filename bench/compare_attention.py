@@ -3,13 +3,14 @@
     python bench/compare_attention.py [--rounds 3] [--budget 0.25]
 
 Decode (B=1, Hq=32, Hkv=8, D=128, L=2048) and causal prefill (B=1, H=8,
-S=1024, D=64), fp32 and bf16 K/V/Q: pykernels latency and throughput at 1 and 2
-threads against a NumPy implementation (BLAS matmuls + softmax, fp32). The
-implementations are timed in interleaved rounds so a change of machine load
-hits all of them alike; each figure is the median over all samples. NumPy's
-BLAS is pinned to one thread (OPENBLAS_NUM_THREADS=1 unless set): on a
-contended 2-core machine OpenBLAS's second thread slows small batched
-matmuls by orders of magnitude, which would flatter pykernels.
+S=1024, D=64), fp32 and bf16 K/V/Q: pykernels latency and throughput at 1 and
+2 threads against the NumPy implementation of ``pykernels bench attention``
+(grouped BLAS matmuls + softmax, fp32). The implementations are timed in
+interleaved rounds so a change of machine load hits all of them alike; each
+figure is the median over all samples. NumPy's BLAS is pinned to one thread
+(OPENBLAS_NUM_THREADS=1 unless set): on a contended 2-core machine OpenBLAS's
+second thread slows small batched matmuls by orders of magnitude, which would
+flatter pykernels.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import pykernels as pk  # noqa: E402
+from pykernels.cli import numpy_attention  # noqa: E402
 
 try:
     import ml_dtypes
@@ -30,19 +32,6 @@ try:
     BF16 = ml_dtypes.bfloat16
 except ImportError:  # pragma: no cover
     BF16 = None
-
-
-def numpy_attention(q, k, v, causal):
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    s = (q @ np.swapaxes(k, -1, -2)) * np.float32(1.0 / np.sqrt(q.shape[-1]))
-    if causal:
-        sq, skv = s.shape[-2], s.shape[-1]
-        s = np.where(np.arange(skv)[None, :] <= np.arange(sq)[:, None] + skv - sq, s, -np.inf)
-    s -= s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    return (p @ v) / p.sum(axis=-1, keepdims=True)
 
 
 def cases():
@@ -66,7 +55,7 @@ def cases():
                                                             threads=t))
         q32, k32, v32 = (np.asarray(x, np.float32) for x in (qq, kk, vv))
         impls["numpy t1"] = lambda q32=q32, k32=k32, v32=v32: numpy_attention(q32[:, :, None], k32,
-                                                                              v32, False)
+                                                                              v32)
         out.append((name, impls, kk.nbytes + vv.nbytes, None))
     # prefill
     b, h, s, d = 1, 8, 1024, 64
@@ -85,7 +74,7 @@ def cases():
                                         pk.attention(qq, kk, vv, causal=True, out=o, variant=var,
                                                      threads=t))
         q32, k32, v32 = (np.asarray(x, np.float32) for x in (qq, kk, vv))
-        impls["numpy t1"] = lambda q32=q32, k32=k32, v32=v32: numpy_attention(q32, k32, v32, True)
+        impls["numpy t1"] = lambda q32=q32, k32=k32, v32=v32: numpy_attention(q32, k32, v32, causal=True)
         out.append((name, impls, None, flops))
     return out
 

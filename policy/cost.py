@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-from scipy.optimize import nnls
 
 from . import ops as _ops
 from .ops import Model, Op, precision_rank
@@ -71,6 +70,8 @@ def _fit(a: np.ndarray, y: np.ndarray) -> np.ndarray:
     """NNLS of y on the columns of a, minimising relative error (rows weighted
     by 1/y). (Huber re-weighting against interference-inflated cells was
     tried: no better on this machine's held-out cells, so kept simple.)"""
+    from scipy.optimize import nnls  # imported here: scipy.optimize takes ~1 s to import
+
     w = 1.0 / y
     coef, _ = nnls(a * w[:, None], y * w)
     return coef

@@ -50,25 +50,29 @@ import contextlib
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import ops as _ops
+from . import scan as _scan
 from .cost import CostModel
 from .ops import Op, precision_error, precision_rank
 from .profile import Profile
+from .sketch import QuantileSketch
 from .slo import SLO
 
 VARIANT_ORDER = ("latency", "throughput")
 # Measured precision errors are estimates (random data, one shape): this much
 # over max_rel_error still counts as within it.
 ERROR_TOLERANCE = 1.1
+# Relative accuracy of the per-cell service-time sketches (observed()).
+SKETCH_ACCURACY = 0.01
 
 
 @dataclass(frozen=True)
 class Alternative:
-    """A plan that lost, with why."""
+    """A plan that lost (the best plan of another kernel choice), with ``why``."""
 
     variant: str
     precision: str
@@ -77,7 +81,22 @@ class Alternative:
     predicted_p99_ms: float
     throughput: float
     feasible: bool
-    why: str
+    # what ``why`` is worded from (formatted on demand: most plans are never explained)
+    _why: tuple = field(default=(), repr=False, compare=False, hash=False)
+
+    @property
+    def why(self) -> str:
+        """Why it lost: the targets it misses, or how it compares with the plan chosen."""
+        if not self._why:
+            return ""
+        fails, rho, p50, p99, err, slo, slack, rho_max, lam, chosen_tp, chosen_p99 = self._why
+        if fails:
+            return "; ".join(_failure_texts(fails, rho, p50, p99, self.throughput, err, slo,
+                                            slack, rho_max, lam))
+        if self.throughput < chosen_tp:
+            return f"lower throughput ({self.throughput:,.0f} vs {chosen_tp:,.0f} items/s)"
+        return (f"similar throughput but a higher predicted p99 ({_ms(p99)} vs "
+                f"{_ms(chosen_p99)})")
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,8 @@ class Plan:
     slo: Optional[SLO] = None
     p99_budget_ms: Optional[float] = None
     notes: Tuple[str, ...] = field(default=(), repr=False)
+    # the cost model's uncorrected p50 of this batch (what observe() compares against)
+    prior_p50_ms: float = field(default=0.0, repr=False)
 
     def explain(self) -> str:
         s = []
@@ -172,40 +193,113 @@ def _ms(x: Optional[float]) -> str:
     return f"{x * 1000:.3g} us"
 
 
-@dataclass(frozen=True)
-class _Eval:
-    variant: str
-    precision: str
-    threads: int
-    batch: int
-    s50: float
-    s99: float
-    p50: float
-    p99: float
-    throughput: float
-    rho: Optional[float]
-    max_wait: float
-    rel_error: float
-    failures: Tuple[str, ...]
+def _failure_texts(fails: int, rho, p50, p99, tp, err, slo: SLO, slack: float, rho_max: float,
+                   lam: Optional[float]) -> List[str]:
+    out = []
+    if fails & _scan.FAIL_RHO:
+        out.append(f"{rho:.0%} busy at {_rate(lam)} items/s (limit {rho_max:.0%})")
+    if fails & _scan.FAIL_P99:
+        out.append(f"predicted p99 {_ms(p99)} exceeds the {_ms(slo.p99_ms * (1 - slack))} budget")
+    if fails & _scan.FAIL_P50:
+        out.append(f"predicted p50 {_ms(p50)} exceeds the {_ms(slo.p50_ms * (1 - slack))} budget")
+    if fails & _scan.FAIL_TP:
+        out.append(f"{tp:,.0f} items/s is below the {_rate(slo.min_throughput)} floor")
+    if fails & _scan.FAIL_ACC:
+        out.append(f"relative error {err:.1g} exceeds the {slo.max_rel_error:g} budget")
+    return out
 
-    @property
-    def feasible(self) -> bool:
-        return not self.failures
 
-    def failure_texts(self, slo: SLO, slack: float, rho_max: float, lam: Optional[float]) -> List[str]:
-        out = []
-        for f in self.failures:
-            if f == "rho":
-                out.append(f"{self.rho:.0%} busy at {_rate(lam)} items/s (limit {rho_max:.0%})")
-            elif f == "p99":
-                out.append(f"predicted p99 {_ms(self.p99)} exceeds the {_ms(slo.p99_ms * (1 - slack))} budget")
-            elif f == "p50":
-                out.append(f"predicted p50 {_ms(self.p50)} exceeds the {_ms(slo.p50_ms * (1 - slack))} budget")
-            elif f == "throughput":
-                out.append(f"{self.throughput:,.0f} items/s is below the {_rate(slo.min_throughput)} floor")
-            elif f == "accuracy":
-                out.append(f"relative error {self.rel_error:.1g} exceeds the {slo.max_rel_error:g} budget")
-        return out
+_new = object.__new__
+
+
+def _fast(cls, fields: dict):
+    """A frozen dataclass instance from all its fields, without the generated
+    ``__init__`` (which costs ~0.25 us a field through ``object.__setattr__``):
+    the planner builds a Plan and its alternatives per decision."""
+    o = _new(cls)
+    o.__dict__.update(fields)
+    return o
+
+
+class _Alternatives(Sequence):
+    """``Plan.alternatives``: a tuple of ``Alternative`` built on first use
+    (a decision costs a few microseconds; building every runner-up costs
+    more, and most plans are never inspected). Compares, hashes and pickles
+    as the tuple it stands for."""
+
+    __slots__ = ("_args", "_items")
+
+    def __init__(self, *args):
+        self._args = args
+        self._items = None
+
+    def _tuple(self) -> Tuple[Alternative, ...]:
+        items = self._items
+        if items is None:
+            picks, groups, bs, tp, errs, grp, slo, slack, rho_max, lam, ctp, cp99 = self._args
+            out = []
+            for i, ap50, ap99, arho, _wait, afails in picks[1:]:
+                g = grp[i]
+                av, ap, at = groups[g]
+                out.append(_fast(Alternative, {
+                    "variant": av, "precision": ap, "threads": at, "batch_size": bs[i],
+                    "predicted_p99_ms": ap99, "throughput": tp[i], "feasible": not afails,
+                    "_why": (afails, None if arho != arho else arho, ap50, ap99, errs[g], slo,
+                             slack, rho_max, lam, ctp, cp99)}))
+            items = self._items = tuple(out)
+        return items
+
+    def __getitem__(self, i):
+        return self._tuple()[i]
+
+    def __len__(self) -> int:
+        return len(self._args[0]) - 1
+
+    def __iter__(self):
+        return iter(self._tuple())
+
+    def __eq__(self, other):
+        if isinstance(other, (_Alternatives, tuple)):
+            return self._tuple() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return repr(self._tuple())
+
+    def __reduce__(self):
+        return (tuple, (self._tuple(),))
+
+
+def _variant_rank(v: str) -> int:
+    return VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99
+
+
+class _Table:
+    """Everything about (op, thread restriction) that does not depend on the
+    queue state: the kernel choices allowed, their errors and tie-break ranks,
+    and per batch size their corrected service p50/p99. Built once, dropped
+    when the op's feedback corrections change; ``Policy._grid`` turns it into
+    the cell arrays the per-decision scan reads."""
+
+    __slots__ = ("op", "groups", "errs", "k1", "k2", "gfail", "notes", "buckets", "rows", "grids")
+
+    def __init__(self, op, groups, errs, gfail, notes, buckets):
+        self.op = op
+        self.groups = groups
+        self.errs = errs
+        # tie-break ranks: (threads, precision rank), then (variant rank, variant)
+        r1 = {k: i for i, k in enumerate(sorted({(g[2], precision_rank(g[1])) for g in groups}))}
+        r2 = {k: i for i, k in enumerate(sorted({(_variant_rank(g[0]), g[0]) for g in groups}))}
+        self.k1 = np.array([r1[(g[2], precision_rank(g[1]))] for g in groups], dtype=np.int64)
+        self.k2 = np.array([r2[(_variant_rank(g[0]), g[0])] for g in groups], dtype=np.int64)
+        self.gfail = np.array(gfail, dtype=np.int64)
+        self.notes = tuple(notes)
+        self.buckets = buckets
+        self.rows: Dict[int, list] = {}
+        self.grids: Dict[tuple, tuple] = {}
 
 
 class Policy:
@@ -246,6 +340,10 @@ class Policy:
         self.backoff = float(backoff)
         self.probe_after = int(probe_after)
         self.progress = progress
+        self._keep = 1.0 - self.slack
+        self._reason_head = "highest throughput ("
+        self._reason_mid = (f" items/s, within {self.throughput_tolerance:.0%} of the best) with "
+                            f"the most p99 headroom among ")
         self._profile = profile
         self._cost: Optional[CostModel] = None
         self._lock = threading.RLock()
@@ -255,12 +353,12 @@ class Policy:
         self._op_corr: Dict[str, Tuple[float, float]] = {}
         self._op_count: Dict[str, int] = {}
         self._last_seen: Dict[tuple, int] = {}
-        self._cells: Dict[tuple, collections.deque] = {}
+        self._cells: Dict[tuple, QuantileSketch] = {}
         self._caps: Dict[str, int] = {}
         self._streak: Dict[str, int] = {}
         self._plans: Dict[tuple, Plan] = {}
-        self._buckets: Dict[Op, tuple] = {}
-        self._choices: Dict[tuple, Optional[str]] = {}
+        self._tables: Dict[tuple, _Table] = {}
+        self._choices: Dict[tuple, object] = {}
         self.chooser_calls = 0
         self.choice_counts: collections.Counter = collections.Counter()
 
@@ -286,17 +384,23 @@ class Policy:
     def plan(self, op: Op, *, queued: int = 0, arrival_rate: Optional[float] = None) -> Plan:
         """Choose how to serve ``op``. queued: items waiting now. arrival_rate:
         items per second arriving (None: unknown; a throughput floor in the SLO
-        then stands for it)."""
-        if not isinstance(op, Op):
-            raise TypeError(f"op must be a pykernels.policy.ops op, got {type(op).__name__}")
-        if isinstance(queued, bool) or not isinstance(queued, (int, np.integer)) or queued < 0:
-            raise ValueError(f"queued must be an int >= 0, got {queued!r}")
-        if arrival_rate is not None:
+        then stands for it).
+
+        Cost: a few microseconds per decision once the op's candidate table
+        is built (bench/test_bench_policy.py), less on a repeated queue state."""
+        if type(queued) is not int or queued < 0:
+            if isinstance(queued, bool) or not isinstance(queued, (int, np.integer)) or queued < 0:
+                raise ValueError(f"queued must be an int >= 0, got {queued!r}")
+            queued = int(queued)
+        if arrival_rate is not None and (type(arrival_rate) is not float
+                                         or not 0.0 <= arrival_rate < math.inf):
             if isinstance(arrival_rate, bool) or not isinstance(arrival_rate, (int, float, np.floating, np.integer)) \
                     or not math.isfinite(arrival_rate) or arrival_rate < 0:
                 raise ValueError(f"arrival_rate must be a finite number >= 0 or None, got {arrival_rate!r}")
             arrival_rate = float(arrival_rate)
-        return self._plan(op, int(queued), arrival_rate, None, None)
+        if not isinstance(op, Op):
+            raise TypeError(f"op must be a pykernels.policy.ops op, got {type(op).__name__}")
+        return self._plan(op, queued, arrival_rate, None, None)
 
     def plan_call(self, op: Op, batch: int, *, threads: Optional[int] = None) -> Plan:
         """Plan one call of exactly ``batch`` items already in hand (what the
@@ -304,7 +408,7 @@ class Policy:
         return self._plan(op, int(batch), None, int(batch), threads)
 
     def _plan(self, op, queued, arrival_rate, fixed_batch, fixed_threads) -> Plan:
-        cm = self.cost_model
+        cm = self._cost if self._cost is not None else self.cost_model
         with self._lock:
             ck = (op, queued, arrival_rate, fixed_batch, fixed_threads)
             hit = self._plans.get(ck)
@@ -320,95 +424,12 @@ class Policy:
         measured = cm.profile.precision_error
         return max(precision_error(x, measured) for x in cm.precisions_used(op, v, p, t))
 
-    def _batch_grid(self, cm: CostModel, op: Op, queued: int, lam: Optional[float], cap: int) -> List[int]:
-        top = min(self.max_batch, cap)
-        if not lam:
-            top = min(top, max(queued, 1))
-        grid = {1, top}
-        b = 2
-        while b < top:
-            grid.add(b)
-            b *= 2
-        # measured buckets of the op's shape (in items)
-        buckets = self._buckets.get(op)
-        if buckets is None:
-            buckets = ()
-            if len(op.parts()) == 1:
-                base_key, per = op.base().key, max(1, op.units(1))
-                buckets = tuple(sorted({m.batch // per for m in cm.profile.measurements
-                                        if m.op == base_key and m.batch % per == 0}))
-            self._buckets[op] = buckets
-        grid.update(b for b in buckets if b <= top)
-        if not lam and queued > 1:
-            grid.add(min(queued, top))
-        return sorted(grid)
-
-    def _correction(self, op_key: str, v, p, t) -> Optional[Tuple[float, float]]:
-        """(p50 scale, recent tail ratio) for a kernel choice: its own recent
-        observations while fresh, else the op's pooled recent observations
-        (a machine-wide slowdown shows on every kernel choice, and a choice
-        observed slow long ago must not stay condemned forever)."""
-        c = self._corr.get((op_key, v, p, t))
-        if c is not None and self._op_count.get(op_key, 0) - c[2] <= 2 * self.window:
-            return c[0], c[1]
-        return self._op_corr.get(op_key)
-
-    def _corrected(self, cm: CostModel, op: Op, v, p, t, b) -> Optional[Tuple[float, float]]:
-        pred = cm.predict(op, v, p, t, b)
-        if pred is None:
-            return None
-        c = self._correction(op.key, v, p, t)
-        if c is None:
-            return pred.p50_ms, pred.p99_ms
-        c50, hi = c
-        s50 = pred.p50_ms * c50
-        s99 = max(pred.p99_ms * c50, pred.p50_ms * hi, s50)
-        return s50, s99
-
-    def _evaluate(self, cm, op, v, p, t, b, queued, lam, err) -> Optional[_Eval]:
-        pred = self._corrected(cm, op, v, p, t, b)
-        if pred is None:
-            return None
-        s50, s99 = pred
-        slo = self.slo
-        tp = b / s50 * 1e3
-        fails = []
-        if lam:
-            rho = lam / tp
-            max_wait = (b - 1) / lam * 1e3
-            drain = (queued // b) * s50
-            if rho >= 1.0:
-                p50 = p99 = math.inf
-            else:
-                # Kingman: batches of b Poisson arrivals come Erlang-b spaced
-                # (ca^2 = 1/b); service variability from the measured tail
-                # (lognormal: sigma = ln(p99/p50) / 2.326). Waiting-time tail
-                # P(W > t) ~ rho * exp(-rho t / mean wait).
-                cs2 = (math.log(max(s99 / s50, 1.0)) / 2.326) ** 2
-                wmean = s50 * rho / (1.0 - rho) * (1.0 / b + cs2) / 2.0
-                wq99 = wmean / rho * max(0.0, math.log(100.0 * rho))
-                wq50 = wmean / rho * max(0.0, math.log(2.0 * rho))
-                p99 = drain + max(max_wait, wq99) + s99
-                p50 = drain + max(max_wait / 2.0, wq50) + s50
-            if rho > self.rho_max:
-                fails.append("rho")
-        else:
-            rho = None
-            max_wait = 0.0
-            nb = -(-max(queued, 1) // b)
-            p99 = (nb - 1) * s50 + s99
-            p50 = (-(-nb // 2) - 1) * s50 + s50
-        if slo.p99_ms is not None and not p99 <= slo.p99_ms * (1 - self.slack):
-            fails.append("p99")
-        if slo.p50_ms is not None and not p50 <= slo.p50_ms * (1 - self.slack):
-            fails.append("p50")
-        if slo.min_throughput is not None and tp < slo.min_throughput:
-            fails.append("throughput")
-        if err > slo.max_rel_error * ERROR_TOLERANCE:
-            fails.append("accuracy")
-        return _Eval(v, p, t, b, s50, s99, p50, p99, tp, rho, max_wait, err, tuple(fails))
-
-    def _compute(self, cm, op, queued, arrival_rate, fixed_batch, fixed_threads) -> Plan:
+    # The candidate table: built once per (op, thread restriction) and feedback state.
+    def _table(self, cm: CostModel, op: Op, fixed_threads: Optional[int]) -> _Table:
+        tk = (op, fixed_threads)
+        tab = self._tables.get(tk)
+        if tab is not None:
+            return tab
         slo = self.slo
         cands = cm.candidates(op)
         if fixed_threads is not None:
@@ -434,93 +455,188 @@ class Policy:
             best = min(errs.values())
             allowed = [c for c in cands if errs[c] == best]
             notes.append("No precision fits the accuracy budget; the most accurate one is used.")
+        buckets = ()
+        if len(op.parts()) == 1:  # measured buckets of the op's shape (in items)
+            base_key, per = op.base().key, max(1, op.units(1))
+            buckets = tuple(sorted({m.batch // per for m in cm.profile.measurements
+                                    if m.op == base_key and m.batch % per == 0}))
+        tab = _Table(op, allowed, [errs[c] for c in allowed],
+                     [_scan.FAIL_ACC if errs[c] > limit else 0 for c in allowed], notes, buckets)
+        if len(self._tables) > 1024:
+            self._tables.clear()
+        self._tables[tk] = tab
+        return tab
+
+    def _row(self, cm: CostModel, tab: _Table, b: int) -> list:
+        """Corrected (s50, s99) and the prior p50 of every kernel choice at batch b (None: no prediction)."""
+        row = tab.rows.get(b)
+        if row is None:
+            row = tab.rows[b] = [self._corrected(cm, tab.op, v, p, t, b) for v, p, t in tab.groups]
+        return row
+
+    def _grid(self, cm: CostModel, tab: _Table, top: int, fixed: bool) -> tuple:
+        """Cell arrays over the batch grid up to ``top`` (or the one batch ``top``
+        when ``fixed``): every kernel choice, then batch ascending."""
+        gk = (top, fixed)
+        g = tab.grids.get(gk)
+        if g is not None:
+            return g
+        if fixed:
+            batches = [top]
+        else:
+            grid = {1, top}
+            b = 2
+            while b < top:
+                grid.add(b)
+                b *= 2
+            grid.update(b for b in tab.buckets if b <= top)
+            batches = sorted(grid)
+        rows = {b: self._row(cm, tab, b) for b in batches}
+        cells = [(gi, b, rows[b][gi]) for gi in range(len(tab.groups)) for b in batches
+                 if rows[b][gi] is not None]
+        # service variability as a lognormal: sigma = ln(p99/p50) / 2.326
+        cs2 = [(math.log(max(c[2][1] / c[2][0], 1.0)) / 2.326) ** 2 for c in cells]
+        g = tab.grids[gk] = (
+            _scan.make_cells([float(c[1]) for c in cells], [c[2][0] for c in cells],
+                             [c[2][1] for c in cells], cs2,
+                             [c[1] / c[2][0] * 1e3 for c in cells], [c[0] for c in cells],
+                             tab.k1, tab.k2, tab.gfail),
+            [c[1] for c in cells], [c[2][0] for c in cells], [c[2][1] for c in cells],
+            [c[1] / c[2][0] * 1e3 for c in cells], [c[0] for c in cells],
+            [c[2][2] for c in cells])
+        return g
+
+    def _correction(self, op_key: str, v, p, t) -> Optional[Tuple[float, float]]:
+        """(p50 scale, recent tail ratio) for a kernel choice: its own recent
+        observations while fresh, else the op's pooled recent observations
+        (a machine-wide slowdown shows on every kernel choice, and a choice
+        observed slow long ago must not stay condemned forever)."""
+        c = self._corr.get((op_key, v, p, t))
+        if c is not None and self._op_count.get(op_key, 0) - c[2] <= 2 * self.window:
+            return c[0], c[1]
+        return self._op_corr.get(op_key)
+
+    def _corrected(self, cm: CostModel, op: Op, v, p, t, b) -> Optional[Tuple[float, float]]:
+        pred = cm.predict(op, v, p, t, b)
+        if pred is None:
+            return None
+        c = self._correction(op.key, v, p, t)
+        if c is None:
+            return pred.p50_ms, pred.p99_ms, pred.p50_ms
+        c50, hi = c
+        s50 = pred.p50_ms * c50
+        s99 = max(pred.p99_ms * c50, pred.p50_ms * hi, s50)
+        return s50, s99, pred.p50_ms
+
+    def _compute(self, cm, op, queued, arrival_rate, fixed_batch, fixed_threads) -> Plan:
+        slo = self.slo
+        tab = self._table(cm, op, fixed_threads)
         if fixed_batch is not None:
             lam = None  # one call with its items in hand
         elif arrival_rate is None:
             lam = slo.min_throughput  # a throughput floor stands for the offered load
         else:
             lam = arrival_rate or None
-        cap = self._caps.get(op.key, self.max_batch) if fixed_batch is None else fixed_batch
-        if fixed_batch is None and op.key in self._caps:
-            notes.append(f"Feedback capped the batch at {self._caps[op.key]} after observed "
-                         f"service times ran past the p99 budget.")
-        grid = [fixed_batch] if fixed_batch is not None else self._batch_grid(cm, op, queued, lam, cap)
-        evals: List[_Eval] = []
-        for c in allowed:
-            for b in grid:
-                e = self._evaluate(cm, op, c[0], c[1], c[2], b, queued, lam, errs[c])
-                if e is not None:
-                    evals.append(e)
-        if not evals:
-            raise ValueError(f"no prediction available for {op.key}")
-        feasible = [e for e in evals if e.feasible]
-        if feasible:
-            best_tp = max(e.throughput for e in feasible)
-            near = [e for e in feasible if e.throughput >= best_tp * (1 - self.throughput_tolerance)]
-            chosen = min(near, key=_tiebreak)
-            reason = (f"highest throughput ({chosen.throughput:,.0f} items/s, within "
-                      f"{self.throughput_tolerance:.0%} of the best) with the most p99 headroom among "
-                      f"{len(feasible)} feasible plans")
-            rank = sorted(feasible, key=lambda e: (-e.throughput, _tiebreak(e))) + sorted(
-                (e for e in evals if not e.feasible), key=lambda e: (e.p99, -e.throughput) + _tiebreak(e))
+        notes = tab.notes
+        if fixed_batch is not None:
+            top, fixed = fixed_batch, True
         else:
-            if slo.p99_ms is not None:
-                key = lambda e: (e.p99, -e.throughput) + _tiebreak(e)  # noqa: E731
-                what = "the lowest predicted p99"
-            elif slo.p50_ms is not None:
-                key = lambda e: (e.p50, -e.throughput) + _tiebreak(e)  # noqa: E731
-                what = "the lowest predicted p50"
-            else:
-                key = lambda e: (-e.throughput,) + _tiebreak(e)  # noqa: E731
-                what = "the highest throughput"
-            chosen = min(evals, key=key)
-            why = chosen.failure_texts(slo, self.slack, self.rho_max, lam)
+            cap = self._caps.get(op.key)
+            if cap is not None:
+                notes = notes + (f"Feedback capped the batch at {cap} after observed "
+                                 f"service times ran past the p99 budget.",)
+            top, fixed = min(self.max_batch, self.max_batch if cap is None else cap), False
+            if not lam:
+                top = min(top, max(queued, 1))
+        cells, bs, s50, s99, tp, grp, prior = self._grid(cm, tab, top, fixed)
+        if not bs:
+            raise ValueError(f"no prediction available for {op.key}")
+        if slo.p99_ms is not None:
+            mode = _scan.MODE_P99
+        elif slo.p50_ms is not None:
+            mode = _scan.MODE_P50
+        else:
+            mode = _scan.MODE_TP
+        keep = self._keep
+        nfeas, picks = _scan.scan(
+            cells, lam or 0.0, queued,
+            math.inf if slo.p99_ms is None else slo.p99_ms * keep,
+            math.inf if slo.p50_ms is None else slo.p50_ms * keep,
+            -math.inf if slo.min_throughput is None else slo.min_throughput,
+            self.rho_max, self.throughput_tolerance, mode)
+        j, cp50, cp99, rho, wait, fails = picks[0]
+        gi = grp[j]
+        v, p, t = tab.groups[gi]
+        ctp = tp[j]
+        if nfeas:
+            reason = f"{self._reason_head}{ctp:,.0f}{self._reason_mid}{nfeas} feasible plans"
+        else:
+            what = ("the lowest predicted p99" if mode == _scan.MODE_P99 else
+                    "the lowest predicted p50" if mode == _scan.MODE_P50 else "the highest throughput")
+            why = _failure_texts(fails, None if rho != rho else rho, cp50, cp99, ctp, tab.errs[gi],
+                                 slo, self.slack, self.rho_max, lam)
             reason = (f"infeasible: no plan meets {slo.describe()} ({'; '.join(why)}); "
                       f"this one has {what}")
-            rank = sorted(evals, key=key)
-        # Alternatives: the best plan of every other kernel choice.
-        alts, seen = [], {(chosen.variant, chosen.precision, chosen.threads)}
-        for e in rank:
-            g = (e.variant, e.precision, e.threads)
-            if g in seen:
-                continue
-            seen.add(g)
-            why = ("; ".join(e.failure_texts(slo, self.slack, self.rho_max, lam))
-                   if not e.feasible else _why(e, chosen))
-            alts.append(Alternative(e.variant, e.precision, e.threads, e.batch, e.p99,
-                                    e.throughput, e.feasible, why))
-        budget = slo.p99_ms * (1 - self.slack) if slo.p99_ms is not None else None
-        return Plan(
-            variant=chosen.variant, precision=chosen.precision, threads=chosen.threads,
-            batch_size=chosen.batch, max_wait_ms=chosen.max_wait,
-            predicted_p50_ms=chosen.p50, predicted_p99_ms=chosen.p99,
-            feasible=chosen.feasible, alternatives=tuple(alts), reason=reason, op=op,
-            service_p50_ms=chosen.s50, service_p99_ms=chosen.s99, throughput=chosen.throughput,
-            utilization=chosen.rho, arrival_rate=lam, queued=queued, rel_error=chosen.rel_error,
-            slo=slo, p99_budget_ms=budget, notes=tuple(notes))
+        alts = _Alternatives(picks, tab.groups, bs, tp, tab.errs, grp, slo, self.slack,
+                             self.rho_max, lam, ctp, cp99) if len(picks) > 1 else ()
+        return _fast(Plan, {
+            "variant": v, "precision": p, "threads": t, "batch_size": bs[j],
+            "max_wait_ms": wait, "predicted_p50_ms": cp50,
+            "predicted_p99_ms": cp99, "feasible": not fails, "alternatives": alts,
+            "reason": reason, "op": op, "service_p50_ms": s50[j],
+            "service_p99_ms": s99[j], "throughput": ctp,
+            "utilization": None if rho != rho else rho, "arrival_rate": lam, "queued": queued,
+            "rel_error": tab.errs[gi], "slo": slo,
+            "p99_budget_ms": slo.p99_ms * keep if slo.p99_ms is not None else None,
+            "notes": notes, "prior_p50_ms": prior[j]})
+
+    def _invalidate(self, op_key: str) -> None:
+        """Feedback for ``op_key`` changed: drop its tables and every cached plan."""
+        for k in [k for k in self._tables if k[0].key == op_key]:
+            del self._tables[k]
+        self._plans.clear()
+        self._choices.clear()
 
     # --- feedback -----------------------------------------------------------
     def observe(self, plan: Plan, seconds: float, *, batch: Optional[int] = None) -> None:
         """Record the measured *service* time (seconds) of one batch run with
         ``plan`` (queue time excluded). ``batch``: items actually in the batch,
-        if fewer than ``plan.batch_size``. Thread-safe."""
-        if not isinstance(plan, Plan) or plan.op is None:
+        if fewer than ``plan.batch_size``. Thread-safe: concurrent calls lose
+        no observation.
+
+        The time goes into the quantile sketch of the plan's cell (kernel
+        choice and batch; ``observed()`` reads it) and, as a ratio to the cost
+        model's prediction, into the recent windows that correct predictions;
+        AIMD adjusts the batch cap."""
+        if type(plan) is not Plan and not isinstance(plan, Plan) or plan.op is None:
             raise TypeError("observe() takes a Plan returned by this policy's plan()")
         sec = float(seconds)
-        if not math.isfinite(sec) or sec < 0:
+        if not 0.0 <= sec < math.inf:  # NaN too
             raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
-        b = int(batch) if batch is not None else plan.batch_size
-        if b < 1:
-            raise ValueError(f"batch must be >= 1, got {batch!r}")
+        if batch is None:
+            b = plan.batch_size
+        else:
+            b = int(batch)
+            if b < 1:
+                raise ValueError(f"batch must be >= 1, got {batch!r}")
         op = plan.op
-        pred = self.cost_model.predict(op, plan.variant, plan.precision, plan.threads, b)
-        if pred is None:
-            return
+        if b == plan.batch_size and plan.prior_p50_ms > 0:
+            prior = plan.prior_p50_ms
+        else:
+            pred = self.cost_model.predict(op, plan.variant, plan.precision, plan.threads, b)
+            if pred is None:
+                return
+            prior = pred.p50_ms
         ms = sec * 1e3
-        gk = (op.key, plan.variant, plan.precision, plan.threads)
-        ratio = ms / pred.p50_ms
+        key = op.key
+        gk = (key, plan.variant, plan.precision, plan.threads)
+        ratio = ms / prior
         with self._lock:
-            n = self._op_count[op.key] = self._op_count.get(op.key, 0) + 1
+            cell = self._cells.get(gk + (b,))
+            if cell is None:
+                cell = self._cells[gk + (b,)] = QuantileSketch(SKETCH_ACCURACY)
+            cell.add(ms)
+            n = self._op_count[key] = self._op_count.get(key, 0) + 1
             changed = n % self.window == 0  # staleness of kernel-choice corrections
             last = self._last_seen.get(gk)
             self._last_seen[gk] = n
@@ -529,27 +645,29 @@ class Policy:
                 # by others meanwhile): start its window afresh.
                 self._ratios.pop(gk, None)
                 self._corr.pop(gk, None)
-            for store, corr, k, stamp in ((self._ratios, self._corr, gk, (n,)),
-                                          (self._op_ratios, self._op_corr, op.key, ())):
-                w = store.get(k)
-                if w is None:
-                    w = store[k] = collections.deque(maxlen=self.window)
-                w.append(ratio)
-                if len(w) >= self.min_observations:
-                    srt = sorted(w)
-                    new = (_snap(_quantile(srt, 0.5)), _snap(_quantile(srt, 0.99)))
-                    old = corr.get(k)
-                    if old is None or old[:2] != new:
-                        changed = True
-                    corr[k] = new + stamp
-            cell = self._cells.get(gk + (b,))
-            if cell is None:
-                cell = self._cells[gk + (b,)] = collections.deque(maxlen=self.window)
-            cell.append(ms)
-            changed |= self._aimd(plan, ms, b)
+            if self._window_update(self._ratios, self._corr, gk, ratio, n):
+                changed = True
+            if self._window_update(self._op_ratios, self._op_corr, key, ratio, None):
+                changed = True
+            if self.slo.p99_ms is not None and plan.feasible and self._aimd(plan, ms, b):
+                changed = True
             if changed:  # plans depend on feedback only through these
-                self._plans.clear()
-                self._choices.clear()
+                self._invalidate(key)
+
+    def _window_update(self, store, corr, k, ratio: float, stamp) -> bool:
+        """Append to a recent window; recompute its correction (p50 scale,
+        tail ratio); returns whether the correction changed."""
+        w = store.get(k)
+        if w is None:
+            w = store[k] = collections.deque(maxlen=self.window)
+        w.append(ratio)
+        if len(w) < self.min_observations:
+            return False
+        srt = sorted(w)
+        new = (_snap(_quantile(srt, 0.5)), _snap(_quantile(srt, 0.99)))
+        old = corr.get(k)
+        corr[k] = new if stamp is None else new + (stamp,)
+        return old is None or old[:2] != new
 
     def _aimd(self, plan: Plan, ms: float, b: int) -> bool:
         """AIMD on the op's batch cap; returns whether the cap changed."""
@@ -592,13 +710,17 @@ class Policy:
             return self._correction(op.key, variant, precision, threads)
 
     def observed(self, plan: Plan, batch: Optional[int] = None) -> dict:
-        """Recent observed service times of the plan's cell: n, p50_ms, p99_ms."""
+        """Observed service times of the plan's cell (kernel choice and batch)
+        since the policy was made or its feedback reset, from a quantile sketch
+        (relative error ``SKETCH_ACCURACY``): n, p50_ms, p99_ms, p999_ms, max_ms."""
         b = batch or plan.batch_size
         with self._lock:
-            w = list(self._cells.get((plan.op.key, plan.variant, plan.precision, plan.threads, b), ()))
-        if not w:
-            return {"n": 0, "p50_ms": None, "p99_ms": None}
-        return {"n": len(w), "p50_ms": float(np.median(w)), "p99_ms": float(np.percentile(w, 99))}
+            sk = self._cells.get((plan.op.key, plan.variant, plan.precision, plan.threads, b))
+            if sk is None or sk.count == 0:
+                return {"n": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+            q = sk.quantiles((0.5, 0.99, 0.999))
+            return {"n": sk.count, "p50_ms": q[0.5], "p99_ms": q[0.99], "p999_ms": q[0.999],
+                    "max_ms": sk.max}
 
     def reset_feedback(self) -> None:
         with self._lock:
@@ -612,6 +734,7 @@ class Policy:
             self._caps.clear()
             self._streak.clear()
             self._plans.clear()
+            self._tables.clear()
             self._choices.clear()
 
     # --- variant="auto" hook ------------------------------------------------
@@ -692,17 +815,6 @@ def _quantile(srt: List[float], q: float) -> float:
     if i + 1 >= len(srt):
         return srt[-1]
     return srt[i] + (pos - i) * (srt[i + 1] - srt[i])
-
-
-def _tiebreak(e: _Eval):
-    return (e.p99, e.threads, precision_rank(e.precision), e.batch,
-            VARIANT_ORDER.index(e.variant) if e.variant in VARIANT_ORDER else 99, e.variant)
-
-
-def _why(e: _Eval, chosen: _Eval) -> str:
-    if e.throughput < chosen.throughput:
-        return f"lower throughput ({e.throughput:,.0f} vs {chosen.throughput:,.0f} items/s)"
-    return f"similar throughput but a higher predicted p99 ({_ms(e.p99)} vs {_ms(chosen.p99)})"
 
 
 __all__ = ["Alternative", "Plan", "Policy"]

@@ -7,7 +7,7 @@ text. A new subcommand (``demo``, ``calibrate``, ``plan``, ``serve``) is one
 entry in that dict.
 
 ``pykernels bench SUITE`` works the same way one level down: ``BENCH_SUITES``
-maps a suite name (``gemm``, ``linear``; ``attention`` as it lands) to
+maps a suite name (``gemm``, ``linear``, ``attention``) to
 (add_arguments, run). The options every suite shares (``--quick``,
 ``--threads``, ``--json``, ``--peak-gflops``, ``--budget``) are added by
 ``_add_common_bench_arguments``; a suite adds its own (``--shapes``).
@@ -171,6 +171,90 @@ def rel_error(got, ref64) -> float:
     return diff / denom
 
 
+def time_checked(rec: dict, make_fn: Callable[[], Callable[[], object]],
+                 check: Callable[[object], Tuple[float, float]], *, budget: float,
+                 min_reps: int, limit=None) -> dict:
+    """Check one implementation's output once, then time it; fills and returns ``rec``.
+
+    ``make_fn()`` builds the no-argument callable; ``check(result)`` returns
+    (rel. error, tolerance) of its first result; ``limit`` is a context manager
+    (``blas_threads``, ``torch_threads``) held around both, whose value goes to
+    ``rec["threads_limited"]``. An exception while building or checking (a
+    baseline that cannot run) is recorded as ``error``, not raised; a wrong
+    result is recorded with ``ok=False`` and not timed. A timed record gets
+    ``median_s``, ``min_s``, ``samples`` and ``calls``; the caller adds rates.
+    """
+    with contextlib.ExitStack() as stack:
+        if limit is not None:
+            rec["threads_limited"] = bool(stack.enter_context(limit))
+        try:
+            fn = make_fn()
+            err, tol = check(fn())
+        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            rec.update(ok=False, error=f"{type(e).__name__}: {e}")
+            return rec
+        rec["rel_error"] = err
+        rec["rel_tol"] = tol
+        rec["ok"] = bool(err <= tol)
+        if not rec["ok"]:
+            return rec
+        t = measure(fn, budget_s=budget, min_reps=min_reps)
+    rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls)
+    return rec
+
+
+def add_rates(rec: dict, flops: float, nbytes: Optional[float], peak_core: float,
+              threads: int) -> dict:
+    """GFLOP/s, GB/s (when ``nbytes`` is given) and % of the ``threads``-core
+    fp32 peak of a timed record, in place."""
+    if "median_s" in rec:
+        t = rec["median_s"]
+        rec["gflops"] = flops / t / 1e9
+        if nbytes is not None:
+            rec["gbytes_per_s"] = nbytes / t / 1e9
+        rec["pct_peak"] = 100.0 * flops / t / 1e9 / (peak_core * threads)
+    return rec
+
+
+def have_threadpoolctl() -> bool:
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_bench_json(path: str, suite: str, *, torch, have_tpc: bool, peak_core: float,
+                     peak_src: str, quick: bool, budget: float, min_reps: int, rel_tol,
+                     results: List[dict], summary: List[dict], **extra) -> None:
+    """The ``--json`` document every ``pykernels bench`` suite writes
+    (schema ``pykernels-bench/1``): the machine, the settings, the records."""
+    doc = {
+        "schema": "pykernels-bench/1",
+        "suite": suite,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "machine": machine_record(),
+        "torch_version": getattr(torch, "__version__", None),
+        "numpy_version": np.__version__,
+        "git_commit": git_commit(),
+        "cpu_info": cpu_info_dict(),
+        "blas_threads_limited": have_tpc,
+        "peak_gflops_per_core": peak_core,
+        "peak_source": peak_src,
+        "quick": bool(quick),
+        "budget_s": budget,
+        "min_reps": min_reps,
+        "rel_tol": rel_tol,
+        "results": results,
+        "summary": summary,
+    }
+    doc.update(extra)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
 # fp32 GEMM error grows like sqrt(K)*eps: at K=4096, 64 * 6e-8 ~ 4e-6, so 1e-4
 # leaves a 25x margin for every target shape and still catches a wrong tile.
 GEMM_REL_TOL = 1e-4
@@ -192,19 +276,44 @@ def fmt_time(s: Optional[float]) -> str:
 
 
 @contextlib.contextmanager
-def blas_threads(n: int):
-    """Limit NumPy's and SciPy's BLAS pools to ``n`` threads for the block.
+def blas_threads(n: int, *, numpy_only: bool = False):
+    """Limit the BLAS pools in this process to ``n`` threads for the block.
 
     Yields True when the limit was applied (threadpoolctl importable), False
     when the libraries keep their default thread count.
+
+    ``numpy_only=True``: NumPy's BLAS at ``n`` and every other BLAS in the
+    process (SciPy wheels bring their own OpenBLAS) at 1. Two OpenBLAS pools at
+    2 threads on a 2-core machine fight: the idle pool's workers spin after a
+    wake-up and take the core the busy pool waits on (measured here: a
+    64x384x384 np.matmul went from 0.2 ms to 48 ms once SciPy's OpenBLAS was
+    loaded at 2 threads). NumPy's library is the one whose path lies in the
+    numpy package (numpy or numpy.libs); if none does, every BLAS gets ``n``.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:
         yield False
         return
-    with threadpool_limits(limits=n, user_api="blas"):
+    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+    mine = libs
+    if numpy_only:
+        np_dir = os.path.dirname(os.path.abspath(np.__file__))
+        mine = [lib for lib in libs if os.path.abspath(lib.filepath).startswith(
+            (np_dir + os.sep, np_dir + ".libs"))] or libs
+    saved = [(lib, lib.num_threads) for lib in libs]
+    try:
+        for lib in libs:
+            lib.set_num_threads(n if lib in mine else 1)
         yield True
+    finally:
+        for lib, t in saved:
+            lib.set_num_threads(t)
+
+
+def numpy_blas_threads(n: int):
+    """``blas_threads(n, numpy_only=True)``: NumPy's BLAS at ``n``, any other at 1."""
+    return blas_threads(n, numpy_only=True)
 
 
 @contextlib.contextmanager
@@ -212,7 +321,7 @@ def torch_threads(torch, n: int):
     prev = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        yield True
     finally:
         torch.set_num_threads(prev)
 
@@ -457,11 +566,7 @@ def run_bench_gemm(args) -> int:
     baselines = [] if args.no_baselines else [
         c for c in BASELINE_GEMM_CASES if c.impl != "torch" or torch is not None]
     cases = list(OUR_GEMM_CASES) + baselines
-    have_tpc = True
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        have_tpc = False
+    have_tpc = have_threadpoolctl()
 
     out = sys.stdout
     print(f"pykernels bench gemm: fp32, isa {info.isa} ({info.vendor} {info.model}, "
@@ -508,35 +613,14 @@ def run_bench_gemm(args) -> int:
                    "threads": threads, "impl": case.impl, "variant": case.variant,
                    "precision": "fp32", "b": case.b, "isa": info.isa,
                    "flops": prob.flops}
-            with contextlib.ExitStack() as stack:
-                if case.impl in ("numpy", "scipy"):
-                    rec["threads_limited"] = stack.enter_context(blas_threads(threads))
-                elif case.impl == "torch":
-                    stack.enter_context(torch_threads(torch, threads))
-                    rec["threads_limited"] = True
-                try:
-                    fn = prob.call(case, threads, torch)
-                    err = rel_error(fn(), prob.ref)
-                except Exception as e:  # a baseline that cannot run is reported, not fatal
-                    rec.update(ok=False, error=f"{type(e).__name__}: {e}")
-                    row[case.label] = rec
-                    results.append(rec)
-                    if case.impl == "pykernels":
-                        failed = True
-                    continue
-                rec["rel_error"] = err
-                rec["ok"] = bool(err < GEMM_REL_TOL)
-                if not rec["ok"]:
-                    if case.impl == "pykernels":
-                        failed = True
-                    row[case.label] = rec
-                    results.append(rec)
-                    continue
-                t = measure(fn, budget_s=budget, min_reps=min_reps)
-            rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls,
-                       gflops=prob.flops / t.median_s / 1e9,
-                       gbytes_per_s=prob.bytes_moved / t.median_s / 1e9,
-                       pct_peak=100.0 * prob.flops / t.median_s / 1e9 / (peak_core * threads))
+            limit = (blas_threads(threads) if case.impl in ("numpy", "scipy") else
+                     torch_threads(torch, threads) if case.impl == "torch" else None)
+            time_checked(rec, functools.partial(prob.call, case, threads, torch),
+                         lambda got, ref=prob.ref: (rel_error(got, ref), GEMM_REL_TOL),
+                         budget=budget, min_reps=min_reps, limit=limit)
+            add_rates(rec, prob.flops, prob.bytes_moved, peak_core, threads)
+            if case.impl == "pykernels" and not (rec.get("ok") and "median_s" in rec):
+                failed = True
             row[case.label] = rec
             results.append(rec)
         _print_gemm_rows(shape, threads, row, out)
@@ -547,35 +631,30 @@ def run_bench_gemm(args) -> int:
     _print_gemm_summary(summary, baselines, out)
 
     if args.json:
-        doc = {
-            "schema": "pykernels-bench/1",
-            "suite": "gemm",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "argv": sys.argv,
-            "machine": machine_record(),
-            "torch_version": getattr(torch, "__version__", None),
-            "numpy_version": np.__version__,
-            "git_commit": git_commit(),
-            "cpu_info": cpu_info_dict(),
-            "blas_threads_limited": have_tpc,
-            "peak_gflops_per_core": peak_core,
-            "peak_source": peak_src,
-            "quick": bool(args.quick),
-            "budget_s": budget,
-            "min_reps": min_reps,
-            "rel_tol": GEMM_REL_TOL,
-            "results": results,
-            "summary": summary,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_bench_json(args.json, "gemm", torch=torch, have_tpc=have_tpc, peak_core=peak_core,
+                         peak_src=peak_src, quick=args.quick, budget=budget, min_reps=min_reps,
+                         rel_tol=GEMM_REL_TOL, results=results, summary=summary)
         print(f"wrote {args.json}", file=out)
     if failed:
         print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _best(recs: List[dict], **match) -> Optional[dict]:
+    """The fastest correct, timed record whose fields equal ``match``, or None."""
+    ok = [r for r in recs if r.get("ok") and "median_s" in r
+          and all(r.get(k) == v for k, v in match.items())]
+    return min(ok, key=lambda r: r["median_s"]) if ok else None
+
+
+def _group(results: List[dict], keys: Tuple[str, ...]) -> Dict[tuple, List[dict]]:
+    """Records grouped by the values of ``keys``, in first-seen order."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
 
 
 _ROW_FMT = "{:<15} {:>3}  {:<18} {:>9} {:>8} {:>6} {:>7}  {:>9} {:>10}"
@@ -615,21 +694,17 @@ def _print_gemm_rows(shape: GemmShape, threads: int, row: Dict[str, dict], out) 
 def _gemm_summary(results: List[dict], baselines) -> List[dict]:
     """Per (shape, threads): the fastest correct pykernels case and its ratio
     to each baseline (baseline median / ours; > 1 means pykernels is faster)."""
-    groups: Dict[tuple, List[dict]] = {}
-    for r in results:
-        groups.setdefault((r["m"], r["k"], r["n"], r["threads"]), []).append(r)
     summary = []
-    for (m, k, n, t), recs in groups.items():
-        ours = [r for r in recs if r["impl"] == "pykernels" and r.get("ok") and "median_s" in r]
-        best = min(ours, key=lambda r: r["median_s"]) if ours else None
+    for (m, k, n, t), recs in _group(results, ("m", "k", "n", "threads")).items():
+        best = _best(recs, impl="pykernels")
         entry = {"m": m, "k": k, "n": n, "threads": t,
                  "best": None if best is None else {
                      "variant": best["variant"], "b": best["b"], "median_s": best["median_s"],
                      "gflops": best["gflops"], "pct_peak": best["pct_peak"]},
                  "baselines": {}}
         for c in baselines:
-            rec = next((r for r in recs if r["impl"] == c.impl), None)
-            if rec is None or not rec.get("ok") or "median_s" not in rec:
+            rec = _best(recs, impl=c.impl)
+            if rec is None:
                 entry["baselines"][c.impl] = None
                 continue
             entry["baselines"][c.impl] = {
@@ -884,38 +959,6 @@ def _add_linear_arguments(p: argparse.ArgumentParser) -> None:
                    help="time pykernels only (no NumPy/torch)")
 
 
-@contextlib.contextmanager
-def numpy_blas_threads(n: int):
-    """NumPy's BLAS at ``n`` threads and every other BLAS in the process (SciPy
-    wheels bring their own OpenBLAS) at 1 for the block; yields True when applied.
-
-    Two OpenBLAS pools at 2 threads on a 2-core machine fight: the idle pool's
-    workers spin after a wake-up and take the core the busy pool waits on
-    (measured here: a 64x384x384 np.matmul went from 0.2 ms to 48 ms once SciPy's
-    OpenBLAS was loaded at 2 threads). NumPy's library is the one whose path
-    lies in the numpy package (numpy or numpy.libs); if none does, every BLAS
-    gets ``n``, like ``blas_threads``."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        yield False
-        return
-    libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
-    np_dir = os.path.dirname(os.path.abspath(np.__file__))
-    mine = [lib for lib in libs
-            if os.path.abspath(lib.filepath).startswith((np_dir + os.sep, np_dir + ".libs"))]
-    if not mine:
-        mine = libs
-    saved = [(lib, lib.num_threads) for lib in libs]
-    try:
-        for lib in libs:
-            lib.set_num_threads(n if lib in mine else 1)
-        yield True
-    finally:
-        for lib, t in saved:
-            lib.set_num_threads(t)
-
-
 def _linear_record(case: LinearCase, shape: GemmShape, threads: int, isa: str,
                    activation: Optional[str], bias: bool) -> dict:
     return {"op": "linear", "m": shape.m, "k": shape.k, "n": shape.n, "threads": threads,
@@ -928,34 +971,17 @@ def _time_linear_case(prob: LinearProblem, case: LinearCase, threads: int, torch
                       *, budget: float, min_reps: int, peak_core: float,
                       activation: Optional[str] = None, bias: bool = True) -> dict:
     """Check one implementation's output once, then time it; fills and returns rec."""
-    with contextlib.ExitStack() as stack:
-        if case.impl == "numpy":
-            rec["threads_limited"] = stack.enter_context(numpy_blas_threads(threads))
-        elif case.impl == "torch":
-            stack.enter_context(torch_threads(torch, threads))
-            rec["threads_limited"] = True
-        try:
-            fn = prob.call(case, threads, torch, bias=bias, activation=activation)
-            ref = prob.ref_for(activation) if bias else (
-                prob.ref - prob.bias if activation is None else None)
-            got = to_numpy32(fn())
-            err = rel_error(got, ref) if ref is not None else 0.0
-        except Exception as e:  # a baseline that cannot run is reported, not fatal
-            rec.update(ok=False, error=f"{type(e).__name__}: {e}")
-            return rec
-        tol = (LINEAR_REL_TOL if case.impl == "pykernels" else
-               LINEAR_BASELINE_REL_TOL)[case.precision]
-        rec["rel_error"] = err
-        rec["rel_tol"] = tol
-        rec["ok"] = bool(err <= tol)
-        if not rec["ok"]:
-            return rec
-        t = measure(fn, budget_s=budget, min_reps=min_reps)
-    rec.update(median_s=t.median_s, min_s=t.min_s, samples=t.samples, calls=t.calls,
-               gflops=prob.flops / t.median_s / 1e9,
-               gbytes_per_s=prob.bytes_moved(case.precision) / t.median_s / 1e9,
-               pct_peak=100.0 * prob.flops / t.median_s / 1e9 / (peak_core * threads))
-    return rec
+    ref = prob.ref_for(activation) if bias else (
+        prob.ref - prob.bias if activation is None else None)
+    tol = (LINEAR_REL_TOL if case.impl == "pykernels" else
+           LINEAR_BASELINE_REL_TOL)[case.precision]
+    limit = (numpy_blas_threads(threads) if case.impl == "numpy" else
+             torch_threads(torch, threads) if case.impl == "torch" else None)
+    time_checked(rec, functools.partial(prob.call, case, threads, torch, bias=bias,
+                                        activation=activation),
+                 lambda got: (rel_error(to_numpy32(got), ref) if ref is not None else 0.0, tol),
+                 budget=budget, min_reps=min_reps, limit=limit)
+    return add_rates(rec, prob.flops, prob.bytes_moved(case.precision), peak_core, threads)
 
 
 def run_bench_linear(args) -> int:
@@ -995,11 +1021,7 @@ def run_bench_linear(args) -> int:
     ours = [c for c in OUR_LINEAR_CASES if c.precision in precisions]
     baselines = [] if args.no_baselines else [
         c for c in BASELINE_LINEAR_CASES if c.impl != "torch" or torch is not None]
-    have_tpc = True
-    try:
-        import threadpoolctl  # noqa: F401
-    except ImportError:
-        have_tpc = False
+    have_tpc = have_threadpoolctl()
 
     out = sys.stdout
     print(f"pykernels bench linear: x @ w + b, isa {info.isa} ({info.vendor} {info.model}, "
@@ -1061,30 +1083,10 @@ def run_bench_linear(args) -> int:
         _print_fused(fused, fused_shape, t, out)
 
     if args.json:
-        doc = {
-            "schema": "pykernels-bench/1",
-            "suite": "linear",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "argv": sys.argv,
-            "machine": machine_record(),
-            "torch_version": getattr(torch, "__version__", None),
-            "numpy_version": np.__version__,
-            "git_commit": git_commit(),
-            "cpu_info": cpu_info_dict(),
-            "blas_threads_limited": have_tpc,
-            "peak_gflops_per_core": peak_core,
-            "peak_source": peak_src,
-            "quick": bool(args.quick),
-            "budget_s": budget,
-            "min_reps": min_reps,
-            "rel_tol": dict(LINEAR_REL_TOL),
-            "results": results,
-            "summary": summary,
-            "fused": fused,
-        }
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        write_bench_json(args.json, "linear", torch=torch, have_tpc=have_tpc,
+                         peak_core=peak_core, peak_src=peak_src, quick=args.quick, budget=budget,
+                         min_reps=min_reps, rel_tol=dict(LINEAR_REL_TOL), results=results,
+                         summary=summary, fused=fused)
         print(f"wrote {args.json}", file=out)
     if failed:
         print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
@@ -1118,10 +1120,6 @@ def _print_linear_rows(shape: GemmShape, threads: int, row: List[dict], out) -> 
             print(f"{'':21}^ {label}: {why}", file=out)
 
 
-def _best(recs: List[dict], **match) -> Optional[dict]:
-    ok = [r for r in recs if r.get("ok") and "median_s" in r
-          and all(r.get(k) == v for k, v in match.items())]
-    return min(ok, key=lambda r: r["median_s"]) if ok else None
 
 
 def _linear_summary(results: List[dict], precisions) -> List[dict]:
@@ -1129,11 +1127,8 @@ def _linear_summary(results: List[dict], precisions) -> List[dict]:
     our fp32 of the same variant (the issue's "bf16 >= 1.8x our fp32 latency"
     ratios), and each baseline's median over our best of the same precision
     (> 1 means pykernels is faster)."""
-    groups: Dict[tuple, List[dict]] = {}
-    for r in results:
-        groups.setdefault((r["m"], r["k"], r["n"], r["threads"]), []).append(r)
     summary = []
-    for (m, k, n, t), recs in groups.items():
+    for (m, k, n, t), recs in _group(results, ("m", "k", "n", "threads")).items():
         entry = {"m": m, "k": k, "n": n, "threads": t, "best": {}, "vs_fp32": {},
                  "baselines": {}}
         for p in precisions:
@@ -1245,14 +1240,611 @@ def _print_fused(rows: List[dict], shape: GemmShape, threads: int, out) -> None:
 
 
 # --------------------------------------------------------------------------
+# bench attention
+# --------------------------------------------------------------------------
+
+class AttnShape(NamedTuple):
+    """One attention benchmark shape. ``kind``: "decode" (decode_attention, one
+    query token per sequence, a full KV cache of length ``skv``), "causal"
+    (causal prefill, Sq = Skv) or "padded" (non-causal, mixed kv_lens: the
+    MiniLM encoder's padded batch)."""
+    kind: str
+    b: int
+    hq: int
+    hkv: int
+    sq: int            # 1 for decode
+    skv: int
+    d: int
+    big: bool = False  # skipped by --no-big
+
+    @property
+    def op(self) -> str:
+        return "decode_attention" if self.kind == "decode" else "attention"
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "causal"
+
+    @property
+    def padded(self) -> bool:
+        return self.kind == "padded"
+
+    @property
+    def label(self) -> str:
+        if self.kind == "decode":
+            return f"decode B={self.b} H{self.hq}/{self.hkv} L{self.skv}"
+        heads = f"H{self.hq}" if self.hq == self.hkv else f"H{self.hq}/{self.hkv}"
+        return f"{self.kind} B={self.b} {heads} S{self.sq}"
+
+
+# The shapes of issue 4: decode B in {1, 8}, Hq=32, Hkv in {32, 8}, D=128,
+# L in {512, 2048, 8192}; causal prefill B=1, H=32, D=128, S in {512, 2048};
+# MiniLM (all-MiniLM-L6-v2 attention: H=12, D=32) B=32, S=128 padded to mixed
+# lengths. B=8 L=8192 Hkv=32 streams 2 GiB of fp32 K/V per call (and the run
+# holds fp32, bf16 and paged copies: ~7.5 GiB): big, skipped by --no-big.
+ATTENTION_TARGETS: Tuple[AttnShape, ...] = (
+    *(AttnShape("decode", b, 32, hkv, 1, L, 128, big=(b == 8 and L == 8192))
+      for b in (1, 8) for hkv in (32, 8) for L in (512, 2048, 8192)),
+    AttnShape("causal", 1, 32, 32, 512, 512, 128),
+    AttnShape("causal", 1, 32, 32, 2048, 2048, 128),
+    AttnShape("padded", 32, 12, 12, 128, 128, 32),
+)
+# A smoke set: every kind, GQA, a KV length and head count off any tile size.
+ATTENTION_QUICK: Tuple[AttnShape, ...] = (
+    AttnShape("decode", 2, 8, 2, 1, 200, 64),
+    AttnShape("causal", 1, 4, 4, 96, 96, 64),
+    AttnShape("padded", 4, 12, 12, 32, 32, 32),
+)
+ATTENTION_KINDS = ("decode", "causal", "padded")
+ATTENTION_PRECISIONS = ("fp32", "bf16")
+
+# The targets of issue 4: (shape, what is compared, at least). "torch fp32"
+# and "torch bf16": torch SDPA's median over our best of that precision
+# (contiguous cache); "bf16 vs fp32": our best fp32 median over our best bf16.
+ATTENTION_GOALS: Tuple[Tuple[AttnShape, str, float], ...] = (
+    (AttnShape("decode", 1, 32, 32, 1, 2048, 128), "torch fp32", 1.0),
+    (AttnShape("decode", 1, 32, 32, 1, 2048, 128), "bf16 vs fp32", 1.7),
+    (AttnShape("decode", 1, 32, 8, 1, 8192, 128), "torch fp32", 2.5),
+    (AttnShape("decode", 1, 32, 8, 1, 8192, 128), "torch bf16", 2.5),
+    (AttnShape("decode", 8, 32, 32, 1, 2048, 128), "torch fp32", 1.5),
+    (AttnShape("causal", 1, 32, 32, 2048, 2048, 128), "torch fp32", 1.0),
+    (AttnShape("causal", 1, 32, 32, 2048, 2048, 128), "torch bf16", 1.6),
+    (AttnShape("causal", 1, 32, 32, 2048, 2048, 128), "bf16 vs fp32", 0.9),
+    (AttnShape("padded", 32, 12, 12, 128, 128, 32), "torch fp32", 1.5),
+)
+
+# Our results are checked against a float64 reference on the same (bf16-
+# rounded where bf16) inputs: softmax and accumulation are fp32, so the error
+# is ~sqrt(D) eps32 times the logit magnitude (~1e-6 here); 1e-4 catches a
+# wrong tile or mask. torch bf16 computes in bf16 (P and the output rounded to
+# an 8-bit mantissa): it is only checked for computing the same thing.
+ATTENTION_REL_TOL = 1e-4
+ATTENTION_BASELINE_REL_TOL = {"fp32": 1e-4, "bf16": 2e-2}
+# vLLM's default block size.
+ATTENTION_BLOCK_SIZE = 16
+
+
+def _bf16_dtype():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+class AttnCase(NamedTuple):
+    impl: str                 # "pykernels" | "numpy" | "torch"
+    precision: str            # "fp32" | "bf16"
+    variant: Optional[str]    # pykernels: "latency" | "throughput"; baselines: None
+    layout: Optional[str]     # decode, pykernels: "contiguous" | "paged"; else None
+
+    @property
+    def label(self) -> str:
+        if self.impl == "pykernels":
+            return " ".join(x for x in (self.precision, self.variant, self.layout) if x)
+        return f"{self.impl} {self.precision}" + (" sdpa" if self.impl == "torch" else "")
+
+
+def attention_cases(shape: AttnShape, precisions, *, paged: bool = True,
+                    baselines: bool = True, torch=None) -> List[AttnCase]:
+    """Ours (precision x variant, x layout for decode), then NumPy fp32 and
+    torch SDPA in each precision."""
+    layouts = ((("contiguous", "paged") if paged else ("contiguous",))
+               if shape.kind == "decode" else (None,))
+    cases = [AttnCase("pykernels", p, v, lay) for p in precisions
+             for lay in layouts for v in ("latency", "throughput")]
+    if baselines:
+        cases.append(AttnCase("numpy", "fp32", None, None))
+        if torch is not None:
+            cases += [AttnCase("torch", p, None, None) for p in precisions]
+    return cases
+
+
+def numpy_attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None):
+    """Attention as a NumPy user would write it, in the inputs' float dtype:
+    q (B, Hq, Sq, D), k and v (B, Hkv, Skv, D). The query heads of a group are
+    stacked against their shared K/V head (no np.repeat copy of K/V), an
+    additive 0/-inf mask, softmax in place, two batched BLAS matmuls. Rows that
+    see no key return zeros."""
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dt = q.dtype
+    scale = (1.0 / math.sqrt(d)) if scale is None else scale
+    s = q.reshape(b, hkv, g * sq, d) @ np.swapaxes(k, -1, -2)    # (B, Hkv, g*Sq, Skv)
+    s *= dt.type(scale)
+    if causal or kv_lens is not None:
+        L = np.full(b, skv) if kv_lens is None else np.asarray(kv_lens)
+        j = np.arange(skv)
+        ok = j[None, None, :] < L[:, None, None]                  # (B, 1, Skv)
+        if causal:
+            i = np.arange(sq)
+            ok = ok & (j[None, None, :] <= i[None, :, None] + (L - sq)[:, None, None])
+        bias = np.where(ok, dt.type(0), dt.type(-np.inf)).astype(dt)
+        s5 = s.reshape(b, hkv, g, sq, skv)
+        s5 += bias.reshape(b, 1, 1, bias.shape[1], skv)
+    m = s.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0
+    s -= m
+    np.exp(s, out=s)
+    den = s.sum(axis=-1, keepdims=True)
+    den[den == 0] = 1
+    o = s @ v
+    o /= den
+    return o.reshape(b, hq, sq, d)
+
+
+def attention_ref64(q, k, v, *, causal: bool = False, kv_lens=None) -> np.ndarray:
+    """The float64 oracle, one (batch item, KV head) at a time so the largest
+    shapes (2 GiB of K/V) need no float64 copy of the whole cache."""
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = np.zeros((b, hq, sq, d))
+    for bi in range(b):
+        L = skv if kv_lens is None else int(kv_lens[bi])
+        for h in range(hkv):
+            qq = np.asarray(q[bi, h * g:(h + 1) * g], np.float64).reshape(g * sq, d)
+            kk = np.asarray(k[bi, h, :L], np.float64)
+            vv = np.asarray(v[bi, h, :L], np.float64)
+            s = (qq @ kk.T) / math.sqrt(d)
+            if causal:
+                i = np.tile(np.arange(sq), g)
+                s[np.arange(L)[None, :] > (i + L - sq)[:, None]] = -np.inf
+            m = s.max(axis=-1, keepdims=True)
+            m[~np.isfinite(m)] = 0
+            p = np.exp(s - m)
+            den = p.sum(axis=-1, keepdims=True)
+            den[den == 0] = 1
+            out[bi, h * g:(h + 1) * g] = ((p @ vv) / den).reshape(g, sq, d)
+    return out
+
+
+class AttnProblem:
+    """Inputs of one attention shape in fp32 and bf16 (contiguous, and paged
+    for decode), kv_lens, the float64 references, built on first use and
+    shared by every implementation timed on the shape."""
+
+    def __init__(self, shape: AttnShape, seed: int = 0,
+                 block_size: int = ATTENTION_BLOCK_SIZE):
+        s = shape
+        rng = np.random.default_rng(seed)
+        self.shape, self.block_size = s, block_size
+        self.q = rng.standard_normal((s.b, s.hq, s.sq, s.d), dtype=np.float32)
+        self.k = rng.standard_normal((s.b, s.hkv, s.skv, s.d), dtype=np.float32)
+        self.v = rng.standard_normal((s.b, s.hkv, s.skv, s.d), dtype=np.float32)
+        if s.padded:  # mixed lengths in [S/4, S], the first sequence full
+            self.lens = rng.integers(s.skv // 4, s.skv + 1, s.b).astype(np.int64)
+            self.lens[0] = s.skv
+        elif s.kind == "decode":
+            self.lens = np.full(s.b, s.skv, np.int64)
+        else:
+            self.lens = None
+        self._perm = rng.permutation(s.b * -(-s.skv // block_size))
+        self._inputs: Dict[str, tuple] = {"fp32": (self.q, self.k, self.v)}
+        self._paged: Dict[str, tuple] = {}
+        self._ref: Dict[str, np.ndarray] = {}
+        self._torch: Dict[str, tuple] = {}
+
+    def inputs(self, precision: str):
+        """(q, k, v) in ``precision`` (bf16: rounded from the fp32 inputs)."""
+        if precision not in self._inputs:
+            bf = _bf16_dtype()
+            self._inputs[precision] = tuple(x.astype(bf) for x in (self.q, self.k, self.v))
+        return self._inputs[precision]
+
+    def paged(self, precision: str):
+        """(k_pool, v_pool, block_table): the cache in (num_blocks, Hkv,
+        block_size, D) blocks at shuffled physical positions, as a vLLM block
+        allocator leaves them after some churn."""
+        if precision not in self._paged:
+            s, bs = self.shape, self.block_size
+            nb = -(-s.skv // bs)
+            pools = []
+            for x in self.inputs(precision)[1:]:
+                if nb * bs != s.skv:
+                    x = np.concatenate([x, np.zeros((s.b, s.hkv, nb * bs - s.skv, s.d),
+                                                    x.dtype)], axis=2)
+                blocks = x.reshape(s.b, s.hkv, nb, bs, s.d).transpose(0, 2, 1, 3, 4)
+                pool = np.empty((s.b * nb, s.hkv, bs, s.d), x.dtype)
+                pool[self._perm] = blocks.reshape(s.b * nb, s.hkv, bs, s.d)
+                pools.append(pool)
+            table = self._perm.reshape(s.b, nb).astype(np.int32)
+            self._paged[precision] = (pools[0], pools[1], table)
+        return self._paged[precision]
+
+    def ref(self, precision: str) -> np.ndarray:
+        """float64 attention of the inputs in ``precision``, shaped like our output."""
+        if precision not in self._ref:
+            q, k, v = self.inputs(precision)
+            r = attention_ref64(q, k, v, causal=self.shape.causal,
+                                kv_lens=self.lens if self.shape.kind != "decode" else None)
+            self._ref[precision] = r[:, :, 0] if self.shape.kind == "decode" else r
+        return self._ref[precision]
+
+    @property
+    def flops(self) -> int:
+        """2 matmuls x 2 flops x the (query, key) pairs that are not masked."""
+        s = self.shape
+        if s.causal:
+            pairs = sum(min(s.skv, i + s.skv - s.sq + 1) for i in range(s.sq)) * s.b
+        elif self.lens is not None:
+            pairs = s.sq * int(np.sum(self.lens))
+        else:
+            pairs = s.b * s.sq * s.skv
+        return 4 * s.hq * pairs * s.d
+
+    def kv_bytes(self, precision: str) -> int:
+        """K and V bytes a call must read at least once (decode: the GB/s floor)."""
+        s = self.shape
+        keys = int(np.sum(self.lens)) if self.lens is not None else s.b * s.skv
+        return 2 * keys * s.hkv * s.d * (2 if precision == "bf16" else 4)
+
+    def call(self, case: AttnCase, threads: int, torch=None) -> Callable[[], object]:
+        """A no-argument callable computing the shape's attention with ``case``.
+
+        pykernels writes into a preallocated output, as a serving loop would;
+        NumPy and torch return a new array per call (SDPA has no ``out=``)."""
+        import pykernels as pk
+
+        s = self.shape
+        if case.impl == "pykernels":
+            q, k, v = self.inputs(case.precision)
+            if s.kind == "decode":
+                q = q[:, :, 0]
+                out = np.empty((s.b, s.hq, s.d), np.float32)
+                table = None
+                if case.layout == "paged":
+                    k, v, table = self.paged(case.precision)
+                return functools.partial(pk.decode_attention, q, k, v, self.lens,
+                                         block_table=table, out=out, variant=case.variant,
+                                         threads=threads)
+            out = np.empty((s.b, s.hq, s.sq, s.d), np.float32)
+            return functools.partial(pk.attention, q, k, v, causal=s.causal,
+                                     kv_lens=self.lens, out=out, variant=case.variant,
+                                     threads=threads)
+        if case.impl == "numpy":
+            if case.precision != "fp32":
+                raise ValueError("the NumPy baseline is fp32 only")
+            fn = functools.partial(numpy_attention, self.q, self.k, self.v, causal=s.causal,
+                                   kv_lens=self.lens if s.padded else None)
+            if s.kind == "decode":
+                return lambda: fn()[:, :, 0]
+            return fn
+        if case.impl == "torch":
+            return self._torch_call(torch, case.precision)
+        raise ValueError(f"unknown impl {case.impl!r}")
+
+    def _torch_call(self, torch, precision: str):
+        if torch is None:
+            raise ValueError("torch is not installed")
+        s = self.shape
+        if precision not in self._torch:
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+            q, k, v = (torch.from_numpy(x).to(dt) for x in (self.q, self.k, self.v))
+            mask = None
+            if s.padded:  # boolean key-padding mask, True = attend: (B, 1, 1, Skv)
+                j = torch.arange(s.skv)
+                mask = (j[None, :] < torch.from_numpy(self.lens)[:, None])[:, None, None, :]
+            self._torch[precision] = (q, k, v, mask)
+        q, k, v, mask = self._torch[precision]
+        kw = {"enable_gqa": True} if s.hq != s.hkv else {}
+        sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v,
+                                 attn_mask=mask, is_causal=s.causal, **kw)
+        if s.kind == "decode":
+            return lambda: sdpa()[:, :, 0]
+        return sdpa
+
+
+def _add_attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kinds", metavar="K,...", default=",".join(ATTENTION_KINDS),
+                   help="which shapes: decode (decode_attention over a KV cache), causal "
+                        "(causal prefill), padded (MiniLM batch with mixed lengths); "
+                        "default all")
+    p.add_argument("--precisions", metavar="P,...", default=",".join(ATTENTION_PRECISIONS),
+                   help="precisions of Q/K/V to time (default: fp32,bf16)")
+    p.add_argument("--block-size", type=_positive_int, default=ATTENTION_BLOCK_SIZE,
+                   metavar="N", help="tokens per block of the paged decode cache "
+                                     f"(default {ATTENTION_BLOCK_SIZE}, as vLLM)")
+    p.add_argument("--no-paged", action="store_true",
+                   help="decode: time the contiguous cache only")
+    p.add_argument("--no-big", action="store_true",
+                   help="skip decode B=8 L=8192 Hkv=32 (2 GiB of fp32 K/V per call; the run "
+                        "holds ~7.5 GiB of copies)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="time pykernels only (no NumPy/torch)")
+
+
+def _split_choices(text: str, choices, what: str) -> Tuple[str, ...]:
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in got if x not in choices]
+    if bad or not got:
+        raise ValueError(f"bad {what} {bad[0] if bad else text!r}: expected a comma-separated "
+                         f"subset of {','.join(choices)}")
+    return got
+
+
+def run_bench_attention(args) -> int:
+    """attention and decode_attention (fp32/bf16, both variants) vs torch SDPA and NumPy."""
+    import pykernels as pk
+
+    try:
+        kinds = _split_choices(args.kinds, ATTENTION_KINDS, "kind")
+        precisions = _split_choices(args.precisions, ATTENTION_PRECISIONS, "precision")
+        if "bf16" in precisions:
+            _bf16_dtype()
+    except ValueError as e:
+        print(f"pykernels bench attention: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError:
+        print("pykernels bench attention: error: bf16 needs ml_dtypes (pip install ml_dtypes), "
+              "or pass --precisions fp32", file=sys.stderr)
+        return 2
+    info = pk.cpu_info()
+    threads = args.threads if args.threads is not None else pk.get_num_threads()
+    pool = ATTENTION_QUICK if args.quick else ATTENTION_TARGETS
+    shapes = [s for s in pool if s.kind in kinds and not (args.no_big and s.big)]
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.3)
+    min_reps = 3 if args.quick else 5
+    peak_core, peak_src = peak_per_core(info.isa, args.peak_gflops)
+    torch = None if args.no_baselines else import_torch()
+    have_tpc = have_threadpoolctl()
+
+    out = sys.stdout
+    print(f"pykernels bench attention: isa {info.isa} ({info.vendor} {info.model}, "
+          f"{info.cores} cores), pykernels {pk.__version__}, {threads} threads; "
+          f"load average {os.getloadavg()[0]:.2f}", file=out)
+    if not args.no_baselines:
+        note = (f"torch {torch.__version__} F.scaled_dot_product_attention (fp32 and bf16 "
+                "tensors, enable_gqa=True for GQA, is_causal, boolean mask when padded), "
+                f"{threads} threads" if torch is not None else "torch not installed")
+        print(f"baselines: NumPy {np.__version__} fp32 (grouped batched matmuls, softmax in "
+              f"place; BLAS at {threads} threads"
+              + ("" if have_tpc else ": threadpoolctl not installed, default threads")
+              + f"), {note}", file=out)
+    print(f"timing: median over >= {min_reps} samples in {budget:g} s per case after warm-up; "
+          f"every pykernels result checked against float64 (rel. error <= "
+          f"{ATTENTION_REL_TOL:g}); paged decode: {args.block_size}-token blocks, shuffled; "
+          f"peak {peak_core:g} GFLOP/s per core "
+          f"({'assumed for ' + info.isa if peak_src == 'assumed' else 'from ' + peak_src})",
+          file=out)
+    print("ratios: torch/x = torch SDPA of the same precision / this row, NumPy/x = NumPy "
+          "fp32 / this row (> 1: this row is faster); GB/s = K+V bytes / median (decode)",
+          file=out)
+    out.flush()
+
+    print(file=out)
+    print(_ATT_ROW_FMT.format("shape", "D", "impl", "median", "GFLOP/s", "%peak", "GB/s",
+                              "rel.err", "torch/x", "NumPy/x"), file=out)
+    results: List[dict] = []
+    failed = False
+    prev_impl = None
+    for shape in shapes:
+        prob = AttnProblem(shape, block_size=args.block_size)
+        row: List[dict] = []
+        for case in attention_cases(shape, precisions, paged=not args.no_paged,
+                                    baselines=not args.no_baselines, torch=torch):
+            # OpenBLAS and torch (OpenMP) workers, and our latency pool's,
+            # spin after a call before sleeping; on a 2-core machine they
+            # would steal a core from the next implementation timed.
+            if prev_impl is not None and case.impl != prev_impl:
+                time.sleep(0.15)
+            prev_impl = case.impl
+            rec = {"op": shape.op, "kind": shape.kind, "b": shape.b, "hq": shape.hq,
+                   "hkv": shape.hkv, "sq": shape.sq, "skv": shape.skv, "d": shape.d,
+                   "causal": shape.causal, "padded": shape.padded,
+                   "kv_lens": None if prob.lens is None else prob.lens.tolist(),
+                   "threads": threads, "impl": case.impl, "variant": case.variant,
+                   "precision": case.precision, "layout": case.layout, "isa": info.isa,
+                   "flops": prob.flops, "kv_bytes": prob.kv_bytes(case.precision)}
+            if case.layout == "paged":
+                rec["block_size"] = args.block_size
+            tol = (ATTENTION_REL_TOL if case.impl == "pykernels" else
+                   ATTENTION_BASELINE_REL_TOL[case.precision])
+            limit = (numpy_blas_threads(threads) if case.impl == "numpy" else
+                     torch_threads(torch, threads) if case.impl == "torch" else None)
+            time_checked(rec, functools.partial(prob.call, case, threads, torch),
+                         lambda got, ref=functools.partial(prob.ref, case.precision), tol=tol:
+                         (rel_error(to_numpy32(got), ref()), tol),
+                         budget=budget, min_reps=min_reps, limit=limit)
+            add_rates(rec, prob.flops, rec["kv_bytes"] if shape.kind == "decode" else None,
+                      peak_core, threads)
+            if case.impl == "pykernels" and not (rec.get("ok") and "median_s" in rec):
+                failed = True
+            row.append(rec)
+            results.append(rec)
+        _print_attention_rows(shape, row, out)
+        out.flush()
+        del prob
+
+    summary = _attention_summary(results, precisions)
+    _print_attention_summary(summary, precisions, torch is not None, out)
+    goals = _attention_goals(summary)
+    if goals:
+        _print_attention_goals(goals, out)
+    print(f"load average after: {os.getloadavg()[0]:.2f}", file=out)
+
+    if args.json:
+        write_bench_json(args.json, "attention", torch=torch, have_tpc=have_tpc,
+                         peak_core=peak_core, peak_src=peak_src, quick=args.quick,
+                         budget=budget, min_reps=min_reps,
+                         rel_tol={"pykernels": ATTENTION_REL_TOL,
+                                  "baselines": dict(ATTENTION_BASELINE_REL_TOL)},
+                         results=results, summary=summary, targets=goals,
+                         threads=threads, block_size=args.block_size,
+                         load_average=list(os.getloadavg()))
+        print(f"wrote {args.json}", file=out)
+    if failed:
+        print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+_ATT_ROW_FMT = "{:<23} {:>3}  {:<26} {:>9} {:>8} {:>6} {:>6} {:>8} {:>7} {:>7}"
+
+
+def _print_attention_rows(shape: AttnShape, row: List[dict], out) -> None:
+    def med(impl, precision):
+        r = _best(row, impl=impl, precision=precision)
+        return r["median_s"] if r else None
+
+    np_med = med("numpy", "fp32")
+    for i, rec in enumerate(row):
+        timed = rec.get("ok") and "median_s" in rec
+        label = AttnCase(rec["impl"], rec["precision"], rec["variant"], rec["layout"]).label
+        t_med = med("torch", rec["precision"])
+        tr = (f"{t_med / rec['median_s']:.2f}x" if timed and t_med and rec["impl"] != "torch"
+              else "")
+        nr = (f"{np_med / rec['median_s']:.2f}x" if timed and np_med and rec["impl"] != "numpy"
+              else "")
+        err = rec.get("rel_error")
+        print(_ATT_ROW_FMT.format(
+            shape.label if i == 0 else "", shape.d if i == 0 else "", label, _cell_time(rec),
+            f"{rec['gflops']:.1f}" if timed else "-",
+            f"{rec['pct_peak']:.0f}%" if timed else "-",
+            f"{rec['gbytes_per_s']:.1f}" if timed and "gbytes_per_s" in rec else "-",
+            f"{err:.2g}" if err is not None else "-", tr, nr), file=out)
+        if not timed:
+            why = rec.get("error") or (f"rel. error {rec.get('rel_error', float('nan')):.3g} > "
+                                       f"{rec.get('rel_tol', float('nan')):g}")
+            print(f"{'':28}^ {label}: {why}", file=out)
+
+
+def _attention_summary(results: List[dict], precisions) -> List[dict]:
+    """Per shape: our best of each precision over variants on the contiguous
+    cache (what torch and NumPy see), the best paged one, our fp32 over our bf16,
+    and each baseline's median over our best of the same precision (> 1 means
+    pykernels is faster; NumPy is fp32 and is compared with our fp32)."""
+    keys = ("kind", "b", "hq", "hkv", "sq", "skv", "d", "threads")
+    summary = []
+    for key, recs in _group(results, keys).items():
+        entry = dict(zip(keys, key))
+        entry.update(best={}, paged={}, bf16_vs_fp32=None, baselines={})
+        for p in precisions:
+            lay = "contiguous" if entry["kind"] == "decode" else None
+            b = _best(recs, impl="pykernels", precision=p, layout=lay)
+            entry["best"][p] = None if b is None else {
+                k: b.get(k) for k in ("variant", "median_s", "gflops", "gbytes_per_s")}
+            if entry["kind"] == "decode":
+                pb = _best(recs, impl="pykernels", precision=p, layout="paged")
+                entry["paged"][p] = None if pb is None else {
+                    k: pb.get(k) for k in ("variant", "median_s", "gflops", "gbytes_per_s")}
+        f32, b16 = entry["best"].get("fp32"), entry["best"].get("bf16")
+        if f32 and b16:
+            entry["bf16_vs_fp32"] = f32["median_s"] / b16["median_s"]
+        for impl, p in [("numpy", "fp32")] + [("torch", p) for p in precisions]:
+            rec = _best(recs, impl=impl, precision=p)
+            ours = entry["best"].get(p)
+            entry["baselines"][f"{impl} {p}"] = None if rec is None else {
+                "median_s": rec["median_s"], "rel_error": rec["rel_error"],
+                "gbytes_per_s": rec.get("gbytes_per_s"),
+                "ratio": rec["median_s"] / ours["median_s"] if ours else None}
+        summary.append(entry)
+    return summary
+
+
+def _summary_label(e: dict) -> str:
+    return AttnShape(e["kind"], e["b"], e["hq"], e["hkv"], e["sq"], e["skv"], e["d"]).label
+
+
+def _print_attention_summary(summary: List[dict], precisions, with_torch: bool, out) -> None:
+    print(file=out)
+    print("best of pykernels per precision on the contiguous cache (L = latency, T = "
+          "throughput) with GB/s for decode; 'paged' = best paged median / best contiguous "
+          "(fp32); 'bf16 x' = our fp32 / our bf16; baselines: median and baseline / our best "
+          "of the same precision (NumPy: vs our fp32)", file=out)
+    base = ["numpy fp32"] + ([f"torch {p}" for p in precisions] if with_torch else [])
+    head = "{:<23} {:>3}".format("shape", "D")
+    for p in precisions:
+        head += f"  {p + ' best':>11} {'GB/s':>5}"
+    head += f" {'paged':>6}" + (f" {'bf16 x':>6}" if len(precisions) > 1 else "")
+    for b in base:
+        head += f"  {b:>16}"
+    print(head, file=out)
+    for e in summary:
+        line = "{:<23} {:>3}".format(_summary_label(e), e["d"])
+        for p in precisions:
+            b = e["best"].get(p)
+            cell = "-" if b is None else f"{b['variant'][0].upper()} {fmt_time(b['median_s'])}"
+            gbs = b.get("gbytes_per_s") if b else None
+            line += f"  {cell:>11} {(f'{gbs:.1f}' if gbs else '-'):>5}"
+        pg, ct = e["paged"].get("fp32"), e["best"].get("fp32")
+        paged = f"{pg['median_s'] / ct['median_s']:.2f}x" if pg and ct else "-"
+        line += f" {paged:>6}"
+        if len(precisions) > 1:
+            v = e["bf16_vs_fp32"]
+            line += f" {(f'{v:.2f}x' if v else '-'):>6}"
+        for lbl in base:
+            b = e["baselines"].get(lbl)
+            if b is None:
+                line += f"  {'-':>16}"
+            else:
+                ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else "-"
+                line += f"  {fmt_time(b['median_s']):>9} {ratio:>6}"
+        print(line, file=out)
+
+
+def _attention_goals(summary: List[dict]) -> List[dict]:
+    """The issue-4 targets whose shapes were measured, each with its measured ratio."""
+    goals = []
+    for shape, what, at_least in ATTENTION_GOALS:
+        e = next((e for e in summary if (e["kind"], e["b"], e["hq"], e["hkv"], e["sq"],
+                                         e["skv"], e["d"]) == shape[:7]), None)
+        if e is None:
+            continue
+        if what == "bf16 vs fp32":
+            ratio = e["bf16_vs_fp32"]
+        else:
+            b = e["baselines"].get(what)
+            ratio = b["ratio"] if b else None
+        goals.append({"shape": shape.label, "d": shape.d, "threads": e["threads"],
+                      "compare": what, "target": at_least, "ratio": ratio,
+                      "met": None if ratio is None else bool(ratio >= at_least)})
+    return goals
+
+
+def _print_attention_goals(goals: List[dict], out) -> None:
+    print(file=out)
+    print("issue 4 targets (baseline median / our best of the same precision; our bf16 vs "
+          "our fp32 = our fp32 median / our bf16 median)", file=out)
+    for g in goals:
+        ratio = "-" if g["ratio"] is None else f"{g['ratio']:.2f}x"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        what = ("our bf16 vs our fp32" if g["compare"] == "bf16 vs fp32" else
+                f"vs {g['compare']} SDPA")
+        print(f"  {g['shape']:<23} {what:<20} >= {g['target']:.1f}x: {ratio:>6}  {verdict}",
+              file=out)
+
+
+# --------------------------------------------------------------------------
 # bench: suites
 # --------------------------------------------------------------------------
 
-# suite name -> (add_arguments, run). Add "attention" here.
+# suite name -> (add_arguments, run).
 BENCH_SUITES: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
                               Callable[[argparse.Namespace], int]]] = {
     "gemm": (_add_gemm_arguments, run_bench_gemm),
     "linear": (_add_linear_arguments, run_bench_linear),
+    "attention": (_add_attention_arguments, run_bench_attention),
 }
 
 
