@@ -27,6 +27,11 @@ ISA_UNITS = {
          "csrc/kernels/avx2/attention_avx2.cc"],
         ["-mavx2", "-mfma", "-mf16c"],
     ),
+    # int8 entry points only, swapped in when CPUID reports AVX-VNNI
+    "avx2_vnni": (
+        ["csrc/kernels/avx2/gemm_avx2_vnni.cc"],
+        ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"],
+    ),
     "avx512": (
         ["csrc/kernels/avx512/gemm_avx512.cc",
          "csrc/kernels/avx512/attention_avx512.cc"],

@@ -1,12 +1,12 @@
-"""The AVX-512 GEMM unit, executed without AVX-512 (issue 3).
+"""The AVX-512 and AVX-VNNI GEMM units, executed without those instructions (issue 3).
 
-``csrc/kernels/avx512/gemm_avx512.cc`` is compiled unchanged against SIMDe's
-portable implementations of the AVX-512 intrinsics (``tests/native/
-simde_shim/immintrin.h``) into a test driver, so its fp32, bf16, int8
-(vpmaddwd) and int8 AVX512_VNNI (vpdpbusd) tiles run on any x86-64 -- this
-project's development machines have AVX2 only. The driver
-(``tests/native/gemm_avx512_simde.cc``) checks every (precision, variant) of
-both AVX-512 tables against the generic path on the same packed weights: int8
+``csrc/kernels/avx512/gemm_avx512.cc`` and ``csrc/kernels/avx2/gemm_avx2_vnni.cc``
+are compiled unchanged against SIMDe's portable implementations of the
+intrinsics (``tests/native/simde_shim/immintrin.h``) into a test driver, so
+their fp32, bf16, int8 (vpmaddwd), int8 AVX512_VNNI and int8 AVX-VNNI (vpdpbusd)
+tiles run on any x86-64 -- this project's development machines have AVX2 only.
+The driver (``tests/native/gemm_avx512_simde.cc``) checks every (precision,
+variant) of those tables against the generic path on the same packed weights: int8
 bit-identical, fp32/bf16 within an accumulation-order bound. What this cannot
 show: SIMDe's emulation of each intrinsic is trusted to match the hardware,
 and nothing here measures speed.
@@ -23,9 +23,11 @@ from conftest import REPO_ROOT, build_native_driver
 simde_py = pytest.importorskip("simde_py", reason="simde-py (the test extra) provides SIMDe")
 
 SOURCES = ["tests/native/gemm_avx512_simde.cc", "csrc/kernels/avx512/gemm_avx512.cc",
+           "csrc/kernels/avx2/gemm_avx2_vnni.cc",
            "csrc/kernels/reference/gemm_generic.cc", "csrc/runtime/pack.cc",
            "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
 DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/gemm_impl.inc",
+        "csrc/kernels/avx2/gemm_avx2_traits.inc",
         "csrc/kernels/common/quantize.inc", "csrc/include/pykernels/gemm.h",
         "csrc/include/pykernels/runtime.h"]
 
@@ -39,5 +41,6 @@ def test_avx512_gemm_tables_match_generic_under_simde():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.endswith(" 0 failures"), summary
-    # 84 cases x 3 precisions x 2 variants x 2 tables x 2 blockings x 2 thread counts
-    assert int(summary.split()[2]) >= 4000, summary
+    # 84 cases x 2 variants x 2 blockings x 2 thread counts x (3 precisions of
+    # avx512::kGemm + the int8 of kI8Vnni and of kI8AvxVnni)
+    assert int(summary.split()[2]) >= 84 * 2 * 2 * 2 * 5, summary

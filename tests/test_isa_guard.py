@@ -113,3 +113,16 @@ def test_avx2_namespace_uses_no_zmm(functions):
     bad = sorted(n for n, (z, y, v) in functions.items()
                  if z and "pk::avx2::" in n and "pk::avx512::" not in n)
     assert not bad, _report(bad, functions, "pk::avx512:: (found in pk::avx2::)")
+
+
+def test_vnni_only_where_dispatch_checks_for_it(functions):
+    """vpdpbusd(s) runs only on CPUs with AVX-VNNI or AVX512_VNNI, which dispatch
+    checks before taking the int8 entries of pk::avx2::vnni:: (AVX-VNNI) or
+    avx512::kI8Vnni: the plain AVX2 and AVX-512F units must not contain it."""
+    vnni = {"vpdpbusd", "vpdpbusds", "vpdpwssd", "vpdpwssds"}
+    users = {n for n, (z, y, v) in functions.items() if v & vnni}
+    assert any("pk::avx2::vnni::" in n for n in users), "no vpdpbusd in pk::avx2::vnni:: - parser?"
+    assert any("VIVnni" in n and "pk::avx512::" in n for n in users), "no vpdpbusd in the avx512 VNNI tiles"
+    bad = sorted(n for n in users if "pk::avx2::vnni::" not in n
+                 and not ("pk::avx512::" in n and "VIVnni" in n))
+    assert not bad, _report(bad, functions, "the VNNI tiles")

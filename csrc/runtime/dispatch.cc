@@ -32,6 +32,15 @@ Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
   return b;
 }
 
+// Replaces a table's int8 entries by a VNNI scheme's.
+void use_int8(GemmKernels& table, const GemmPair& int8) {
+  const int p = static_cast<int>(Precision::kI8);
+  for (int v = 0; v < 2; ++v) {
+    table.names[p][v] = int8.names[v];
+    table.run[p][v] = int8.run[v];
+  }
+}
+
 }  // namespace
 
 void init_dispatch(const std::string& requested) {
@@ -55,17 +64,19 @@ void init_dispatch(const std::string& requested) {
   }
   switch (d.isa) {
     case Isa::kAvx512:
-      d.gemm = f.avx512_vnni ? &avx512::kGemmVnni : &avx512::kGemm;
+      d.gemm_table = avx512::kGemm;
+      if (f.avx512_vnni) use_int8(d.gemm_table, avx512::kI8Vnni);
       d.gemm_blocking = blocking_for(f, 6, 64);
       d.attention = &avx512::kAttention;
       break;
     case Isa::kAvx2:
-      d.gemm = &avx2::kGemm;
+      d.gemm_table = avx2::kGemm;
+      if (f.avx_vnni) use_int8(d.gemm_table, avx2::kI8AvxVnni);
       d.gemm_blocking = blocking_for(f, 6, 16);
       d.attention = &avx2::kAttention;
       break;
     default:
-      d.gemm = &generic::kGemm;
+      d.gemm_table = generic::kGemm;
       d.gemm_blocking = blocking_for(f, 4, 16);
       d.attention = &generic::kAttention;
       break;
@@ -82,6 +93,7 @@ void init_dispatch(const std::string& requested) {
   d.attention_tiling.l1d_bytes = f.l1d_bytes;
   d.attention_tiling.l2_bytes = f.l2_bytes;
   g_dispatch = d;
+  g_dispatch.gemm = &g_dispatch.gemm_table;
 }
 
 const Dispatch& dispatch() { return g_dispatch; }

@@ -1,17 +1,18 @@
-// Test driver: the AVX-512 GEMM translation unit, csrc/kernels/avx512/
-// gemm_avx512.cc, compiled unchanged against SIMDe's portable implementations
-// of the AVX-512 intrinsics (tests/native/simde_shim/immintrin.h), so every
-// tile of it -- fp32, bf16, int8 by vpmaddwd and int8 by AVX512_VNNI vpdpbusd
-// -- runs on any x86-64, including the AVX2-only machines this project is
-// developed on. Every (precision, variant) entry of avx512::kGemm and
-// avx512::kGemmVnni is checked against generic::kGemm on the same packed
-// weights, over edge shapes, strided A, alpha/beta/bias/activation, one and
-// two threads, and a small cache blocking that forces several K and M blocks:
+// Test driver: the GEMM translation units whose instructions the development
+// machines lack -- csrc/kernels/avx512/gemm_avx512.cc and csrc/kernels/avx2/
+// gemm_avx2_vnni.cc -- compiled unchanged against SIMDe's portable
+// implementations of the intrinsics (tests/native/simde_shim/immintrin.h), so
+// every tile of them -- fp32, bf16, int8 by vpmaddwd, int8 by AVX512_VNNI
+// vpdpbusd and by AVX-VNNI vpdpbusd -- runs on any x86-64. Every (precision,
+// variant) entry of avx512::kGemm, of avx512::kI8Vnni and of avx2::kI8AvxVnni
+// is checked against generic::kGemm on the same packed weights, over edge
+// shapes, strided A, alpha/beta/bias/activation, one and two threads, and a
+// small cache blocking that forces several K and M blocks:
 //   int8 with alpha = 1, beta = 0, no bias, no activation: bit-identical (the
 //        integer sums are exact and the epilogue is one rounding);
 //   otherwise: |avx512 - generic| <= 2e-5 * (sum_k |a||b| + |beta c| + |bias| + 1)
 //        (accumulation order and fused vs unfused multiply-add only).
-// Built and run by tests/test_gemm.py::test_avx512_units_under_simde.
+// Built and run by tests/test_avx512_simde.py.
 // Prints one line per failing case; exit status 1 if any failed.
 #include <cmath>
 #include <cstdint>
@@ -83,9 +84,25 @@ std::vector<float> run(const pk::GemmKernels& t, Precision prec, int variant, co
 
 }  // namespace
 
-namespace pk {
-namespace avx512 { extern const GemmKernels kGemm, kGemmVnni; }
+namespace {
+
+// A table under test: the entries of `rows` precisions only.
+struct Table {
+  pk::GemmKernels t;
+  bool rows[pk::kNumPrecisions];
+};
+
+Table with_int8(const pk::GemmKernels& base, const pk::GemmPair& int8, bool all_rows) {
+  Table out{base, {all_rows, all_rows, true}};
+  const int p = static_cast<int>(Precision::kI8);
+  for (int v = 0; v < 2; ++v) {
+    out.t.names[p][v] = int8.names[v];
+    out.t.run[p][v] = int8.run[v];
+  }
+  return out;
 }
+
+}  // namespace
 
 int main() {
   std::mt19937 rng(7);
@@ -108,7 +125,10 @@ int main() {
   // the 6x64 tile (KC = 128, MC = 384), and a small one that makes even these
   // shapes span several K and M blocks.
   const pk::Blocking blockings[] = {{128, 384, 512, 2 << 20}, {32, 12, 64, 64 << 10}};
-  const pk::GemmKernels* tables[] = {&pk::avx512::kGemm, &pk::avx512::kGemmVnni};
+  const Table tables[] = {
+      {pk::avx512::kGemm, {true, true, true}},
+      with_int8(pk::avx512::kGemm, pk::avx512::kI8Vnni, false),
+      with_int8(pk::generic::kGemm, pk::avx2::kI8AvxVnni, false)};
   int failures = 0, checks = 0;
   for (const Case& c : cases) {
     std::vector<float> a(c.m * c.k * c.a_cs), b(c.k * c.n), bias(c.n), c0(c.m * c.n);
@@ -133,7 +153,9 @@ int main() {
       for (int variant = 0; variant < 2; ++variant) {
         const std::vector<float> ref = run(pk::generic::kGemm, prec, variant, c, a, pw, bias, c0,
                                            1, blockings[0]);
-        for (const pk::GemmKernels* t : tables)
+        for (const Table& table : tables) {
+          if (!table.rows[p]) continue;
+          const pk::GemmKernels* t = &table.t;
           for (const pk::Blocking& blk : blockings)
             for (int threads = 1; threads <= 2; ++threads) {
               const std::vector<float> got = run(*t, prec, variant, c, a, pw, bias, c0, threads, blk);
@@ -156,6 +178,7 @@ int main() {
                             got[at], ref[at], exact ? " (must be bit-identical)" : "");
               }
             }
+        }
       }
     }
   }

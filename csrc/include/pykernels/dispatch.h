@@ -13,7 +13,9 @@ struct Dispatch {
   Isa isa = Isa::kGeneric;       // the ISA in use
   Isa supported = Isa::kGeneric; // the best the machine supports
   bool capped = false;           // PYKERNELS_ISA lowered it
-  const GemmKernels* gemm = nullptr;
+  const GemmKernels* gemm = nullptr;  // points at gemm_table
+  GemmKernels gemm_table;             // the ISA's table, int8 entries swapped for
+                                      // the VNNI ones when the CPU has them
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;

@@ -82,11 +82,21 @@ struct GemmKernels {
   GemmFn run[kNumPrecisions][2];
 };
 
+// One precision's two entry points: the int8 schemes that dispatch swaps into
+// a table when the CPU has the instruction (runtime/dispatch.cc).
+struct GemmPair {
+  const char* names[2];
+  GemmFn run[2];
+};
+
 namespace generic { extern const GemmKernels kGemm; }
-namespace avx2 { extern const GemmKernels kGemm; }
+namespace avx2 {
+extern const GemmKernels kGemm;    // int8 by vpmaddwd
+extern const GemmPair kI8AvxVnni;  // int8 by VEX vpdpbusd (AVX-VNNI)
+}
 namespace avx512 {
-extern const GemmKernels kGemm;      // int8 by vpmaddwd (AVX-512F/BW)
-extern const GemmKernels kGemmVnni;  // int8 by vpdpbusd (AVX512_VNNI), the rest shared
+extern const GemmKernels kGemm;    // int8 by vpmaddwd (AVX-512F/BW)
+extern const GemmPair kI8Vnni;     // int8 by vpdpbusd (AVX512_VNNI)
 }
 
 // ---- packing and quantization (baseline code, runtime/pack.cc) ---------------

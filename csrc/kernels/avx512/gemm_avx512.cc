@@ -5,7 +5,7 @@
 // bf16 widens the packed pairs to fp32 (a shift and a mask) and uses FMA: on
 // current Xeons vdpbf16ps runs at half the FMA rate, so convert-then-FMA keeps
 // fp32 speed at half the bytes. int8 uses vpdpbusd when the CPU has
-// AVX512_VNNI (kGemmVnni, chosen by dispatch) and otherwise the exact vpmaddwd
+// AVX512_VNNI (kI8Vnni, swapped in by dispatch) and otherwise the exact vpmaddwd
 // scheme of AVX2 at twice the width (kGemm). The VNNI tiles were never executed
 // on the machines this was developed on (AVX2 only): their algorithm is the
 // generic path's (gemm_generic.cc), tested everywhere; only the three
@@ -132,15 +132,9 @@ const GemmKernels kGemm = {
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};
 
-// Selected by dispatch when the CPU reports AVX512_VNNI; only int8 differs.
-const GemmKernels kGemmVnni = {
-    "avx512",
-    {{"gemm_avx512_f32_lat_6x64", "gemm_avx512_f32_6x64"},
-     {"gemm_avx512_bf16_lat_6x64", "gemm_avx512_bf16_6x64"},
-     {"gemm_avx512_i8vnni_lat_6x64", "gemm_avx512_i8vnni_6x64"}},
-    {{&f32_latency, &f32_throughput},
-     {&bf16_latency, &bf16_throughput},
-     {&i8_latency<VIVnni>, &i8_throughput<VIVnni>}}};
+// Swapped into the table by dispatch when the CPU reports AVX512_VNNI.
+const GemmPair kI8Vnni = {{"gemm_avx512_i8vnni_lat_6x64", "gemm_avx512_i8vnni_6x64"},
+                          {&i8_latency<VIVnni>, &i8_throughput<VIVnni>}};
 
 }  // namespace avx512
 }  // namespace pk

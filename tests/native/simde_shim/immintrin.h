@@ -25,3 +25,7 @@ static inline float pk_shim_mm512_reduce_add_ps(simde__m512 v) {
 #endif
 // The kernels' empty-asm register pins need a real vector register.
 #define PK_NO_REGISTER_PINS 1
+// AVX-VNNI's VEX vpdpbusd computes what the AVX512_VNNI/VL one does.
+#ifndef _mm256_dpbusd_avx_epi32
+#define _mm256_dpbusd_avx_epi32(src, a, b) simde_mm256_dpbusd_epi32(src, a, b)
+#endif

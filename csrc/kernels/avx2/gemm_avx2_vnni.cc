@@ -1,0 +1,65 @@
+// int8 GEMM with AVX-VNNI (the VEX-encoded vpdpbusd of Alder Lake, Sapphire
+// Rapids, Zen 5), compiled with -mavx2 -mfma -mf16c -mavxvnni. Only the int8
+// entry points are taken from this unit (dispatch.cc swaps them into the avx2
+// table when CPUID reports AVX-VNNI); the fp32/bf16 templates it includes are
+// never instantiated here. Its own namespace (pk::avx2::vnni), so no function
+// compiled with -mavxvnni can be merged into the plain AVX2 unit's callers.
+//
+// Same scheme as AVX-512 VNNI (see VIVnni in gemm_avx512.cc and the generic
+// model in gemm_generic.cc): weights flipped to u8 w + 128 by one vpxor per
+// 32-byte half panel group, s8 activations broadcast 4 at a time, the epilogue
+// removing 128 * sum_k a[k]. 32 multiply-adds per instruction against
+// vpmaddwd's 16 plus a widening and an add.
+// Registers (16 ymm): 2 accumulators per panel; 3 rows x 2 panels = 12
+// accumulators + 3 activation broadcasts + 1 weight = 16.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "pykernels/gemm.h"
+#include "pykernels/runtime.h"
+
+namespace pk {
+namespace avx2 {
+namespace vnni {
+
+#include "gemm_avx2_traits.inc"
+
+struct VIVnni {
+  using act_t = int8_t;
+  using reg = __m256i;
+  using wreg = __m256i;
+  using areg = __m256i;
+  static constexpr int kRegsPerPanel = 2;  // 32 bytes (8 columns x 4 k) each
+  static constexpr int kLanesPerCol = 1;
+  static constexpr int kWeightBias = 128;
+  // 1x96 (12 acc), 2x48 (12), 3x32 (12).
+  static constexpr int kMR = 3;
+  static constexpr int kMaxAcc = 12;
+  static constexpr int kLatNP[kMR + 1] = {1, 6, 3, 2};
+  static reg zero() { return _mm256_setzero_si256(); }
+  static areg bcast_a4(const int8_t* a) {
+    int32_t x;
+    std::memcpy(&x, a, sizeof(x));
+    return _mm256_set1_epi32(x);
+  }
+  static wreg widen(const int8_t* group_row, int g) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_row + 32 * g));
+    return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
+  static reg madd(reg acc, wreg w, areg a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
+  static void store(int32_t* p, reg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+
+#include "../common/gemm_impl.inc"
+
+}  // namespace vnni
+
+const GemmPair kI8AvxVnni = {{"gemm_avx2vnni_i8_lat_3x32", "gemm_avx2vnni_i8_3x32"},
+                             {&vnni::i8_latency<vnni::VIVnni>, &vnni::i8_throughput<vnni::VIVnni>}};
+
+}  // namespace avx2
+}  // namespace pk
