@@ -9,15 +9,21 @@ time p50/p99 of a batch of b, corrected by feedback):
 
 * arrival rate lambda: ``arrival_rate`` (items/s), else ``slo.min_throughput``
   (a bulk class must sustain at least that), else none (sporadic requests).
-* with a stream (lambda > 0): a batch waits at most ``max_wait = (b-1)/lambda``
-  to fill; the batch server is utilized ``rho = lambda * s50 / b``; batches of
-  b Poisson arrivals come Erlang-b spaced, so Kingman's mean wait is
-  ``W = s50 * rho / (1 - rho) * (1/b + cs^2) / 2`` (cs^2 from the measured
+* with a stream (lambda > 0), dynamic batching (a batch is dispatched when
+  the server is free, with up to b items, after at most max_wait): the
+  ``max(queued, 1)`` items waiting need ``b - max(queued, 1)`` more, and a
+  batch fills while the previous one runs, so ``max_wait = max(0, (b -
+  max(queued, 1)) / lambda - s50)``; the server is utilized ``rho = lambda *
+  s50 / b``; a request finds a batch in service with probability rho and
+  waits its residual, whose p99 is ``s50 * max(0, 1 - 0.01 / rho)``; on top,
+  batches of b Poisson arrivals come Erlang-b spaced, so Kingman's mean wait
+  is ``W = s50 * rho / (1 - rho) * (1/b + cs^2) / 2`` (cs^2 from the measured
   p99/p50 as a lognormal) and its p99 ``W / rho * ln(100 rho)`` (exponential
   tail); ``queued`` items ahead add ``floor(queued / b)`` batches.
-  ``p99 = drain + max(max_wait, queueing p99) + s99``. Checked against an
-  open-loop simulation of Poisson arrivals with dynamic batching: every plan
-  predicted feasible met its p99, predictions ~5-15% above the simulated p99.
+  ``p99 = drain + max(max_wait, residual p99 + queueing p99) + s99``.
+  Checked against policy.simulate (Poisson arrivals, lognormal service, fixed
+  plans with that max_wait, rho < 0.9, two machine-shaped curves, 94 cases):
+  never below the simulated p99, median 20% above it.
 * without a stream: the ``max(queued, 1)`` waiting items are served in batches
   of b, no waiting: ``p99 = (ceil(n / b) - 1) * s50 + s99``.
 
