@@ -6,6 +6,9 @@
   heldout [--path P] [--no-progress]   measure held-out shapes, report the cost
                                        model's prediction error on them
   show [--path P]                      print the cached profile's summary
+  simulate [--requests N] [--load F] [--seed S] [--warm] [--service-peak]
+                                       open-loop simulation: SLO attainment and
+                                       throughput of the policy vs static plans
 
 ``calibrate_main``, ``plan_main`` and ``heldout_main`` take an argv list, so the
 ``pykernels`` CLI can delegate its ``calibrate`` and ``plan`` commands here.
@@ -172,8 +175,13 @@ def show_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def simulate_main(argv: Optional[List[str]] = None) -> int:
+    from .simulate import main as sim_main
+    return sim_main(argv)
+
+
 COMMANDS = {"calibrate": calibrate_main, "plan": plan_main, "heldout": heldout_main,
-            "show": show_main}
+            "show": show_main, "simulate": simulate_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
