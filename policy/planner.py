@@ -744,34 +744,40 @@ class Policy:
             self._choices.clear()
 
     # --- variant="auto" hook ------------------------------------------------
-    def choose(self, op_name: str, m: int, k: int, n: int, precision: str) -> Optional[str]:
-        """The chooser installed by ``active()``: variant for one kernel call,
-        or None to let the kernel's size heuristic decide. Never raises.
-        ``chooser_calls`` and ``choice_counts`` (answers given, None included)
-        count its use; under concurrent calls the counts are approximate."""
+    def choose(self, op_name: str, m: int, k: int, n: int, precision: str,
+               threads: Optional[int] = None) -> Tuple[Optional[str], Optional[int]]:
+        """The chooser installed by ``active()``: (variant, threads) for one
+        ``variant="auto"`` kernel call, or None in either place to leave it to
+        the kernel (its size heuristic, the caller's or the default thread
+        count). ``threads``: the caller's thread count, or None -- only then
+        does the policy choose the threads too (among those the profile
+        measured). ``precision`` is the weight's (or the K/V cache's) as the
+        caller passed it: the policy plans that precision and never repacks
+        behind the caller's back. Never raises. ``chooser_calls`` and
+        ``choice_counts`` (variants given, None included) count its use;
+        under concurrent calls the counts are approximate."""
         self.chooser_calls += 1
-        key = (op_name, m, k, n, precision)
+        key = (op_name, m, k, n, precision, threads)
         hit = self._choices.get(key, self)
         if hit is not self:
-            self.choice_counts[hit] += 1
+            self.choice_counts[hit[0]] += 1
             return hit
-        choice = None
+        choice = (None, None)
         try:
             mapped = _ops.op_for_call(op_name, m, k, n, precision,
                                       tuple(self.cost_model.profile.ops.values()))
             if mapped is not None:
                 op, batch = mapped
-                threads = _call_threads(m * k * n)
                 plan = self.plan_call(op, batch, threads=threads)
                 if plan.variant in VARIANT_ORDER:
-                    choice = plan.variant
+                    choice = (plan.variant, plan.threads if threads is None else None)
         except Exception:
-            choice = None
+            choice = (None, None)
         with self._lock:
             if len(self._choices) > 4096:
                 self._choices.clear()
             self._choices[key] = choice
-        self.choice_counts[choice] += 1
+        self.choice_counts[choice[0]] += 1
         return choice
 
     @contextlib.contextmanager
@@ -792,17 +798,6 @@ class Policy:
 
 
 _HOOK_LOCK = threading.Lock()
-
-
-def _call_threads(macs: int) -> Optional[int]:
-    """Threads a kernel call with threads=None uses. Mirrors pykernels' rule
-    (csrc/bindings/module.cc, resolve_threads): below 64^3 multiply-adds one
-    thread, else the default thread count."""
-    try:
-        import pykernels
-        return pykernels.get_num_threads() if macs >= 64 * 64 * 64 else 1
-    except Exception:  # pragma: no cover
-        return None
 
 
 _SNAP = math.log(1.02)
