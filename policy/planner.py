@@ -74,6 +74,9 @@ VARIANT_ORDER = ("latency", "throughput")
 ERROR_TOLERANCE = 1.1
 # Relative accuracy of the per-cell service-time sketches (observed()).
 SKETCH_ACCURACY = 0.01
+# observe() buffers; the buffer is applied at this length (and before any
+# decision or read of the feedback state).
+FLUSH_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,7 @@ class Policy:
         self._profile = profile
         self._cost: Optional[CostModel] = None
         self._lock = threading.RLock()
+        self._pending: collections.deque = collections.deque()  # observe() -> flush
         self._ratios: Dict[tuple, collections.deque] = {}
         self._corr: Dict[tuple, Tuple[float, float, int]] = {}  # group -> (p50 scale, tail, stamp)
         self._op_ratios: Dict[str, collections.deque] = {}
@@ -416,6 +420,8 @@ class Policy:
     def _plan(self, op, queued, arrival_rate, fixed_batch, fixed_threads) -> Plan:
         cm = self._cost if self._cost is not None else self.cost_model
         with self._lock:
+            if self._pending:
+                self._flush_locked()
             ck = (op, queued, arrival_rate, fixed_batch, fixed_threads)
             hit = self._plans.get(ck)
             if hit is not None:
@@ -610,21 +616,56 @@ class Policy:
         if fewer than ``plan.batch_size``. Thread-safe: concurrent calls lose
         no observation.
 
-        The time goes into the quantile sketch of the plan's cell (kernel
-        choice and batch; ``observed()`` reads it) and, as a ratio to the cost
-        model's prediction, into the recent windows that correct predictions;
-        AIMD adjusts the batch cap."""
+        The record path only appends to a buffer (well under a microsecond,
+        bench/test_bench_policy.py). The buffer is applied -- every
+        ``FLUSH_EVERY`` observations, and before any ``plan()``,
+        ``observed()``, ``correction()``, ``batch_cap()`` or ``flush()`` -- so
+        every decision sees every observation made before it: each time goes
+        into the quantile sketch of the plan's cell (kernel choice and batch;
+        ``observed()`` reads it) and, as a ratio to the cost model's
+        prediction, into the recent windows that correct predictions; AIMD
+        adjusts the batch cap."""
         if type(plan) is not Plan and not isinstance(plan, Plan) or plan.op is None:
             raise TypeError("observe() takes a Plan returned by this policy's plan()")
-        sec = float(seconds)
-        if not 0.0 <= sec < math.inf:  # NaN too
+        if type(seconds) is not float:
+            seconds = float(seconds)
+        if not 0.0 <= seconds < math.inf:  # NaN too
             raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
-        if batch is None:
-            b = plan.batch_size
-        else:
-            b = int(batch)
-            if b < 1:
-                raise ValueError(f"batch must be >= 1, got {batch!r}")
+        if batch is not None:
+            if isinstance(batch, bool) or int(batch) != batch or batch < 1:
+                raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+            batch = int(batch)
+        pending = self._pending
+        pending.append((plan, seconds, batch))  # deque.append: atomic under the GIL
+        if len(pending) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the buffered observations now (``observe()`` defers them)."""
+        if self._pending:
+            with self._lock:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        pending = self._pending
+        touched = {}
+        invalid = set()
+        while True:
+            try:  # popleft is atomic: appends racing with the flush are kept
+                plan, sec, batch = pending.popleft()
+            except IndexError:
+                break
+            self._apply(plan, sec, batch, touched, invalid)
+        for k, (store, corr, stamp) in touched.items():
+            if self._correct(store, corr, k, stamp):
+                invalid.add(k if stamp is None else k[0])
+        for key in invalid:  # plans depend on feedback only through these
+            self._invalidate(key)
+
+    def _apply(self, plan: Plan, sec: float, batch: Optional[int], touched: dict,
+               invalid: set) -> None:
+        """One observation (under the lock): sketch, windows, AIMD."""
+        b = plan.batch_size if batch is None else batch
         op = plan.op
         if b == plan.batch_size and plan.prior_p50_ms > 0:
             prior = plan.prior_p50_ms
@@ -637,37 +678,38 @@ class Policy:
         key = op.key
         gk = (key, plan.variant, plan.precision, plan.threads)
         ratio = ms / prior
-        with self._lock:
-            cell = self._cells.get(gk + (b,))
-            if cell is None:
-                cell = self._cells[gk + (b,)] = QuantileSketch(SKETCH_ACCURACY)
-            cell.add(ms)
-            n = self._op_count[key] = self._op_count.get(key, 0) + 1
-            changed = n % self.window == 0  # staleness of kernel-choice corrections
-            last = self._last_seen.get(gk)
-            self._last_seen[gk] = n
-            if last is not None and n - last > 2 * self.window:
-                # This kernel choice's evidence has expired (the op was served
-                # by others meanwhile): start its window afresh.
-                self._ratios.pop(gk, None)
-                self._corr.pop(gk, None)
-            if self._window_update(self._ratios, self._corr, gk, ratio, n):
-                changed = True
-            if self._window_update(self._op_ratios, self._op_corr, key, ratio, None):
-                changed = True
-            if self.slo.p99_ms is not None and plan.feasible and self._aimd(plan, ms, b):
-                changed = True
-            if changed:  # plans depend on feedback only through these
-                self._invalidate(key)
+        cell = self._cells.get(gk + (b,))
+        if cell is None:
+            cell = self._cells[gk + (b,)] = QuantileSketch(SKETCH_ACCURACY)
+        cell.add(ms)
+        n = self._op_count[key] = self._op_count.get(key, 0) + 1
+        if n % self.window == 0:  # staleness of kernel-choice corrections
+            invalid.add(key)
+        last = self._last_seen.get(gk)
+        self._last_seen[gk] = n
+        if last is not None and n - last > 2 * self.window:
+            # This kernel choice's evidence has expired (the op was served
+            # by others meanwhile): start its window afresh.
+            self._ratios.pop(gk, None)
+            self._corr.pop(gk, None)
+        self._window_append(self._ratios, gk, ratio)
+        touched[gk] = (self._ratios, self._corr, n)
+        self._window_append(self._op_ratios, key, ratio)
+        touched[key] = (self._op_ratios, self._op_corr, None)
+        if self.slo.p99_ms is not None and plan.feasible and self._aimd(plan, ms, b):
+            invalid.add(key)
 
-    def _window_update(self, store, corr, k, ratio: float, stamp) -> bool:
-        """Append to a recent window; recompute its correction (p50 scale,
-        tail ratio); returns whether the correction changed."""
+    def _window_append(self, store, k, ratio: float) -> None:
         w = store.get(k)
         if w is None:
             w = store[k] = collections.deque(maxlen=self.window)
         w.append(ratio)
-        if len(w) < self.min_observations:
+
+    def _correct(self, store, corr, k, stamp) -> bool:
+        """Recompute a window's correction (p50 scale, tail ratio) once its
+        observations are in; returns whether it changed."""
+        w = store.get(k)
+        if w is None or len(w) < self.min_observations:
             return False
         srt = sorted(w)
         new = (_snap(_quantile(srt, 0.5)), _snap(_quantile(srt, 0.99)))
@@ -706,6 +748,7 @@ class Policy:
     def batch_cap(self, op: Op) -> Optional[int]:
         """The AIMD batch cap for ``op`` (None: not backed off)."""
         with self._lock:
+            self._flush_locked()
             return self._caps.get(op.key)
 
     def correction(self, op: Op, variant: str, precision: str, threads: int):
@@ -713,6 +756,7 @@ class Policy:
         predictions, both relative to the predicted p50; None before
         ``min_observations``."""
         with self._lock:
+            self._flush_locked()
             return self._correction(op.key, variant, precision, threads)
 
     def observed(self, plan: Plan, batch: Optional[int] = None) -> dict:
@@ -721,6 +765,7 @@ class Policy:
         (relative error ``SKETCH_ACCURACY``): n, p50_ms, p99_ms, p999_ms, max_ms."""
         b = batch or plan.batch_size
         with self._lock:
+            self._flush_locked()
             sk = self._cells.get((plan.op.key, plan.variant, plan.precision, plan.threads, b))
             if sk is None or sk.count == 0:
                 return {"n": 0, "p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
@@ -730,6 +775,7 @@ class Policy:
 
     def reset_feedback(self) -> None:
         with self._lock:
+            self._pending.clear()
             self._ratios.clear()
             self._corr.clear()
             self._op_ratios.clear()

@@ -344,6 +344,7 @@ def test_observe_is_thread_safe():
     for t in threads:
         t.join()
     assert not errors
+    policy.flush()  # observe() buffers; apply what is pending
     assert policy._op_count[OP.key] == 800
     assert policy.observed(plan)["n"] == 800  # the cell's sketch lost no observation
 

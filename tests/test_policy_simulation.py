@@ -92,6 +92,7 @@ def test_the_policy_is_fed_back_service_times_from_the_run():
     seen = sum(pol.observed(p)["n"] for p in [pol.plan(OP, queued=q, arrival_rate=5000.0)
                                                  for q in range(1, 3)])
     assert r.batches > 0 and seen > 0
+    pol.flush()
     assert pol._op_count[OP.key] == r.batches
 
 
