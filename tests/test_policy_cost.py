@@ -91,6 +91,25 @@ def test_a_group_measured_on_one_shape_scales_new_shapes_by_work():
     assert pr.p50_ms == pytest.approx(0.005 + 20.0 * a64.flops(3) / 1e9, rel=1e-6)
 
 
+def test_a_new_shape_follows_the_measured_curve_of_a_lone_shape():
+    """Decode measured on one KV length: per-sequence cost steps up past 4
+    sequences (the cache no longer holds the KV). A new KV length keeps that
+    step, scaled by its work."""
+    d512 = ops.Decode(32, 8, 128, 512)
+
+    def t(op, b):
+        per = 0.2 if b <= 4 else 0.8  # ms per sequence at kv_len 512
+        return 0.01 + per * b * op.kv_len / 512
+
+    prof = Profile()
+    for b in (1, 4, 16):
+        prof.add(d512, "latency", "fp32", 1, b, t(d512, b), 1.3 * t(d512, b))
+    cm = CostModel(prof)
+    d768 = ops.Decode(32, 8, 128, 768)
+    for b in (1, 4, 16):
+        assert cm.predict(d768, "latency", "fp32", 1, b).p50_ms == pytest.approx(t(d768, b), rel=0.02)
+
+
 @pytest.mark.parametrize("batch", [3, 5, 12, 100, 200])
 def test_interpolation_between_buckets(batch):
     op = SHAPES[1]
