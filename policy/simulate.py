@@ -74,7 +74,8 @@ class RunResult:
     batches: int
 
     def line(self) -> str:
-        return (f"{self.name}: attainment {self.attainment:.2%}, throughput {self.throughput:,.0f}/s, "
+        return (f"{self.name}: attainment {self.attainment:.2%}, throughput {self.throughput:,.0f}/s "
+                f"(goodput {self.goodput:,.0f}/s), "
                 f"latency p50 {self.p50_ms * 1e3:.0f} us p99 {self.p99_ms * 1e3:.0f} us, "
                 f"mean batch {self.mean_batch:.2f} ({self.batches} batches)")
 
@@ -249,11 +250,13 @@ class OpenLoopReport:
              f">= 99% within the target); offered {self.rate:,.0f} items/s "
              f"({self.rate / self.peak_rate:.0%}), {self.policy.requests} requests",
              "  " + self.policy.line(),
-             "  static throughput plan " + self.static_throughput.line()]
+             "  " + self.static_throughput.line()]
         if self.best_static is not None:
             s.append(f"  best static plan meeting it ({self.statics_meeting} of {self.statics_tried} "
                      f"met >= 99%): " + self.best_static.line())
-            s.append(f"policy throughput / best static = {self.ratio:.3f}")
+            s.append(f"policy throughput / best static = {self.ratio:.3f} (open loop: every plan "
+                     f"that keeps up completes the offered load; the ratio drops only when one "
+                     f"cannot)")
         else:
             s.append(f"  no static plan of {self.statics_tried} met >= 99%")
         if self.at_fit_peak is not None:
