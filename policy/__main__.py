@@ -152,8 +152,14 @@ def heldout_main(argv: Optional[List[str]] = None) -> int:
     print(f"training profile: {train!r}")
     print(f"held-out shapes: {held!r}")
     print("shapes never measured (fitted model):\n" + heldout_error(train, held).summary())
-    print("measured shapes at batches between the buckets (interpolation):\n"
-          + heldout_error(train, between).summary())
+    control = heldout_error(train, between)
+    print("measured shapes at batches between the buckets (interpolation):\n" + control.summary())
+    if control.rows and not a.same_run:
+        import numpy as np
+        drift = float(np.median([r.measured_p50_ms / r.predicted_p50_ms for r in control.rows]))
+        print(f"drift: on the profile's own shapes this run measured {drift:.2f}x the profile's "
+              f"times (median); errors far from 1x here are load changes since the profile was "
+              f"measured, not model error -- --same-run measures the model alone")
     print("leave-one-shape-out on the training profile:\n" + cross_validate(train).summary())
     return 0
 
