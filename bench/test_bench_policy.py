@@ -12,8 +12,12 @@ p99 <= 1 ms with int8 admitted, so every decision weighs 72 cells:
   the per-decision scan over the precomputed candidate table, the Plan built).
 * ``plan`` first call: candidate table and cost-model predictions dropped
   before every call (what a new op, or new feedback, costs once).
-* ``observe``: one service time fed back (sketch record, correction windows,
-  AIMD), and the sketch's ``add`` alone, Cython and pure Python.
+* ``observe``: one service time fed back -- the record path (validated and
+  buffered; every ``FLUSH_EVERY``-th call also applies the buffer, so the
+  median is the record, the mean includes the amortized apply);
+  ``observe_applied``: observe then ``flush()`` every call (sketch record,
+  correction windows, AIMD: what one observation costs in all, off the hot
+  path); and the sketch's ``add`` alone, Cython and pure Python.
 
 Each benchmark checks what it computed. ``extra_info`` records which
 implementation ran (``cython`` or ``python``).
@@ -97,6 +101,20 @@ def test_observe(benchmark, policy):
     sec = plan.service_p50_ms / 1e3
     before = policy.observed(plan)["n"]
     benchmark(policy.observe, plan, sec)
+    stats = policy.observed(plan)
+    assert stats["n"] > before and abs(stats["p50_ms"] - plan.service_p50_ms) <= 0.01 * plan.service_p50_ms
+
+
+def test_observe_applied(benchmark, policy):
+    _info(benchmark, "observe_applied")
+    plan = policy.plan(OP, queued=3, arrival_rate=5000.0)
+    sec = plan.service_p50_ms / 1e3
+    before = policy.observed(plan)["n"]
+
+    def observe_and_apply():
+        policy.observe(plan, sec)
+        policy.flush()
+    benchmark(observe_and_apply)
     stats = policy.observed(plan)
     assert stats["n"] > before and abs(stats["p50_ms"] - plan.service_p50_ms) <= 0.01 * plan.service_p50_ms
 

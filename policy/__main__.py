@@ -6,6 +6,9 @@
   heldout [--path P] [--no-progress]   measure held-out shapes, report the cost
                                        model's prediction error on them
   show [--path P]                      print the cached profile's summary
+  simulate [--requests N] [--load F] [--seed S] [--warm] [--service-peak]
+                                       open-loop simulation: SLO attainment and
+                                       throughput of the policy vs static plans
 
 ``calibrate_main``, ``plan_main`` and ``heldout_main`` take an argv list, so the
 ``pykernels`` CLI can delegate its ``calibrate`` and ``plan`` commands here.
@@ -149,8 +152,14 @@ def heldout_main(argv: Optional[List[str]] = None) -> int:
     print(f"training profile: {train!r}")
     print(f"held-out shapes: {held!r}")
     print("shapes never measured (fitted model):\n" + heldout_error(train, held).summary())
-    print("measured shapes at batches between the buckets (interpolation):\n"
-          + heldout_error(train, between).summary())
+    control = heldout_error(train, between)
+    print("measured shapes at batches between the buckets (interpolation):\n" + control.summary())
+    if control.rows and not a.same_run:
+        import numpy as np
+        drift = float(np.median([r.measured_p50_ms / r.predicted_p50_ms for r in control.rows]))
+        print(f"drift: on the profile's own shapes this run measured {drift:.2f}x the profile's "
+              f"times (median); errors far from 1x here are load changes since the profile was "
+              f"measured, not model error -- --same-run measures the model alone")
     print("leave-one-shape-out on the training profile:\n" + cross_validate(train).summary())
     return 0
 
@@ -172,8 +181,13 @@ def show_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def simulate_main(argv: Optional[List[str]] = None) -> int:
+    from .simulate import main as sim_main
+    return sim_main(argv)
+
+
 COMMANDS = {"calibrate": calibrate_main, "plan": plan_main, "heldout": heldout_main,
-            "show": show_main}
+            "show": show_main, "simulate": simulate_main}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

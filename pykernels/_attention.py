@@ -81,9 +81,9 @@ def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=No
     problems).
     """
     code = _variant_code(variant)
-    if code == _AUTO and _active_chooser() is not None:
-        code = _auto_attention(q, k)
     threads = 0 if threads is None else _check_threads(threads)
+    if code == _AUTO and _active_chooser() is not None:
+        code, threads = _auto_attention(q, k, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
     res = _core.attention(q, k, v, kv_lens, out, scale, bool(causal), code, threads)
@@ -113,9 +113,9 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
     "auto" asks the active policy, else latency when ``Hq / Hkv <= 16``.
     """
     code = _variant_code(variant)
-    if code == _AUTO and _active_chooser() is not None:
-        code = _auto_decode(q, k_cache, kv_lens)
     threads = 0 if threads is None else _check_threads(threads)
+    if code == _AUTO and _active_chooser() is not None:
+        code, threads = _auto_decode(q, k_cache, kv_lens, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
     if block_table is not None:
@@ -133,7 +133,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
 
 # ---- variant="auto" under an active policy -------------------------------------
 # The chooser hook is pykernels._gemm._active_chooser (one for every op), called
-# as chooser(op, m, k, n, precision):
+# through _gemm.policy_variant as chooser(op, m, k, n, precision, threads):
 #   "attention":        m = B * Hq * Sq query rows, k = D, n = Skv keys
 #   "decode_attention": m = B * Hq query rows,      k = D, n = the longest kv_lens
 
@@ -141,19 +141,21 @@ def _active_chooser():
     return _gemm_module._active_chooser
 
 
-def _auto_attention(q, k) -> int:
+def _auto_attention(q, k, threads: int):
     qs, ks = getattr(q, "shape", ()), getattr(k, "shape", ())
     if len(qs) != 4 or len(ks) != 4:
-        return _AUTO  # the binding raises the precise error
-    return policy_variant("attention", qs[0] * qs[1] * qs[2], qs[3], ks[2], _precision(k))
+        return _AUTO, threads  # the binding raises the precise error
+    return policy_variant("attention", qs[0] * qs[1] * qs[2], qs[3], ks[2], _precision(k),
+                          threads)
 
 
-def _auto_decode(q, k_cache, kv_lens) -> int:
+def _auto_decode(q, k_cache, kv_lens, threads: int):
     qs, ks = getattr(q, "shape", ()), getattr(k_cache, "shape", ())
     if len(qs) != 3 or len(ks) != 4:
-        return _AUTO
+        return _AUTO, threads
     try:
         n = int(np.max(kv_lens)) if kv_lens is not None and np.size(kv_lens) else ks[2]
     except (TypeError, ValueError):
-        return _AUTO
-    return policy_variant("decode_attention", qs[0] * qs[1], qs[2], n, _precision(k_cache))
+        return _AUTO, threads
+    return policy_variant("decode_attention", qs[0] * qs[1], qs[2], n, _precision(k_cache),
+                          threads)

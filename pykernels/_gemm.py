@@ -24,9 +24,13 @@ _AUTO = 2
 _VARIANT_CODE = {"latency": 0, "throughput": 1, "auto": _AUTO}
 
 # The policy engine installs a chooser here (``with policy.active():``). It is
-# called as chooser(op, m, k, n, precision) for variant="auto" calls and returns
-# a variant name ("latency" | "throughput") or None to fall back to the size
-# heuristic. Kept as a plain module global: one attribute read per call.
+# called as chooser(op, m, k, n, precision, threads) for variant="auto" calls,
+# threads being the caller's count or None, and returns (variant, threads):
+# variant "latency" | "throughput", or None to fall back to the size
+# heuristic; threads an int >= 1 when the caller passed None, else None (the
+# caller's count stands). precision is the weight's (or K/V cache's) as
+# passed: the policy never repacks behind the caller's back. Kept as a plain
+# module global: one attribute read per call.
 _active_chooser = None
 
 
@@ -50,13 +54,18 @@ def _check_matrix(name: str, arr) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
 
 
-def policy_variant(op: str, m: int, k: int, n: int, precision: str) -> int:
-    """Variant code from the active policy, or _AUTO (size heuristic in C++)."""
+def policy_variant(op: str, m: int, k: int, n: int, precision: str, threads: int):
+    """(variant code, threads) for a variant="auto" call under the active
+    policy. ``threads``: the caller's count, 0 when it passed None; only then
+    may the policy's thread count replace it. Without a policy, or when it
+    has no answer: (_AUTO, threads), the size heuristic in C++."""
     chooser = _active_chooser
     if chooser is None:
-        return _AUTO
-    choice = chooser(op, m, k, n, precision)
-    return _AUTO if choice is None else _VARIANT_CODE[choice]
+        return _AUTO, threads
+    variant, th = chooser(op, m, k, n, precision, threads or None)
+    if threads == 0 and th is not None:
+        threads = min(int(th), MAX_THREADS) if th >= 1 else 0
+    return (_AUTO if variant is None else _VARIANT_CODE[variant]), threads
 
 
 _SAVE_FORMAT = "pykernels.PackedWeight"
@@ -315,7 +324,7 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
             raise ValueError("out must be C-contiguous")
         out2 = out if out.ndim == 2 else out.reshape(m, n)
     if code == _AUTO and _active_chooser is not None:
-        code = policy_variant("linear", m, k, n, precision)
+        code, threads = policy_variant("linear", m, k, n, precision, threads)
     if type(w) is PackedWeight:
         res = _core.matmul(x2, None, w._data, w._code, w._scale, k, n, out2, 1.0, 0.0, code,
                            threads, bias, act)
@@ -348,12 +357,12 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     code = _VARIANT_CODE.get(variant)
     if code is None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if code == _AUTO and _active_chooser is not None:
-        code = _auto_variant(a, b)
     if threads is not None:
         threads = _check_threads(threads)
     else:
         threads = 0
+    if code == _AUTO and _active_chooser is not None:
+        code, threads = _auto_variant(a, b, threads)
     if type(b) is PackedWeight:
         if b.precision != "fp32":
             raise ValueError(f"gemm takes an fp32 PackedWeight, got {b.precision!r}; use linear()")
@@ -381,10 +390,10 @@ def _check_threads(threads) -> int:
     return threads if threads <= MAX_THREADS else MAX_THREADS
 
 
-def _auto_variant(a, b) -> int:
+def _auto_variant(a, b, threads: int):
     shape_a = getattr(a, "shape", None)
     shape_b = b.shape if type(b) is PackedWeight else getattr(b, "shape", None)
     if not shape_a or len(shape_a) != 2 or not shape_b or len(shape_b) != 2:
-        return _AUTO  # the binding raises the precise error
+        return _AUTO, threads  # the binding raises the precise error
     precision = b.precision if type(b) is PackedWeight else "fp32"
-    return policy_variant("gemm", shape_a[0], shape_a[1], shape_b[1], precision)
+    return policy_variant("gemm", shape_a[0], shape_a[1], shape_b[1], precision, threads)

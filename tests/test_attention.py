@@ -526,26 +526,40 @@ def test_registry():
     assert all(e.isa == isa for e in entries)
 
 
-def test_auto_asks_the_policy_chooser():
-    from pykernels import _gemm
+def test_auto_asks_the_policy_chooser(monkeypatch):
+    from pykernels import _attention, _gemm
 
-    calls = []
+    calls, threads_run = [], []
 
-    def chooser(op, m, k, n, precision):
-        calls.append((op, m, k, n, precision))
-        return "throughput"
+    def chooser(op, m, k, n, precision, threads):
+        calls.append((op, m, k, n, precision, threads))
+        return "throughput", 1
 
+    class Core:  # records the thread count each kernel call runs with
+        def __getattr__(self, name):
+            return getattr(_gemm._core, name)
+
+        def attention(self, *a):
+            threads_run.append(a[-1])
+            return _gemm._core.attention(*a)
+
+        def decode_attention(self, *a):
+            threads_run.append(a[-1])
+            return _gemm._core.decode_attention(*a)
+
+    monkeypatch.setattr(_attention, "_core", Core())
+    monkeypatch.setattr(_gemm, "_active_chooser", chooser)
     rng = np.random.default_rng(2)
     q, k, v = randn(rng, (2, 4, 3, 32)), randn(rng, (2, 2, 50, 32)), randn(rng, (2, 2, 50, 32))
-    old = _gemm._active_chooser
-    _gemm._active_chooser = chooser
-    try:
-        pk.attention(q, k, v)
-        pk.decode_attention(q[:, :, 0], k.astype(BF16), v.astype(BF16), np.array([50, 20]))
-        pk.attention(q, k, v, variant="latency")  # explicit: not asked
-    finally:
-        _gemm._active_chooser = old
-    assert calls == [("attention", 24, 32, 50, "fp32"), ("decode_attention", 8, 32, 50, "bf16")]
+    ref = pk.attention(q, k, v, variant="latency")
+    np.testing.assert_allclose(pk.attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+    pk.decode_attention(q[:, :, 0], k.astype(BF16), v.astype(BF16), np.array([50, 20]))
+    pk.attention(q, k, v, threads=2)  # the caller's threads stand
+    assert calls == [("attention", 24, 32, 50, "fp32", None),
+                     ("decode_attention", 8, 32, 50, "bf16", None),
+                     ("attention", 24, 32, 50, "fp32", 2)]
+    # threads=0 is the binding's "default"; the policy's 1 replaced it, the caller's 2 stood
+    assert threads_run == [0, 1, 1, 2]
 
 
 def test_empty_dimensions():

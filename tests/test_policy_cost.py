@@ -7,7 +7,7 @@ from pykernels.policy import CostModel, Profile, cross_validate, heldout_error, 
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHAPES = (ops.Linear(128, 256), ops.Linear(384, 384), ops.Linear(384, 1536), ops.Linear(1536, 384))
-# ms = overhead + ms/GFLOP * GFLOP + ms/MB * MB
+# ms = overhead + ms/GFLOP * GFLOP + ms/MB * MB (weight and activations alike)
 COEF = {"latency": (0.004, 12.0, 0.02), "throughput": (0.03, 8.0, 0.03)}
 
 
@@ -50,7 +50,64 @@ def test_fit_recovers_coefficients():
     # without a kernel tile, FLOPs and tiled FLOPs are the same column: their sum is identified
     assert c[0] == pytest.approx(0.03, rel=1e-6)
     assert c[1] + c[2] == pytest.approx(8.0, rel=1e-6)
-    assert c[3] == pytest.approx(0.03, rel=1e-6)
+    # bytes split by what they scale with: activations in, outputs, the weight
+    assert c[3:] == pytest.approx((0.03, 0.03, 0.03), rel=1e-6)
+
+
+def test_fit_separates_per_output_cost_from_flops():
+    """A kernel that pays per output element (int8 dequantization, the
+    epilogue) is slower on narrow-N shapes than FLOPs say; with activations
+    in, outputs and the weight as separate columns the fit carries that to
+    a new shape."""
+    def t(op, b):
+        m = op.units(b)
+        return 0.01 + 10.0 * op.flops(b) / 1e9 + 0.5 * 4 * m * op.n / 1e6
+
+    prof = Profile()
+    for op in SHAPES:
+        for b in BATCHES:
+            prof.add(op, "throughput", "int8", 1, b, t(op, b), 1.2 * t(op, b))
+    cm = CostModel(prof)
+    new = ops.Linear(768, 384)
+    for b in (3, 24, 192):
+        assert cm.predict(new, "throughput", "int8", 1, b).p50_ms == pytest.approx(t(new, b), rel=1e-6)
+
+
+def test_a_group_measured_on_one_shape_scales_new_shapes_by_work():
+    """One attention shape cannot tell FLOPs from bytes (both grow with the
+    batch alone): the fit keeps overhead and GFLOP, so a shorter sequence
+    costs its (quadratic) share of the work, not its (linear) share of bytes."""
+    a128 = ops.Attention(12, 12, 32, 128, 128, False)
+    prof = Profile()
+    for b in (1, 2, 4, 8):
+        x = 0.005 + 20.0 * a128.flops(b) / 1e9
+        prof.add(a128, "throughput", "fp32", 1, b, x, 1.2 * x)
+    cm = CostModel(prof)
+    c = cm.coefficients("attention", "throughput", "fp32", 1)
+    assert c[2:] == (0.0, 0.0, 0.0, 0.0)
+    a64 = ops.Attention(12, 12, 32, 64, 64, False)
+    pr = cm.predict(a64, "throughput", "fp32", 1, 3)
+    assert pr.source == "fitted"
+    assert pr.p50_ms == pytest.approx(0.005 + 20.0 * a64.flops(3) / 1e9, rel=1e-6)
+
+
+def test_a_new_shape_follows_the_measured_curve_of_a_lone_shape():
+    """Decode measured on one KV length: per-sequence cost steps up past 4
+    sequences (the cache no longer holds the KV). A new KV length keeps that
+    step, scaled by its work."""
+    d512 = ops.Decode(32, 8, 128, 512)
+
+    def t(op, b):
+        per = 0.2 if b <= 4 else 0.8  # ms per sequence at kv_len 512
+        return 0.01 + per * b * op.kv_len / 512
+
+    prof = Profile()
+    for b in (1, 4, 16):
+        prof.add(d512, "latency", "fp32", 1, b, t(d512, b), 1.3 * t(d512, b))
+    cm = CostModel(prof)
+    d768 = ops.Decode(32, 8, 128, 768)
+    for b in (1, 4, 16):
+        assert cm.predict(d768, "latency", "fp32", 1, b).p50_ms == pytest.approx(t(d768, b), rel=0.02)
 
 
 @pytest.mark.parametrize("batch", [3, 5, 12, 100, 200])

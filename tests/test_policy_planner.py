@@ -344,6 +344,7 @@ def test_observe_is_thread_safe():
     for t in threads:
         t.join()
     assert not errors
+    policy.flush()  # observe() buffers; apply what is pending
     assert policy._op_count[OP.key] == 800
     assert policy.observed(plan)["n"] == 800  # the cell's sketch lost no observation
 
@@ -378,11 +379,11 @@ def test_active_changes_what_auto_does():
             pykernels.linear(a, b)
             assert policy.chooser_calls == 2 and policy.choice_counts["throughput"] == 2
         # the decision for 4 rows is the policy's (throughput), not the heuristic's (latency)
-        assert policy.choose("gemm", 4, 64, 64, "fp32") == "throughput"
+        assert policy.choose("gemm", 4, 64, 64, "fp32") == ("throughput", 1)
         # shapes the profile never measured are predicted by the fit
-        assert policy.choose("gemm", 4, 100, 80, "fp32") == "throughput"
+        assert policy.choose("gemm", 4, 100, 80, "fp32") == ("throughput", 1)
         # calls the registry cannot map fall back to the heuristic
-        assert policy.choose("unknown_op", 4, 64, 64, "fp32") is None
+        assert policy.choose("unknown_op", 4, 64, 64, "fp32") == (None, None)
     assert _gemm._active_chooser is None
     calls = policy.chooser_calls
     pykernels.gemm(a, b)
@@ -403,8 +404,44 @@ def test_active_restores_the_previous_chooser_even_on_error():
 
 def test_chooser_never_raises():
     policy = Policy(SLO(p99_ms=1.0), chooser_profile())
-    assert policy.choose("gemm", 0, 64, 64, "fp32") is None
-    assert policy.choose("gemm", 4, 64, 64, "int8") is None  # no int8 measurements
+    assert policy.choose("gemm", 0, 64, 64, "fp32") == (None, None)
+    assert policy.choose("gemm", 4, 64, 64, "int8") == (None, None)  # no int8 measurements
+
+
+def test_active_auto_calls_follow_the_policys_threads(monkeypatch):
+    """With threads=None the call runs on the policy's thread count; a caller's
+    count stands and narrows the variant choice to what was measured on it.
+    The precision is the weight's: an fp32 weight is never planned as int8."""
+    prof = Profile(source="synthetic")
+    op = ops.Linear(64, 64)
+    for b in (1, 4, 16, 64):
+        prof.add(op, "latency", "fp32", 1, b, 0.05 + 0.01 * b, 0.06 + 0.01 * b)
+        prof.add(op, "throughput", "fp32", 1, b, 0.01 + 0.001 * b, 0.02 + 0.001 * b)
+        prof.add(op, "latency", "fp32", 2, b, 0.005 + 0.0005 * b, 0.006 + 0.0005 * b)
+        prof.add(op, "throughput", "fp32", 2, b, 0.02 + 0.001 * b, 0.03 + 0.001 * b)
+        prof.add(op, "latency", "int8", 2, b, 0.001, 0.002)  # fastest, but needs an int8 weight
+    policy = Policy(SLO(p99_ms=1.0, max_rel_error=1e-1), prof)
+    seen = []
+    real = _gemm._core
+
+    class Core:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def matmul(self, *a):
+            seen.append((a[10], a[11]))  # (variant code, threads)
+            return real.matmul(*a)
+    monkeypatch.setattr(_gemm, "_core", Core())
+    x = np.ones((4, 64), np.float32)
+    w = np.ones((64, 64), np.float32)
+    with policy.active():
+        pykernels.gemm(x, w)
+        pykernels.gemm(x, w, threads=1)
+        pykernels.linear(x, pykernels.pack(w))
+    lat, thr = _gemm._VARIANT_CODE["latency"], _gemm._VARIANT_CODE["throughput"]
+    assert seen == [(lat, 2), (thr, 1), (lat, 2)]
+    assert policy.choose("linear", 4, 64, 64, "fp32") == ("latency", 2)
+    assert policy.choose("linear", 4, 64, 64, "fp32", 1) == ("throughput", None)
 
 
 def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):

@@ -160,6 +160,7 @@ def test_policy_observe_loses_no_counts_under_threads():
         t.start()
     for t in ts:
         t.join()
+    policy.flush()  # observe() buffers; apply what is pending
     assert policy._op_count[OP.key] == n * k
     assert sum(policy.observed(p)["n"] for p in plans) == n * k
 
