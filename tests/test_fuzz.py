@@ -768,28 +768,28 @@ _shape_value = st.one_of(
     st.tuples(st.integers(-3, 70), st.integers(-3, 70)),
     st.tuples(st.integers(-2**64, 2**64), st.integers(-2**64, 2**64)),
     st.lists(st.integers(0, 50), max_size=4),
-    # Finite floats only: an infinite one is a known bug (OverflowError), see
-    # test_unpickle_shape_inf_is_value_error below.
-    st.tuples(st.floats(allow_nan=True, allow_infinity=False),
-              st.floats(allow_nan=True, allow_infinity=False)),
+    st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
     st.tuples(st.text(max_size=3), st.text(max_size=3)),
     st.text(max_size=6), st.none(), st.integers(),
 )
 
 # Argument fields of PackedWeight.__reduce__: (version, shape, precision, payload,
-# rel_error, scale). Values that hit the known bugs (an unhashable precision, a
-# rel_error that float() rejects with TypeError, an infinite shape) are not drawn
-# here: they have their own xfail regression tests at the end of this file.
+# rel_error, scale), including the kinds of value the fuzzer once found to raise
+# something other than ValueError (an unhashable precision, a non-numeric
+# rel_error, an infinite shape; regression tests at the end of this file).
 _field_mutation = st.one_of(
     st.tuples(st.just(0), st.one_of(st.integers(-3, 5), st.floats(allow_nan=True),
                                     st.text(max_size=3), st.none())),
     st.tuples(st.just(1), _shape_value),
     st.tuples(st.just(2), st.one_of(st.sampled_from(["fp32", "bf16", "int8", "fp16", "FP32",
                                                      "int4", ""]),
-                                    st.text(max_size=5), st.none(), st.integers())),
+                                    st.text(max_size=5), st.none(), st.integers(),
+                                    st.lists(st.just("fp32"), max_size=1),
+                                    st.dictionaries(st.just("fp32"), st.integers(), max_size=1))),
     st.tuples(st.just(3), _bytes_mutation()),
     st.tuples(st.just(4), st.one_of(st.floats(allow_nan=True), st.integers(-5, 5),
-                                    st.sampled_from(["0.5", "1e-3"]))),
+                                    st.sampled_from(["0.5", "1e-3"]), st.none(),
+                                    st.lists(st.floats(), max_size=1))),
     st.tuples(st.just(5), _bytes_mutation()),
     st.tuples(st.just(6), st.integers(0, 7)),  # arity: keep only the first i arguments
 )
@@ -930,8 +930,6 @@ def npz_rewrite(draw, pw):
             value = draw(st.one_of(
                 _json_like, st.sampled_from([[1, 1], [7, 16], [33, 17], [5, 40], [5, 33],
                                              [2**39, 16], "fp32", "bf16", "int8", 1, 2])))
-            if field == "precision" and isinstance(value, (list, dict)):
-                value = str(value)  # known bug: test_load_unhashable_precision_is_value_error
             header[field] = value
         elif what == "drop_field":
             header.pop(draw(st.sampled_from(_HEADER_FIELDS)), None)
@@ -1036,14 +1034,10 @@ def test_fuzz_npz_rewrite(data, precision, idx):
 
 
 # ---------------------------------------------------------------------------
-# Regression tests for what the fuzzers found (library bugs: xfail strict, the
-# reproducer is in the reason; remove the mark once fixed)
+# Regression tests for what the fuzzers found (library bugs, now fixed; a new
+# finding is added here as xfail(strict=True) with its reproducer in the reason,
+# and the mark goes when it is fixed)
 # ---------------------------------------------------------------------------
-
-UNPICKLE_BUG = (
-    "library bug (pykernels/_gemm.py _unpickle_packed): a malformed pickle field "
-    "raises {exc} instead of ValueError. Reproducer: fn, args = pk.pack(np.ones((3, 4), "
-    "np.float32)).__reduce__(); fn({call})")
 
 
 def _unpickle_with(index, value):
@@ -1053,38 +1047,29 @@ def _unpickle_with(index, value):
     return pickle.loads(pickle.dumps(_Crafted(fn, tuple(args))))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=UNPICKLE_BUG.format(
-    exc="OverflowError", call="2, (float('inf'), 4), *args[2:]"))
 def test_unpickle_shape_inf_is_value_error():
+    """_unpickle_packed used int(v) on the shape: int(inf) raised OverflowError."""
     with pytest.raises(ValueError):
         _unpickle_with(1, (float("inf"), 4))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=UNPICKLE_BUG.format(
-    exc="TypeError (unhashable type)", call="2, args[1], ['fp32'], *args[3:]"))
 @pytest.mark.parametrize("precision", [["fp32"], {"fp32": 1}], ids=["list", "dict"])
 def test_unpickle_unhashable_precision_is_value_error(precision):
+    """`precision in dict` raised TypeError (unhashable type) for a list or dict."""
     with pytest.raises(ValueError):
         _unpickle_with(2, precision)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=UNPICKLE_BUG.format(
-    exc="TypeError (float() argument)", call="*args[:4], None, *args[5:]"))
 @pytest.mark.parametrize("rel_error", [None, [0.0]], ids=["None", "list"])
 def test_unpickle_non_numeric_rel_error_is_value_error(rel_error):
+    """float(rel_error) raised TypeError for None or a list."""
     with pytest.raises(ValueError):
         _unpickle_with(4, rel_error)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug (pykernels/_gemm.py PackedWeight.load): a header whose precision is a "
-    "JSON list or object raises TypeError (unhashable type) instead of ValueError. "
-    "Reproducer: np.savez(f, header=np.frombuffer(json.dumps({'format': "
-    "'pykernels.PackedWeight', 'version': 1, 'layout': 'panels16', 'precision': ['fp32'], "
-    "'shape': [1, 1], 'rel_error': 0.0}).encode(), np.uint8), data=np.zeros((1, 16), "
-    "np.float32)); PackedWeight.load(f)"))
 @pytest.mark.parametrize("precision", [["fp32"], {"fp32": 1}], ids=["list", "dict"])
 def test_load_unhashable_precision_is_value_error(precision):
+    """PackedWeight.load: a JSON list or object as precision raised TypeError."""
     header = {"format": "pykernels.PackedWeight", "version": 1, "layout": "panels16",
               "precision": precision, "shape": [1, 1], "rel_error": 0.0}
     bio = io.BytesIO()
