@@ -339,7 +339,13 @@ _BINDING_BUG = (
     "trusted: {detail}. Reproducer: x = np.ones((3, 64), np.float32); pw = pk.pack("
     "np.ones((64, 40), np.float32), precision={precision!r}); {mutate}; pk.linear(x, pw)")
 
-# name -> (precision, mutation code, known bug detail or None)
+# name -> (precision, mutation code, known bug detail or None). The binding
+# used to trust _data / _scale beyond their size (non-arrays, dtype, layout:
+# segfaults and out-of-bounds reads) and computed the expected packed size with
+# a multiply that a forged _shape wrapped; it now checks every field
+# (module.cc checked_packed / checked_scales), so no case is a known bug.
+_MISALIGNED = ("np.ndarray({a}.shape, {a}.dtype, buffer=np.zeros({a}.nbytes + 1, np.uint8), "
+               "offset=1)")
 HOSTILE = {
     "data_smaller_fp32": ("fp32", "pw._data = pw._data[:1].copy()", None),
     "data_smaller_bf16": ("bf16", "pw._data = pw._data[:, :-2].copy()", None),
@@ -353,31 +359,24 @@ HOSTILE = {
     "code_mismatch": ("bf16", "pw._code = 2", None),
     "scale_short": ("int8", "pw._scale = pw._scale[:-1].copy()", None),
     "scale_none": ("int8", "pw._scale = None", None),
-    "data_list": ("fp32", "pw._data = pw._data.tolist()",
-                  "_data is reinterpret_borrow'ed as py::array without an isinstance check; "
-                  "a non-array (list, bytes) reaches PyArray_* accessors: segmentation fault"),
-    "data_bytes": ("fp32", "pw._data = pw._data.tobytes()",
-                   "_data is reinterpret_borrow'ed as py::array without an isinstance check; "
-                   "a non-array (list, bytes) reaches PyArray_* accessors: segmentation fault"),
-    "scale_list": ("int8", "pw._scale = pw._scale.tolist()",
-                   "_scale is reinterpret_borrow'ed as py::array without a type check: "
-                   "segmentation fault"),
-    "scale_float16": ("int8", "pw._scale = pw._scale.astype(np.float16)",
-                      "only _scale.size() >= N is checked, not dtype or contiguity: a float16 "
-                      "array of N elements is read as N float32 (2N bytes past its end: "
-                      "ASan heap-buffer-overflow; silently wrong without ASan)"),
-    "scale_int8_dtype": ("int8", "pw._scale = np.ones(40, np.int8)",
-                         "only _scale.size() >= N is checked, not dtype: an int8 array of N "
-                         "elements is read as N float32 (3N bytes past its end)"),
-    "scale_strided": ("int8", "pw._scale = np.repeat(pw._scale, 3)[::3]",
-                      "only _scale.size() >= N is checked, not contiguity: a strided view is "
-                      "read as if contiguous (wrong scales)"),
+    "data_list": ("fp32", "pw._data = pw._data.tolist()", None),
+    "data_bytes": ("fp32", "pw._data = pw._data.tobytes()", None),
+    "scale_list": ("int8", "pw._scale = pw._scale.tolist()", None),
+    "scale_float16": ("int8", "pw._scale = pw._scale.astype(np.float16)", None),
+    "scale_int8_dtype": ("int8", "pw._scale = np.ones(40, np.int8)", None),
+    "scale_strided": ("int8", "pw._scale = np.repeat(pw._scale, 3)[::3]", None),
     "shape_wraps_size_check": (
         "fp32", "pw = pk.pack(np.ones((8, 16), np.float32)); pw._shape = (2**60 + 8, 16); "
-                "x = np.broadcast_to(np.float32(1), (1, 2**60 + 8))",
-        "the expected packed size ceil(N/16) * pad_k(K) * 16 is computed in int64 without "
-        "an overflow check: K = 2**60 + 8, N = 16 wraps to the real size (128), the check "
-        "passes and the kernel reads K = 2**60 rows of an 8-row buffer: segmentation fault"),
+                "x = np.broadcast_to(np.float32(1), (1, 2**60 + 8))", None),
+    "shape_n_huge": ("fp32", "pw._shape = (64, 2**62)", None),
+    # the largest K a float32 view can have (2**63 bytes): the size overflows int64
+    "shape_k_max": ("int8", "pw._shape = (2**61 - 1, 40); "
+                    "x = np.broadcast_to(np.float32(1), (1, 2**61 - 1))", None),
+    "data_float16_as_bf16": ("bf16", "pw._data = pw._data.view(np.float16)", None),
+    "data_misaligned": ("fp32", "d = " + _MISALIGNED.format(a="pw._data")
+                        + "; d[...] = pw._data; pw._data = d", None),
+    "scale_misaligned": ("int8", "s = " + _MISALIGNED.format(a="pw._scale")
+                         + "; s[...] = pw._scale; pw._scale = s", None),
 }
 
 

@@ -6,7 +6,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -40,6 +42,10 @@ struct Matrix {
   const char* lo = nullptr;  // lowest and one-past-highest byte touched
   const char* hi = nullptr;
 };
+
+bool is_aligned(const void* p, size_t align) {
+  return reinterpret_cast<uintptr_t>(p) % align == 0;
+}
 
 bool overlaps(const Matrix& x, const Matrix& y) {
   return x.rows > 0 && x.cols > 0 && y.rows > 0 && y.cols > 0 && x.lo < y.hi && y.lo < x.hi;
@@ -159,6 +165,64 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g) {
   g.bias = static_cast<const float*>(bias.data());
 }
 
+// ---- PackedWeight internals ---------------------------------------------------
+// A PackedWeight's arrays and shape are plain Python attributes (_data,
+// _scale, _shape, _code) that a caller can replace, so nothing about them is
+// trusted: each is checked for type, dtype, layout, alignment and an exact
+// size before a kernel reads it. Every failure is ValueError: the weight is
+// corrupted, and the fix is to pack it again.
+
+[[noreturn]] void corrupted_weight(const std::string& what, int64_t k, int64_t n) {
+  throw py::value_error("PackedWeight of shape (" + std::to_string(k) + ", " + std::to_string(n) +
+                        ") is corrupted: " + what + "; pack the weight again");
+}
+
+// The packed panels of (k, n) at precision p: ceil(n/16) * pad_k(k) * 16
+// elements of the precision's storage type (float32, uint16, int8),
+// C-contiguous and aligned to the element size.
+const void* checked_packed(py::handle h, pk::Precision p, int64_t k, int64_t n) {
+  if (!py::isinstance<py::array>(h))
+    corrupted_weight("its data is a " + std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
+                     ", not a numpy array", k, n);
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (k < 0 || n < 1) corrupted_weight("bad shape", k, n);
+  // Overflow-safe size: a forged shape such as (2^60 + 8, 16) would otherwise
+  // wrap to the size of a real 8-row buffer and pass the comparison below.
+  const int64_t step = pk::k_step(p);
+  int64_t expected = 0;
+  if (k > INT64_MAX - step || __builtin_mul_overflow((n - 1) / pk::kPanelCols + 1,
+                                                     pk::pad_k(k, p), &expected) ||
+      __builtin_mul_overflow(expected, int64_t{pk::kPanelCols}, &expected))
+    corrupted_weight("its shape is too large for any buffer", k, n);
+  const py::dtype dt = a.dtype();
+  const char kind = p == pk::Precision::kF32 ? 'f' : (p == pk::Precision::kBF16 ? 'u' : 'i');
+  const int64_t itemsize = p == pk::Precision::kF32 ? 4 : (p == pk::Precision::kBF16 ? 2 : 1);
+  const char* want = p == pk::Precision::kF32 ? "float32" : (p == pk::Precision::kBF16 ? "uint16" : "int8");
+  if (dt.kind() != kind || dt.itemsize() != itemsize || dt.byteorder() == '>')
+    corrupted_weight("its data has dtype " + dtype_name(a) + ", expected " + want, k, n);
+  if (a.size() != expected)
+    corrupted_weight("its data holds " + std::to_string(a.size()) + " elements, expected " +
+                     std::to_string(expected), k, n);
+  if (!(a.flags() & py::array::c_style) || !is_aligned(a.data(), static_cast<size_t>(itemsize)))
+    corrupted_weight("its data is not a C-contiguous aligned array", k, n);
+  return a.data();
+}
+
+// int8 per-column scales: float32 (n,), contiguous, aligned.
+const float* checked_scales(py::handle h, int64_t n) {
+  if (!py::isinstance<py::array>(h))
+    throw py::value_error("int8 PackedWeight has no per-column scales for N=" + std::to_string(n) +
+                          " (got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
+                          "); pack the weight again");
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (!is_float32(a) || a.ndim() != 1 || a.shape(0) != n || !(a.flags() & py::array::c_style) ||
+      !is_aligned(a.data(), sizeof(float)))
+    throw py::value_error("int8 PackedWeight scales must be a contiguous float32 array of shape (" +
+                          std::to_string(n) + ",), got " + dtype_name(a) + " " +
+                          std::string(py::str(a.attr("shape"))) + "; pack the weight again");
+  return static_cast<const float*>(a.data());
+}
+
 // matmul(a, b, packed, precision, col_scale, k, n, out, alpha, beta, variant,
 //        threads, bias, act)
 //   a (M, K) float32, any strides. Either b (K, N) float32 any strides, or b
@@ -196,23 +260,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
                             std::to_string(pk_k) + " rows");
     if (precision < 0 || precision > 2) throw py::value_error("internal: bad precision code");
     g.precision = static_cast<pk::Precision>(precision);
-    auto packed = py::reinterpret_borrow<py::array>(packed_h);
-    // The packed buffer must hold exactly (k, n) of this precision: a
-    // PackedWeight is trusted data, but never enough to read past a buffer.
-    const int64_t expected = (pk_n + pk::kPanelCols - 1) / pk::kPanelCols *
-                             pk::pad_k(pk_k, g.precision) * pk::kPanelCols;
-    const int64_t itemsize = g.precision == pk::Precision::kF32 ? 4 : (g.precision == pk::Precision::kBF16 ? 2 : 1);
-    if (pk_n < 1 || pk_k < 0 || packed.size() != expected || packed.itemsize() != itemsize ||
-        !(packed.flags() & py::array::c_style))
-      throw py::value_error("PackedWeight data does not match its shape (" + std::to_string(pk_k) +
-                            ", " + std::to_string(pk_n) + "); repack the weight");
+    g.b_packed = checked_packed(packed_h, g.precision, pk_k, pk_n);
     if (g.precision == pk::Precision::kI8) {
-      if (scale_h.is_none() || py::reinterpret_borrow<py::array>(scale_h).size() < pk_n)
-        throw py::value_error("int8 PackedWeight has no per-column scales for N=" + std::to_string(pk_n));
-    }
-    g.b_packed = packed.data();
-    if (g.precision == pk::Precision::kI8) {
-      g.col_scale = static_cast<const float*>(py::reinterpret_borrow<py::array>(scale_h).data());
+      g.col_scale = checked_scales(scale_h, pk_n);
       if (pk_k > kMaxKInt8)
         throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) +
                               " (exact int32 accumulation), got K=" + std::to_string(pk_k));
