@@ -237,18 +237,13 @@ def test_huge_view_compute_paths_do_not_crash(case):
     assert res["correct"], out
 
 
-@pytest.mark.xfail(UNDER_SANITIZER, strict=True, reason=(
-    "library bug, visible with the sanitizer build (.ci/sanitize compiles with "
-    "-fno-wrapv): csrc/bindings/module.cc matmul computes resolve_threads(threads, "
-    "g.m * g.n * g.k) in int64 before any size check; with M = 2**31, K = 2**29, "
-    "N = 16 (broadcast views; the out rows alias one row) the product is 2**64: signed "
-    "overflow, UB (UBSan at module.cc:272: 'signed integer overflow: 536870912 * "
-    "34359738368 cannot be represented in type long int'). Reproducer: pk.gemm(np.broadcast_to(np.float32(1), "
-    "(2**31, 2**29)), np.broadcast_to(np.float32(1), (2**29, 16)), out=as_strided("
-    "np.zeros(16, np.float32), (2**31, 16), (0, 4)), variant='latency') (the product "
-    "then runs for ages: a DoS, as in NumPy). Fix: compute the work estimate in double "
-    "or saturate; the attention binding's B * Hq * Sq * max_len * D has the same shape."))
 def test_work_estimate_does_not_overflow():
+    """Regression (found with the sanitizer build, which compiles with
+    -fno-wrapv): the binding computed resolve_threads(threads, g.m * g.n * g.k)
+    in int64 before any size check; with M = 2**31, K = 2**29, N = 16 (broadcast
+    views; the out rows alias one row) the product is 2**64: signed overflow
+    (UBSan: 'signed integer overflow: 536870912 * 34359738368'). The work
+    estimate now saturates (module.cc work_product), as does attention's."""
     code = """
     import numpy as np, pykernels as pk, threading, os, sys
     from numpy.lib.stride_tricks import as_strided

@@ -123,6 +123,19 @@ int parse_variant(int variant, int64_t m) {
   return variant;
 }
 
+// The product of sizes, saturating at INT64_MAX: a work estimate is only
+// compared with a threshold, and the sizes of broadcast views can make the
+// exact product overflow int64 (undefined behaviour: UBSan reported
+// 2^31 * 2^29 * 16 here).
+int64_t work_product(std::initializer_list<int64_t> sizes) {
+  int64_t r = 1;
+  for (int64_t s : sizes) {
+    if (s <= 0) return 0;
+    if (__builtin_mul_overflow(r, s, &r)) return INT64_MAX;
+  }
+  return r;
+}
+
 // threads < 1 means "decide": below 64^3 multiply-adds a second thread costs
 // more (fork/join ~1 us plus cache traffic) than it saves.
 int resolve_threads(int threads, int64_t macs) {
@@ -319,7 +332,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
     run_gemm(g, 0, 1);
     return result;
   }
-  run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, g.m * g.n * g.k));
+  run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, work_product({g.m, g.n, g.k})));
   return result;
 }
 
@@ -544,6 +557,15 @@ void run_attention(const pk::AttentionArgs& g, int variant, int threads) {
   else d.attention->throughput(g, par, d.attention_tiling);
 }
 
+// The attention kernels' task list stores batch item, KV head and query tile
+// indices as int32 (csrc/kernels/common/attention_impl.inc, Task).
+void check_task_indices(int64_t batch, int64_t hkv, int64_t sq) {
+  if (batch > INT32_MAX || hkv > INT32_MAX || sq > INT32_MAX)
+    throw py::value_error("attention supports B, Hkv and Sq up to 2^31 - 1, got B=" +
+                          std::to_string(batch) + ", Hkv=" + std::to_string(hkv) + ", Sq=" +
+                          std::to_string(sq));
+}
+
 float resolve_scale(py::handle scale, int64_t d) {
   if (scale.is_none()) return d > 0 ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(d))) : 1.0f;
   return scale.cast<float>();
@@ -598,6 +620,7 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || sq == 0 || dd == 0) return result;
+  check_task_indices(batch, hkv, sq);
 
   g.batch = batch; g.hq = hq; g.hkv = hkv; g.sq = sq; g.skv = skv; g.d = dd;
   g.q = q.data; g.q_dtype = elem_type(q.kind);
@@ -610,7 +633,7 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
   g.scale = resolve_scale(scale_h, dd);
   g.causal = causal;
   const int var = attention_variant(variant, sq * (hq / hkv));
-  run_attention(g, var, resolve_threads(threads, batch * hq * sq * max_len * dd));
+  run_attention(g, var, resolve_threads(threads, work_product({batch, hq, sq, max_len, dd})));
   return result;
 }
 
@@ -706,6 +729,7 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || dd == 0) return result;
+  check_task_indices(batch, hkv, 1);
 
   g.batch = batch; g.hq = hq; g.hkv = hkv; g.sq = 1; g.skv = cap; g.d = dd;
   g.q = q.data; g.q_dtype = elem_type(q.kind);
@@ -719,7 +743,7 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
   g.scale = resolve_scale(scale_h, dd);
   g.causal = false;
   const int var = attention_variant(variant, hq / hkv);
-  run_attention(g, var, resolve_threads(threads, batch * hq * max_len * dd));
+  run_attention(g, var, resolve_threads(threads, work_product({batch, hq, max_len, dd})));
   return result;
 }
 

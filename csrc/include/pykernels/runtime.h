@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -52,5 +53,17 @@ double measure_fork_join_ns(int threads, bool spin, int reps);
 // independent buffers. Throws std::bad_alloc (MemoryError in Python).
 constexpr int kWorkspaceSlots = 4;
 float* workspace_floats(int slot, size_t count);
+
+// a * b + add floats for workspace_floats, or std::bad_alloc (MemoryError) when
+// that does not fit: sizes derive from the caller's shapes, which broadcast
+// views make as large as int64 allows, and a wrapped product would allocate a
+// small buffer that the kernel then overruns.
+inline size_t workspace_count(int64_t a, int64_t b, int64_t add = 0) {
+  int64_t r = 0;
+  if (a < 0 || b < 0 || add < 0 || __builtin_mul_overflow(a, b, &r) ||
+      __builtin_add_overflow(r, add, &r))
+    throw std::bad_alloc();
+  return static_cast<size_t>(r);
+}
 
 }  // namespace pk
