@@ -688,10 +688,14 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
                             ", expected (B, max_blocks) with B = " + std::to_string(batch) +
                             " (q " + shape_of(q) + ")");
     max_blocks = t.shape(1);
-    if (max_blocks > 1 && t.strides(1) != 4)
-      throw py::value_error("block_table rows must be contiguous; pass np.ascontiguousarray(block_table)");
-    if (t.strides(0) % 4 != 0)
-      throw py::value_error("block_table stride is not a multiple of 4 bytes");
+    // An empty table is never read, and NumPy gives an empty array strides
+    // (0, 0): its layout is checked only when it holds entries (as for out).
+    if (t.size() > 0) {
+      if (max_blocks > 1 && t.strides(1) != 4)
+        throw py::value_error("block_table rows must be contiguous; pass np.ascontiguousarray(block_table)");
+      if (t.strides(0) % 4 != 0)
+        throw py::value_error("block_table stride is not a multiple of 4 bytes");
+    }
     table = static_cast<const int32_t*>(t.data());
     bt_stride = t.strides(0) / 4;
     cap = max_blocks * block_size;
