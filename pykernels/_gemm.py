@@ -351,7 +351,9 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     negative or zero strides). b: (K, N) float32 or a PackedWeight.
     out: (M, N) float32 with unit stride along its last axis, or None (a new
     array; ``beta`` then has nothing to scale). An ``out`` that overlaps an
-    input is handled as NumPy does. Returns the result.
+    input is handled as NumPy does. Arrays at an odd byte address
+    (``flags.aligned`` False) work too: such an input is copied to an aligned
+    buffer, such an ``out`` is computed in a temporary. Returns the result.
 
     Shape, dtype and ``out`` checks run in the C++ binding (they cost ~2 us in
     Python, more than a 32x32x32 product); their messages follow the SPEC.

@@ -41,10 +41,25 @@ struct Matrix {
   int64_t rows = 0, cols = 0, rs = 0, cs = 0;
   const char* lo = nullptr;  // lowest and one-past-highest byte touched
   const char* hi = nullptr;
+  bool aligned = true;       // data is on a 4-byte boundary
 };
 
 bool is_aligned(const void* p, size_t align) {
   return reinterpret_cast<uintptr_t>(p) % align == 0;
+}
+
+// NumPy accepts arrays at any byte address (a float32 view into a uint8 buffer
+// at offset 1 has flags.aligned False), but reading one through float* is
+// undefined behaviour and vector code may assume element alignment. Such an
+// input is copied once into an aligned C-contiguous array, as NumPy's own
+// ufuncs buffer unaligned data, rather than refused: to a NumPy user it is a
+// valid array. `keep` owns the copy until the kernel has run. (The stride
+// checks stay: a stride that is not a multiple of 4 is still an error.)
+py::handle aligned_input(py::handle h, size_t align, py::object& keep) {
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (is_aligned(a.data(), align)) return h;
+  keep = a.attr("copy")();  // order 'C': a fresh, aligned buffer (MemoryError if too big)
+  return keep;
 }
 
 bool overlaps(const Matrix& x, const Matrix& y) {
@@ -63,7 +78,9 @@ int64_t elem_stride(const py::array& a, int dim) {
   return s / static_cast<py::ssize_t>(sizeof(float));
 }
 
-Matrix as_matrix(py::handle h, const char* name) {
+// With `keep`, a misaligned input is replaced by an aligned copy held in
+// *keep; without (outputs), it is returned with aligned = false.
+Matrix as_matrix(py::handle h, const char* name, py::object* keep = nullptr) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                          std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
@@ -75,7 +92,10 @@ Matrix as_matrix(py::handle h, const char* name) {
   if (a.ndim() != 2)
     throw py::value_error(std::string(name) + " must be 2-D, got " + std::to_string(a.ndim()) +
                           "-D shape " + std::string(py::str(a.attr("shape"))));
+  if (keep != nullptr && !is_aligned(a.data(), sizeof(float)))
+    return as_matrix(aligned_input(h, sizeof(float), *keep), name);
   Matrix m;
+  m.aligned = is_aligned(a.data(), sizeof(float));
   m.data = static_cast<const float*>(a.data());
   m.rows = a.shape(0);
   m.cols = a.shape(1);
@@ -161,7 +181,7 @@ void run_gemm(const pk::GemmArgs& g, int variant, int threads) {
 // int32 accumulation of int8 products is exact while K * 127 * 127 < 2^31.
 constexpr int64_t kMaxKInt8 = 131072;
 
-void check_bias(py::handle bias_h, pk::GemmArgs& g) {
+void check_bias(py::handle bias_h, pk::GemmArgs& g, py::object& keep) {
   if (bias_h.is_none()) return;
   if (!py::isinstance<py::array>(bias_h))
     throw py::type_error("bias must be a float32 numpy array of shape (" + std::to_string(g.n) +
@@ -175,7 +195,8 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g) {
                           ", expected (" + std::to_string(g.n) + ",)");
   if (g.n > 1 && bias.strides(0) != static_cast<py::ssize_t>(sizeof(float)))
     throw py::value_error("bias must be contiguous; pass np.ascontiguousarray(bias)");
-  g.bias = static_cast<const float*>(bias.data());
+  g.bias = static_cast<const float*>(
+      py::reinterpret_borrow<py::array>(aligned_input(bias_h, sizeof(float), keep)).data());
 }
 
 // ---- PackedWeight internals ---------------------------------------------------
@@ -244,16 +265,19 @@ const float* checked_scales(py::handle h, int64_t n) {
 //   out None -> a new (M, N) array (beta ignored). variant 0 latency,
 //   1 throughput, 2 auto; threads < 1 -> decide by size. bias None or (N,)
 //   float32 contiguous; act an Activation code.
-// Returns the result array, or None when `out` overlaps an input: the caller
-// then computes into a temporary (NumPy's semantics for overlapping out=).
+// Returns the result array, or None when `out` overlaps an input or is not
+// 4-byte aligned: the caller then computes into a temporary (NumPy's
+// semantics for overlapping out=) and copies it over. Misaligned inputs are
+// copied here (aligned_input).
 py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int precision,
                   py::handle scale_h, int64_t pk_k, int64_t pk_n, py::handle out_h, float alpha,
                   float beta, int variant, int threads, py::handle bias_h, int act) {
-  const Matrix a = as_matrix(a_h, "a");
+  py::object a_keep, b_keep, bias_keep;  // aligned copies of misaligned inputs
+  const Matrix a = as_matrix(a_h, "a", &a_keep);
   pk::GemmArgs g;
   Matrix b;
   if (!b_h.is_none()) {
-    b = as_matrix(b_h, "b");
+    b = as_matrix(b_h, "b", &b_keep);
     if (b.rows != a.cols)
       throw py::value_error("shapes " + shape_str(a.rows, a.cols) + " and " +
                             shape_str(b.rows, b.cols) + " are not aligned: a has " +
@@ -284,7 +308,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
   }
   g.m = a.rows;
   g.k = a.cols;
-  check_bias(bias_h, g);
+  check_bias(bias_h, g, bias_keep);
   if (act < 0 || act > 4) throw py::value_error("internal: bad activation code");
   g.act = static_cast<pk::Activation>(act);
   py::object result;
@@ -295,7 +319,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
     c = as_matrix(result, "out");
   } else {
     c = as_out(out_h, g.m, g.n);
-    if (overlaps(c, a) || (g.b && overlaps(c, b))) return py::none();
+    if (!c.aligned || overlaps(c, a) || (g.b && overlaps(c, b))) return py::none();
     if (g.bias) {  // the K-blocked kernels read bias after writing partial sums
       Matrix bias_m;
       bias_m.rows = 1;
@@ -338,7 +362,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
 
 // Packs w (K, N) float32 into bf16 (precision 1) or int8 (2) panels in `out`;
 // int8 also fills scale (N,). Returns (sum of squared errors, sum of squares).
-py::tuple pack_lowp(const py::array& w, int precision, py::array out, py::handle scale_h) {
+py::tuple pack_lowp(const py::array& w_in, int precision, py::array out, py::handle scale_h) {
+  py::object keep;  // pack reads w through float*: a misaligned w is copied first
+  const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
   const float* src = static_cast<const float*>(w.data());
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
@@ -358,7 +384,9 @@ py::tuple pack_lowp(const py::array& w, int precision, py::array out, py::handle
 }
 
 // Packs w (K, N), any strides, into out (ceil(N/16), K, 16) float32 C-contiguous.
-void pack_f32(const py::array& w, py::array out, int threads) {
+void pack_f32(const py::array& w_in, py::array out, int threads) {
+  py::object keep;  // as in pack_lowp
+  const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
   const float* src = static_cast<const float*>(w.data());
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
@@ -426,6 +454,7 @@ struct Tensor {
   Kind kind = Kind::kF32;
   const char* lo = nullptr;
   const char* hi = nullptr;
+  bool aligned = true;  // data on an item-size boundary
   int64_t size() const {
     int64_t n = 1;
     for (int i = 0; i < ndim; ++i) n *= shape[i];
@@ -446,8 +475,11 @@ bool tensors_overlap(const Tensor& x, const Tensor& y) {
   return x.size() > 0 && y.size() > 0 && x.lo < y.hi && y.lo < x.hi;
 }
 
-// `layout` names the axes for messages, e.g. "(B, Hq, Sq, D)".
-Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout) {
+// `layout` names the axes for messages, e.g. "(B, Hq, Sq, D)". With `keep`, a
+// misaligned input is replaced by an aligned copy (see aligned_input);
+// without (outputs), it is returned with aligned = false.
+Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout,
+                 py::object* keep = nullptr) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32 or bfloat16, got " +
                          std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
@@ -464,6 +496,9 @@ Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout) {
                           ", got " + std::to_string(a.ndim()) + "-D shape " +
                           std::string(py::str(a.attr("shape"))));
   const int64_t item = t.kind == Kind::kF32 ? 4 : 2;
+  if (keep != nullptr && !is_aligned(a.data(), static_cast<size_t>(item)))
+    return as_tensor(aligned_input(h, static_cast<size_t>(item), *keep), name, ndim, layout);
+  t.aligned = is_aligned(a.data(), static_cast<size_t>(item));
   t.ndim = ndim;
   t.data = static_cast<const char*>(a.data());
   int64_t lo = 0, hi = 0;
@@ -510,6 +545,8 @@ void read_kv_lens(py::handle h, int64_t batch, int64_t cap, const char* cap_name
                           ", expected (" + std::to_string(batch) + ",) (one length per batch item)");
   if (batch > 1 && a.strides(0) != dt.itemsize())
     throw py::value_error("kv_lens must be contiguous; pass np.ascontiguousarray(kv_lens)");
+  if (batch > 0 && !is_aligned(a.data(), static_cast<size_t>(dt.itemsize())))  // pykernels passes a copy
+    throw py::value_error("kv_lens is not aligned; pass kv_lens.copy()");
   int64_t mx = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t v = i32 ? static_cast<const int32_t*>(a.data())[b]
@@ -578,9 +615,10 @@ float resolve_scale(py::handle scale, int64_t d) {
 py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::handle lens_h,
                          py::handle out_h, py::handle scale_h, bool causal, int variant,
                          int threads) {
-  const Tensor q = as_tensor(q_h, "q", 4, "(B, Hq, Sq, D)");
-  const Tensor k = as_tensor(k_h, "k", 4, "(B, Hkv, Skv, D)");
-  const Tensor v = as_tensor(v_h, "v", 4, "(B, Hkv, Skv, D)");
+  py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
+  const Tensor q = as_tensor(q_h, "q", 4, "(B, Hq, Sq, D)", &q_keep);
+  const Tensor k = as_tensor(k_h, "k", 4, "(B, Hkv, Skv, D)", &k_keep);
+  const Tensor v = as_tensor(v_h, "v", 4, "(B, Hkv, Skv, D)", &v_keep);
   if (k.kind != v.kind)
     throw py::type_error(std::string("k has dtype ") + (k.kind == Kind::kF32 ? "float32" : "bfloat16") +
                          " but v has " + (v.kind == Kind::kF32 ? "float32" : "bfloat16") +
@@ -616,7 +654,8 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
   } else {
     Tensor want = q;
     o = check_attention_out(out_h, want, 4, "(B, Hq, Sq, D)");
-    if (tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v)) return py::none();
+    if (!o.aligned || tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v))
+      return py::none();
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || sq == 0 || dd == 0) return result;
@@ -643,11 +682,12 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
 py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
                                 py::handle lens_h, py::handle table_h, py::handle out_h,
                                 py::handle scale_h, int variant, int threads) {
-  const Tensor q = as_tensor(q_h, "q", 3, "(B, Hq, D)");
+  py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
+  const Tensor q = as_tensor(q_h, "q", 3, "(B, Hq, D)", &q_keep);
   const bool paged = !table_h.is_none();
   const char* cache_layout = paged ? "(num_blocks, Hkv, block_size, D)" : "(B, Hkv, S_max, D)";
-  const Tensor k = as_tensor(k_h, "k_cache", 4, cache_layout);
-  const Tensor v = as_tensor(v_h, "v_cache", 4, cache_layout);
+  const Tensor k = as_tensor(k_h, "k_cache", 4, cache_layout, &k_keep);
+  const Tensor v = as_tensor(v_h, "v_cache", 4, cache_layout, &v_keep);
   if (k.kind != v.kind)
     throw py::type_error("k_cache and v_cache must share one dtype (float32 or bfloat16)");
   for (int d = 0; d < 4; ++d)
@@ -695,6 +735,8 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
         throw py::value_error("block_table rows must be contiguous; pass np.ascontiguousarray(block_table)");
       if (t.strides(0) % 4 != 0)
         throw py::value_error("block_table stride is not a multiple of 4 bytes");
+      if (!is_aligned(t.data(), 4))  // pykernels passes a copy
+        throw py::value_error("block_table is not aligned; pass block_table.copy()");
     }
     table = static_cast<const int32_t*>(t.data());
     bt_stride = t.strides(0) / 4;
@@ -729,7 +771,8 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
     o = as_tensor(result, "out", 3, "(B, Hq, D)");
   } else {
     o = check_attention_out(out_h, q, 3, "(B, Hq, D)");
-    if (tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v)) return py::none();
+    if (!o.aligned || tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v))
+      return py::none();
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || dd == 0) return result;
