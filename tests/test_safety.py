@@ -308,6 +308,49 @@ def test_impossible_allocations_raise_memory_error():
 
 
 # ---------------------------------------------------------------------------
+# Scratch memory: one huge call does not pin its workspace
+# ---------------------------------------------------------------------------
+
+def test_huge_call_does_not_pin_its_workspace():
+    """Regression: the throughput variant packs a raw B into per-thread scratch
+    that only ever grew, so one call with an (8192, 4608) B kept 144 MiB for the
+    life of the calling thread. Scratch above 128 MiB (pk::kWorkspaceRetainBytes)
+    is now freed when the call returns; smaller scratch stays for reuse (a warm
+    call of ordinary size allocates nothing). RSS is checked too, except under
+    ASan, whose quarantine holds freed memory on purpose."""
+    code = """
+    import json, os, numpy as np, pykernels as pk
+    from pykernels import _core
+    F32 = np.float32
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    a = np.ones((33, 8192), F32)
+    small_b = np.ones((8192, 64), F32)                    # packed: 2 MiB of scratch
+    pk.gemm(a, small_b, variant="throughput", threads=1)
+    warm = _core.workspace_held_bytes()
+    pk.gemm(a, small_b, variant="throughput", threads=1)
+    warm_again = _core.workspace_held_bytes()
+    big_b = np.broadcast_to(F32(1), (8192, 4608))         # packed: 144 MiB of scratch
+    before = rss()
+    r = pk.gemm(a, big_b, variant="throughput", threads=1)
+    after = rss()
+    print(json.dumps({"warm": warm, "warm_again": warm_again,
+                      "held_after_big": _core.workspace_held_bytes(),
+                      "rss_growth": after - before - r.nbytes,
+                      "correct": bool((r == 8192).all())}))
+    """
+    proc, report = run_isolated(code, timeout=300)
+    assert not report, report
+    res = _last_json(proc)
+    assert res["correct"], res
+    assert 0 < res["warm"] == res["warm_again"], res      # ordinary scratch is kept
+    assert res["held_after_big"] <= 128 * 2**20, res      # the 144 MiB buffer is not
+    if not UNDER_SANITIZER:
+        assert res["rss_growth"] < 32 * 2**20, res
+
+
+# ---------------------------------------------------------------------------
 # PackedWeight internals replaced: refused by the binding, never read past
 # ---------------------------------------------------------------------------
 

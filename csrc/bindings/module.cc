@@ -170,11 +170,18 @@ pk::ParallelPolicy parallel(int variant, int threads) {
   return p;
 }
 
+// Frees oversized scratch when a kernel call returns, also by exception (see
+// pk::kWorkspaceRetainBytes): one huge call must not pin its buffers.
+struct WorkspaceTrim {
+  ~WorkspaceTrim() { pk::workspace_trim(); }
+};
+
 void run_gemm(const pk::GemmArgs& g, int variant, int threads) {
   const pk::Dispatch& d = pk::dispatch();
   const pk::ParallelPolicy par = parallel(variant, threads);
   const pk::GemmFn fn = d.gemm->run[static_cast<int>(g.precision)][variant];
   py::gil_scoped_release nogil;
+  WorkspaceTrim trim;
   fn(g, par, d.gemm_blocking);
 }
 
@@ -590,6 +597,7 @@ void run_attention(const pk::AttentionArgs& g, int variant, int threads) {
   const pk::Dispatch& d = pk::dispatch();
   const pk::ParallelPolicy par = parallel(variant, threads);
   py::gil_scoped_release nogil;
+  WorkspaceTrim trim;
   if (variant == 0) d.attention->latency(g, par, d.attention_tiling);
   else d.attention->throughput(g, par, d.attention_tiling);
 }
@@ -868,6 +876,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("kernel_table", &kernel_table);
   m.def("get_num_threads", &pk::default_num_threads);
   m.def("set_num_threads", &pk::set_default_num_threads);
+  // Scratch the calling thread holds between calls (tests: nothing oversized is kept).
+  m.def("workspace_held_bytes", &pk::workspace_held_bytes);
   m.def("fork_join_ns", &pk::measure_fork_join_ns, py::arg("threads"), py::arg("spin"),
         py::arg("reps") = 2000, py::call_guard<py::gil_scoped_release>());
 }
