@@ -38,13 +38,16 @@ def _variant_code(variant: str) -> int:
 
 
 def _index_array(name: str, x, dtype, ndim: int):
-    """``kv_lens`` / ``block_table`` as a C-contiguous array of ``dtype``
-    (copied only when it is not one already: these are a few integers)."""
+    """``kv_lens`` / ``block_table`` as an aligned C-contiguous array of
+    ``dtype`` (copied only when it is not one already: these are a few
+    integers; the kernels read them through int32/int64 pointers, so an array
+    at an odd byte address is copied too)."""
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "iu":
             raise TypeError(f"{name} has dtype {x.dtype}, expected integers; "
                             f"convert with {name}.astype(np.{dtype.name})")
-        if x.dtype in (_I32, _I64) and x.flags.c_contiguous and (ndim == 1 or x.dtype == dtype):
+        if (x.dtype in (_I32, _I64) and x.flags.c_contiguous and x.flags.aligned
+                and (ndim == 1 or x.dtype == dtype)):
             return x
     else:
         x = np.asarray(x)
@@ -56,7 +59,7 @@ def _index_array(name: str, x, dtype, ndim: int):
     if x.size and (x.min() < info.min or x.max() > info.max):
         bad = x.min() if x.min() < info.min else x.max()
         raise ValueError(f"{name} holds {bad}, outside the {dtype.name} range")
-    return np.ascontiguousarray(x, dtype=dtype)
+    return np.require(x, dtype=dtype, requirements=("C", "A"))
 
 
 def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=None,

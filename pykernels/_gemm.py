@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 
 import numpy as np
 
@@ -177,7 +178,9 @@ class PackedWeight:
             raise ValueError(f"{path}: unknown packed layout {header.get('layout')!r}")
         precision = header.get("precision")
         shape = header.get("shape")
-        if precision not in _PRECISION_CODE:
+        # isinstance first: a JSON list or object is unhashable, and the dict
+        # lookup would raise TypeError instead of the ValueError promised above.
+        if not isinstance(precision, str) or precision not in _PRECISION_CODE:
             raise ValueError(f"{path}: unknown precision {precision!r}")
         if (not isinstance(shape, list) or len(shape) != 2
                 or not all(type(v) is int and 0 < v < 2**40 for v in shape)):
@@ -215,16 +218,24 @@ class PackedWeight:
 
 
 def _unpickle_packed(version, shape, precision, payload, rel_error, scale=None):
-    if version != 2:
+    # Every field is checked for type before use: a forged payload must raise
+    # ValueError (the documented answer for a corrupted pickle), never the
+    # TypeError / OverflowError that hashing a list or int(inf) would give.
+    if type(version) is not int or version != 2:
         raise ValueError(f"PackedWeight pickle version {version!r} is not supported")
-    if precision not in _PRECISION_CODE:
+    if not isinstance(precision, str) or precision not in _PRECISION_CODE:
         raise ValueError(f"corrupted PackedWeight pickle: unknown precision {precision!r}")
     try:
-        k, n = (int(v) for v in shape)
+        k, n = (operator.index(v) for v in shape)  # integers only: no int(1e300), int(inf)
     except (TypeError, ValueError):
         raise ValueError(f"corrupted PackedWeight pickle: bad shape {shape!r}") from None
-    if k <= 0 or n <= 0:
+    if k <= 0 or n <= 0 or k >= 2**40 or n >= 2**40:  # the bound PackedWeight.load uses
         raise ValueError(f"corrupted PackedWeight pickle: bad shape {shape!r}")
+    # rel_error is NaN for a weight packed from non-finite values (see pack), so
+    # NaN is legitimate here; a non-number or a negative value is not.
+    if (isinstance(rel_error, bool) or not isinstance(rel_error, (int, float, np.floating))
+            or rel_error < 0):
+        raise ValueError(f"corrupted PackedWeight pickle: bad rel_error {rel_error!r}")
     dtype = _PACKED_DTYPE[precision]
     pshape = _packed_shape(k, n, precision)
     expected = pshape[0] * pshape[1] * dtype.itemsize
@@ -349,7 +360,9 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     negative or zero strides). b: (K, N) float32 or a PackedWeight.
     out: (M, N) float32 with unit stride along its last axis, or None (a new
     array; ``beta`` then has nothing to scale). An ``out`` that overlaps an
-    input is handled as NumPy does. Returns the result.
+    input is handled as NumPy does. Arrays at an odd byte address
+    (``flags.aligned`` False) work too: such an input is copied to an aligned
+    buffer, such an ``out`` is computed in a temporary. Returns the result.
 
     Shape, dtype and ``out`` checks run in the C++ binding (they cost ~2 us in
     Python, more than a 32x32x32 product); their messages follow the SPEC.

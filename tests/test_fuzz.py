@@ -469,19 +469,11 @@ def _quantize_rows(v):
     return np.nan_to_num(q).astype(np.int64), (amax / F32(127.0)).astype(F32)
 
 
-def silu_known_bug(act, z):
-    """Elements not checked: SiLU of z < -88 (incl. -Inf) is a known library bug
-    (test_silu_of_large_negative_input_is_near_zero)."""
-    if act != "silu":
-        return None
-    with np.errstate(invalid="ignore"):
-        return np.nan_to_num(z, nan=0.0) < -88.0
-
-
 def linear_expected(x2, precision, w_full, n, scale, bias, act):
     """(expected, tol, skip) in float64 for x2 (M, K) float32 and the decoded
     padded weight ``w_full`` (k_padded, >= n) (float64 values, or int8 ints +
-    scale); ``skip`` marks elements of a known bug (None if none)."""
+    scale); ``skip`` marks elements of a known bug not to check (None: none
+    at present; SiLU of z < -88 was one until the fix of vexp's clamp)."""
     m, k = x2.shape
     kp = w_full.shape[0]
     if precision == "int8":
@@ -496,7 +488,7 @@ def linear_expected(x2, precision, w_full, n, scale, bias, act):
                 z = (z + bias[None, :]).astype(F32)
         z = np.where(finite[:, None], z.astype(np.float64), np.nan)
         tol = 2 * EPS32 * np.abs(np.where(np.isfinite(z), z, 0.0)) + underflow_tol(3)
-        return act64(act, z), LIPSCHITZ * tol + act_tol(act, z), silu_known_bug(act, z)
+        return act64(act, z), LIPSCHITZ * tol + act_tol(act, z), None
     xs = bf16_round(x2) if precision == "bf16" else x2
     x64 = np.pad(xs.astype(np.float64), ((0, 0), (0, kp - k)))
     z = _prodsum(x64, w_full[:, :n])
@@ -506,8 +498,7 @@ def linear_expected(x2, precision, w_full, n, scale, bias, act):
         mag = mag + np.abs(bias.astype(np.float64))[None, :]
     with np.errstate(invalid="ignore"):
         tol = gemm_tolerance(np.where(np.isfinite(mag), mag, 0.0), max(k, 1), current_isa())
-    return (act64(act, z), LIPSCHITZ * (tol + underflow_tol(kp)) + act_tol(act, z),
-            silu_known_bug(act, z))
+    return act64(act, z), LIPSCHITZ * (tol + underflow_tol(kp)) + act_tol(act, z), None
 
 
 W_KINDS = ("raw", "fp32", "bf16", "int8")
@@ -768,28 +759,28 @@ _shape_value = st.one_of(
     st.tuples(st.integers(-3, 70), st.integers(-3, 70)),
     st.tuples(st.integers(-2**64, 2**64), st.integers(-2**64, 2**64)),
     st.lists(st.integers(0, 50), max_size=4),
-    # Finite floats only: an infinite one is a known bug (OverflowError), see
-    # test_unpickle_shape_inf_is_value_error below.
-    st.tuples(st.floats(allow_nan=True, allow_infinity=False),
-              st.floats(allow_nan=True, allow_infinity=False)),
+    st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
     st.tuples(st.text(max_size=3), st.text(max_size=3)),
     st.text(max_size=6), st.none(), st.integers(),
 )
 
 # Argument fields of PackedWeight.__reduce__: (version, shape, precision, payload,
-# rel_error, scale). Values that hit the known bugs (an unhashable precision, a
-# rel_error that float() rejects with TypeError, an infinite shape) are not drawn
-# here: they have their own xfail regression tests at the end of this file.
+# rel_error, scale), including the kinds of value the fuzzer once found to raise
+# something other than ValueError (an unhashable precision, a non-numeric
+# rel_error, an infinite shape; regression tests at the end of this file).
 _field_mutation = st.one_of(
     st.tuples(st.just(0), st.one_of(st.integers(-3, 5), st.floats(allow_nan=True),
                                     st.text(max_size=3), st.none())),
     st.tuples(st.just(1), _shape_value),
     st.tuples(st.just(2), st.one_of(st.sampled_from(["fp32", "bf16", "int8", "fp16", "FP32",
                                                      "int4", ""]),
-                                    st.text(max_size=5), st.none(), st.integers())),
+                                    st.text(max_size=5), st.none(), st.integers(),
+                                    st.lists(st.just("fp32"), max_size=1),
+                                    st.dictionaries(st.just("fp32"), st.integers(), max_size=1))),
     st.tuples(st.just(3), _bytes_mutation()),
     st.tuples(st.just(4), st.one_of(st.floats(allow_nan=True), st.integers(-5, 5),
-                                    st.sampled_from(["0.5", "1e-3"]))),
+                                    st.sampled_from(["0.5", "1e-3"]), st.none(),
+                                    st.lists(st.floats(), max_size=1))),
     st.tuples(st.just(5), _bytes_mutation()),
     st.tuples(st.just(6), st.integers(0, 7)),  # arity: keep only the first i arguments
 )
@@ -930,8 +921,6 @@ def npz_rewrite(draw, pw):
             value = draw(st.one_of(
                 _json_like, st.sampled_from([[1, 1], [7, 16], [33, 17], [5, 40], [5, 33],
                                              [2**39, 16], "fp32", "bf16", "int8", 1, 2])))
-            if field == "precision" and isinstance(value, (list, dict)):
-                value = str(value)  # known bug: test_load_unhashable_precision_is_value_error
             header[field] = value
         elif what == "drop_field":
             header.pop(draw(st.sampled_from(_HEADER_FIELDS)), None)
@@ -1036,14 +1025,10 @@ def test_fuzz_npz_rewrite(data, precision, idx):
 
 
 # ---------------------------------------------------------------------------
-# Regression tests for what the fuzzers found (library bugs: xfail strict, the
-# reproducer is in the reason; remove the mark once fixed)
+# Regression tests for what the fuzzers found (library bugs, now fixed; a new
+# finding is added here as xfail(strict=True) with its reproducer in the reason,
+# and the mark goes when it is fixed)
 # ---------------------------------------------------------------------------
-
-UNPICKLE_BUG = (
-    "library bug (pykernels/_gemm.py _unpickle_packed): a malformed pickle field "
-    "raises {exc} instead of ValueError. Reproducer: fn, args = pk.pack(np.ones((3, 4), "
-    "np.float32)).__reduce__(); fn({call})")
 
 
 def _unpickle_with(index, value):
@@ -1053,38 +1038,29 @@ def _unpickle_with(index, value):
     return pickle.loads(pickle.dumps(_Crafted(fn, tuple(args))))
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=UNPICKLE_BUG.format(
-    exc="OverflowError", call="2, (float('inf'), 4), *args[2:]"))
 def test_unpickle_shape_inf_is_value_error():
+    """_unpickle_packed used int(v) on the shape: int(inf) raised OverflowError."""
     with pytest.raises(ValueError):
         _unpickle_with(1, (float("inf"), 4))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=UNPICKLE_BUG.format(
-    exc="TypeError (unhashable type)", call="2, args[1], ['fp32'], *args[3:]"))
 @pytest.mark.parametrize("precision", [["fp32"], {"fp32": 1}], ids=["list", "dict"])
 def test_unpickle_unhashable_precision_is_value_error(precision):
+    """`precision in dict` raised TypeError (unhashable type) for a list or dict."""
     with pytest.raises(ValueError):
         _unpickle_with(2, precision)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=UNPICKLE_BUG.format(
-    exc="TypeError (float() argument)", call="*args[:4], None, *args[5:]"))
 @pytest.mark.parametrize("rel_error", [None, [0.0]], ids=["None", "list"])
 def test_unpickle_non_numeric_rel_error_is_value_error(rel_error):
+    """float(rel_error) raised TypeError for None or a list."""
     with pytest.raises(ValueError):
         _unpickle_with(4, rel_error)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug (pykernels/_gemm.py PackedWeight.load): a header whose precision is a "
-    "JSON list or object raises TypeError (unhashable type) instead of ValueError. "
-    "Reproducer: np.savez(f, header=np.frombuffer(json.dumps({'format': "
-    "'pykernels.PackedWeight', 'version': 1, 'layout': 'panels16', 'precision': ['fp32'], "
-    "'shape': [1, 1], 'rel_error': 0.0}).encode(), np.uint8), data=np.zeros((1, 16), "
-    "np.float32)); PackedWeight.load(f)"))
 @pytest.mark.parametrize("precision", [["fp32"], {"fp32": 1}], ids=["list", "dict"])
 def test_load_unhashable_precision_is_value_error(precision):
+    """PackedWeight.load: a JSON list or object as precision raised TypeError."""
     header = {"format": "pykernels.PackedWeight", "version": 1, "layout": "panels16",
               "precision": precision, "shape": [1, 1], "rel_error": 0.0}
     bio = io.BytesIO()
@@ -1094,15 +1070,11 @@ def test_load_unhashable_precision_is_value_error(precision):
         _load_bytes(bio.getvalue())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library bug (csrc/kernels/common/gemm_impl.inc vsilu/vexp): exp's argument is "
-    "clamped to 88.38, so for z < -88 SiLU computes z / (1 + 2.4e38) instead of ~0: "
-    "silu(-1e38) = -0.416, silu(-3e38) = -1.247, and silu(-inf) = -inf (NaN as in "
-    "PyTorch's x * sigmoid(x), or -0, the limit, would be right). Reproducer: "
-    "pk.linear(np.array([[-3e38], [-np.inf]], np.float32), np.ones((1, 16), np.float32), "
-    "activation='silu')[:, 0]"))
 @pytest.mark.parametrize("variant", ["latency", "throughput"])
 def test_silu_of_large_negative_input_is_near_zero(variant):
+    """exp's argument was clamped to 88.38 (e^x <= 2.4e38), so SiLU of z < -88
+    computed z / 2.4e38: silu(-3e38) = -1.25. Now -0 (and NaN for -inf, as
+    PyTorch's x * sigmoid(x))."""
     z = np.array([[-1e10], [-1e38], [-3e38], [-np.inf]], F32)
     got = pk.linear(z, np.ones((1, 16), F32), activation="silu", variant=variant)[:, 0]
     assert np.all(np.abs(got[:3]) <= 1e-30), got
@@ -1249,8 +1221,6 @@ def test_fuzz_decode_attention(data, b, hkv, group, d, kv_bf16, q_bf16, paged, b
     rng = np.random.default_rng(b * 7 + d * 13 + max_blocks)
     q = data.draw(strided_last_unit((b, hq, d), BF16 if q_bf16 else np.dtype(F32)), label="q")
     expect_error = False
-    if paged and b == 0 and max_blocks > 1:
-        max_blocks = 1  # known bug: test_decode_empty_batch_with_empty_block_table
     if paged:
         cap = max_blocks * block_size
         lens = rng.integers(0, cap + 1, b)
@@ -1316,15 +1286,10 @@ def test_fuzz_decode_attention(data, b, hkv, group, d, kv_bf16, q_bf16, paged, b
         assert same_bits(x, y), "an input was modified"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug (csrc/bindings/module.cc decode_attention_fwd): an empty batch with "
-    "a (0, max_blocks > 1) block_table is refused with 'block_table rows must be "
-    "contiguous': NumPy gives empty arrays strides (0, 0), and the stride check does "
-    "not skip empty tables (as_out skips them for M == 0). NumPy semantics: an empty "
-    "(0, Hq, D) result. Reproducer: pk.decode_attention(np.zeros((0, 1, 4), np.float32), "
-    "kc, kc, np.zeros(0, np.int64), block_table=np.zeros((0, 2), np.int32)) with "
-    "kc = np.zeros((3, 1, 2, 4), np.float32)"))
 def test_decode_empty_batch_with_empty_block_table():
+    """An empty batch with a (0, max_blocks > 1) block_table was refused ('rows
+    must be contiguous': NumPy gives empty arrays strides (0, 0)); NumPy
+    semantics is an empty (0, Hq, D) result."""
     _attention_oracle()
     kc = np.zeros((3, 1, 2, 4), F32)
     got = pk.decode_attention(np.zeros((0, 1, 4), F32), kc, kc, np.zeros(0, np.int64),

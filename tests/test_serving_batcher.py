@@ -344,6 +344,10 @@ def test_max_queue_refuses_any_class():
 
 
 def test_overload_5x_refuses_at_submit_and_loses_nothing():
+    """Issue 8's overload figures as behaviour (bench/overload.py prints them
+    for a real kernel): every request is either accepted or refused cleanly at
+    submit (Overloaded with its class and retry_after_s, no future), and lost
+    == 0: every accepted one completes with its own result. No timing assertion."""
     # capacity ~1 item/ms (fn sleeps 1 ms per item); 4 threads offer ~5 items/ms
     def fn(items, plan):
         time.sleep(1e-3 * len(items))
@@ -360,7 +364,7 @@ def test_overload_5x_refuses_at_submit_and_loses_nothing():
             try:
                 f = b.submit(x)
             except Overloaded as e:
-                assert e.retry_after_s >= 0
+                assert e.retry_after_s >= 0 and e.cls == "interactive"
                 with lock:
                     rejected.append(x)
             else:
@@ -378,8 +382,10 @@ def test_overload_5x_refuses_at_submit_and_loses_nothing():
     assert len(accepted) + len(rejected) == 1000
     assert rejected, "5x the capacity must be refused in part"
     assert accepted
-    for x, f in accepted:
-        assert f.result(timeout=5) == 2 * x
+    # close(drain=True) has returned: every accepted future must be done already
+    lost = [x for x, f in accepted
+            if not f.done() or f.exception() is not None or f.result() != 2 * x]
+    assert lost == [], f"{len(lost)} accepted requests lost: {lost[:10]}"
     m = b.metrics()["interactive"]
     assert m["rejected"] == len(rejected)
     assert m["completed"] == m["accepted"] == len(accepted)

@@ -6,7 +6,9 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -39,7 +41,26 @@ struct Matrix {
   int64_t rows = 0, cols = 0, rs = 0, cs = 0;
   const char* lo = nullptr;  // lowest and one-past-highest byte touched
   const char* hi = nullptr;
+  bool aligned = true;       // data is on a 4-byte boundary
 };
+
+bool is_aligned(const void* p, size_t align) {
+  return reinterpret_cast<uintptr_t>(p) % align == 0;
+}
+
+// NumPy accepts arrays at any byte address (a float32 view into a uint8 buffer
+// at offset 1 has flags.aligned False), but reading one through float* is
+// undefined behaviour and vector code may assume element alignment. Such an
+// input is copied once into an aligned C-contiguous array, as NumPy's own
+// ufuncs buffer unaligned data, rather than refused: to a NumPy user it is a
+// valid array. `keep` owns the copy until the kernel has run. (The stride
+// checks stay: a stride that is not a multiple of 4 is still an error.)
+py::handle aligned_input(py::handle h, size_t align, py::object& keep) {
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (is_aligned(a.data(), align)) return h;
+  keep = a.attr("copy")();  // order 'C': a fresh, aligned buffer (MemoryError if too big)
+  return keep;
+}
 
 bool overlaps(const Matrix& x, const Matrix& y) {
   return x.rows > 0 && x.cols > 0 && y.rows > 0 && y.cols > 0 && x.lo < y.hi && y.lo < x.hi;
@@ -57,7 +78,9 @@ int64_t elem_stride(const py::array& a, int dim) {
   return s / static_cast<py::ssize_t>(sizeof(float));
 }
 
-Matrix as_matrix(py::handle h, const char* name) {
+// With `keep`, a misaligned input is replaced by an aligned copy held in
+// *keep; without (outputs), it is returned with aligned = false.
+Matrix as_matrix(py::handle h, const char* name, py::object* keep = nullptr) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                          std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
@@ -69,7 +92,10 @@ Matrix as_matrix(py::handle h, const char* name) {
   if (a.ndim() != 2)
     throw py::value_error(std::string(name) + " must be 2-D, got " + std::to_string(a.ndim()) +
                           "-D shape " + std::string(py::str(a.attr("shape"))));
+  if (keep != nullptr && !is_aligned(a.data(), sizeof(float)))
+    return as_matrix(aligned_input(h, sizeof(float), *keep), name);
   Matrix m;
+  m.aligned = is_aligned(a.data(), sizeof(float));
   m.data = static_cast<const float*>(a.data());
   m.rows = a.shape(0);
   m.cols = a.shape(1);
@@ -117,6 +143,19 @@ int parse_variant(int variant, int64_t m) {
   return variant;
 }
 
+// The product of sizes, saturating at INT64_MAX: a work estimate is only
+// compared with a threshold, and the sizes of broadcast views can make the
+// exact product overflow int64 (undefined behaviour: UBSan reported
+// 2^31 * 2^29 * 16 here).
+int64_t work_product(std::initializer_list<int64_t> sizes) {
+  int64_t r = 1;
+  for (int64_t s : sizes) {
+    if (s <= 0) return 0;
+    if (__builtin_mul_overflow(r, s, &r)) return INT64_MAX;
+  }
+  return r;
+}
+
 // threads < 1 means "decide": below 64^3 multiply-adds a second thread costs
 // more (fork/join ~1 us plus cache traffic) than it saves.
 int resolve_threads(int threads, int64_t macs) {
@@ -131,18 +170,25 @@ pk::ParallelPolicy parallel(int variant, int threads) {
   return p;
 }
 
+// Frees oversized scratch when a kernel call returns, also by exception (see
+// pk::kWorkspaceRetainBytes): one huge call must not pin its buffers.
+struct WorkspaceTrim {
+  ~WorkspaceTrim() { pk::workspace_trim(); }
+};
+
 void run_gemm(const pk::GemmArgs& g, int variant, int threads) {
   const pk::Dispatch& d = pk::dispatch();
   const pk::ParallelPolicy par = parallel(variant, threads);
   const pk::GemmFn fn = d.gemm->run[static_cast<int>(g.precision)][variant];
   py::gil_scoped_release nogil;
+  WorkspaceTrim trim;
   fn(g, par, d.gemm_blocking);
 }
 
 // int32 accumulation of int8 products is exact while K * 127 * 127 < 2^31.
 constexpr int64_t kMaxKInt8 = 131072;
 
-void check_bias(py::handle bias_h, pk::GemmArgs& g) {
+void check_bias(py::handle bias_h, pk::GemmArgs& g, py::object& keep) {
   if (bias_h.is_none()) return;
   if (!py::isinstance<py::array>(bias_h))
     throw py::type_error("bias must be a float32 numpy array of shape (" + std::to_string(g.n) +
@@ -156,7 +202,66 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g) {
                           ", expected (" + std::to_string(g.n) + ",)");
   if (g.n > 1 && bias.strides(0) != static_cast<py::ssize_t>(sizeof(float)))
     throw py::value_error("bias must be contiguous; pass np.ascontiguousarray(bias)");
-  g.bias = static_cast<const float*>(bias.data());
+  g.bias = static_cast<const float*>(
+      py::reinterpret_borrow<py::array>(aligned_input(bias_h, sizeof(float), keep)).data());
+}
+
+// ---- PackedWeight internals ---------------------------------------------------
+// A PackedWeight's arrays and shape are plain Python attributes (_data,
+// _scale, _shape, _code) that a caller can replace, so nothing about them is
+// trusted: each is checked for type, dtype, layout, alignment and an exact
+// size before a kernel reads it. Every failure is ValueError: the weight is
+// corrupted, and the fix is to pack it again.
+
+[[noreturn]] void corrupted_weight(const std::string& what, int64_t k, int64_t n) {
+  throw py::value_error("PackedWeight of shape (" + std::to_string(k) + ", " + std::to_string(n) +
+                        ") is corrupted: " + what + "; pack the weight again");
+}
+
+// The packed panels of (k, n) at precision p: ceil(n/16) * pad_k(k) * 16
+// elements of the precision's storage type (float32, uint16, int8),
+// C-contiguous and aligned to the element size.
+const void* checked_packed(py::handle h, pk::Precision p, int64_t k, int64_t n) {
+  if (!py::isinstance<py::array>(h))
+    corrupted_weight("its data is a " + std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
+                     ", not a numpy array", k, n);
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (k < 0 || n < 1) corrupted_weight("bad shape", k, n);
+  // Overflow-safe size: a forged shape such as (2^60 + 8, 16) would otherwise
+  // wrap to the size of a real 8-row buffer and pass the comparison below.
+  const int64_t step = pk::k_step(p);
+  int64_t expected = 0;
+  if (k > INT64_MAX - step || __builtin_mul_overflow((n - 1) / pk::kPanelCols + 1,
+                                                     pk::pad_k(k, p), &expected) ||
+      __builtin_mul_overflow(expected, int64_t{pk::kPanelCols}, &expected))
+    corrupted_weight("its shape is too large for any buffer", k, n);
+  const py::dtype dt = a.dtype();
+  const char kind = p == pk::Precision::kF32 ? 'f' : (p == pk::Precision::kBF16 ? 'u' : 'i');
+  const int64_t itemsize = p == pk::Precision::kF32 ? 4 : (p == pk::Precision::kBF16 ? 2 : 1);
+  const char* want = p == pk::Precision::kF32 ? "float32" : (p == pk::Precision::kBF16 ? "uint16" : "int8");
+  if (dt.kind() != kind || dt.itemsize() != itemsize || dt.byteorder() == '>')
+    corrupted_weight("its data has dtype " + dtype_name(a) + ", expected " + want, k, n);
+  if (a.size() != expected)
+    corrupted_weight("its data holds " + std::to_string(a.size()) + " elements, expected " +
+                     std::to_string(expected), k, n);
+  if (!(a.flags() & py::array::c_style) || !is_aligned(a.data(), static_cast<size_t>(itemsize)))
+    corrupted_weight("its data is not a C-contiguous aligned array", k, n);
+  return a.data();
+}
+
+// int8 per-column scales: float32 (n,), contiguous, aligned.
+const float* checked_scales(py::handle h, int64_t n) {
+  if (!py::isinstance<py::array>(h))
+    throw py::value_error("int8 PackedWeight has no per-column scales for N=" + std::to_string(n) +
+                          " (got " + std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
+                          "); pack the weight again");
+  auto a = py::reinterpret_borrow<py::array>(h);
+  if (!is_float32(a) || a.ndim() != 1 || a.shape(0) != n || !(a.flags() & py::array::c_style) ||
+      !is_aligned(a.data(), sizeof(float)))
+    throw py::value_error("int8 PackedWeight scales must be a contiguous float32 array of shape (" +
+                          std::to_string(n) + ",), got " + dtype_name(a) + " " +
+                          std::string(py::str(a.attr("shape"))) + "; pack the weight again");
+  return static_cast<const float*>(a.data());
 }
 
 // matmul(a, b, packed, precision, col_scale, k, n, out, alpha, beta, variant,
@@ -167,16 +272,19 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g) {
 //   out None -> a new (M, N) array (beta ignored). variant 0 latency,
 //   1 throughput, 2 auto; threads < 1 -> decide by size. bias None or (N,)
 //   float32 contiguous; act an Activation code.
-// Returns the result array, or None when `out` overlaps an input: the caller
-// then computes into a temporary (NumPy's semantics for overlapping out=).
+// Returns the result array, or None when `out` overlaps an input or is not
+// 4-byte aligned: the caller then computes into a temporary (NumPy's
+// semantics for overlapping out=) and copies it over. Misaligned inputs are
+// copied here (aligned_input).
 py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int precision,
                   py::handle scale_h, int64_t pk_k, int64_t pk_n, py::handle out_h, float alpha,
                   float beta, int variant, int threads, py::handle bias_h, int act) {
-  const Matrix a = as_matrix(a_h, "a");
+  py::object a_keep, b_keep, bias_keep;  // aligned copies of misaligned inputs
+  const Matrix a = as_matrix(a_h, "a", &a_keep);
   pk::GemmArgs g;
   Matrix b;
   if (!b_h.is_none()) {
-    b = as_matrix(b_h, "b");
+    b = as_matrix(b_h, "b", &b_keep);
     if (b.rows != a.cols)
       throw py::value_error("shapes " + shape_str(a.rows, a.cols) + " and " +
                             shape_str(b.rows, b.cols) + " are not aligned: a has " +
@@ -196,23 +304,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
                             std::to_string(pk_k) + " rows");
     if (precision < 0 || precision > 2) throw py::value_error("internal: bad precision code");
     g.precision = static_cast<pk::Precision>(precision);
-    auto packed = py::reinterpret_borrow<py::array>(packed_h);
-    // The packed buffer must hold exactly (k, n) of this precision: a
-    // PackedWeight is trusted data, but never enough to read past a buffer.
-    const int64_t expected = (pk_n + pk::kPanelCols - 1) / pk::kPanelCols *
-                             pk::pad_k(pk_k, g.precision) * pk::kPanelCols;
-    const int64_t itemsize = g.precision == pk::Precision::kF32 ? 4 : (g.precision == pk::Precision::kBF16 ? 2 : 1);
-    if (pk_n < 1 || pk_k < 0 || packed.size() != expected || packed.itemsize() != itemsize ||
-        !(packed.flags() & py::array::c_style))
-      throw py::value_error("PackedWeight data does not match its shape (" + std::to_string(pk_k) +
-                            ", " + std::to_string(pk_n) + "); repack the weight");
+    g.b_packed = checked_packed(packed_h, g.precision, pk_k, pk_n);
     if (g.precision == pk::Precision::kI8) {
-      if (scale_h.is_none() || py::reinterpret_borrow<py::array>(scale_h).size() < pk_n)
-        throw py::value_error("int8 PackedWeight has no per-column scales for N=" + std::to_string(pk_n));
-    }
-    g.b_packed = packed.data();
-    if (g.precision == pk::Precision::kI8) {
-      g.col_scale = static_cast<const float*>(py::reinterpret_borrow<py::array>(scale_h).data());
+      g.col_scale = checked_scales(scale_h, pk_n);
       if (pk_k > kMaxKInt8)
         throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) +
                               " (exact int32 accumulation), got K=" + std::to_string(pk_k));
@@ -221,7 +315,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
   }
   g.m = a.rows;
   g.k = a.cols;
-  check_bias(bias_h, g);
+  check_bias(bias_h, g, bias_keep);
   if (act < 0 || act > 4) throw py::value_error("internal: bad activation code");
   g.act = static_cast<pk::Activation>(act);
   py::object result;
@@ -232,7 +326,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
     c = as_matrix(result, "out");
   } else {
     c = as_out(out_h, g.m, g.n);
-    if (overlaps(c, a) || (g.b && overlaps(c, b))) return py::none();
+    if (!c.aligned || overlaps(c, a) || (g.b && overlaps(c, b))) return py::none();
     if (g.bias) {  // the K-blocked kernels read bias after writing partial sums
       Matrix bias_m;
       bias_m.rows = 1;
@@ -269,13 +363,15 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
     run_gemm(g, 0, 1);
     return result;
   }
-  run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, g.m * g.n * g.k));
+  run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, work_product({g.m, g.n, g.k})));
   return result;
 }
 
 // Packs w (K, N) float32 into bf16 (precision 1) or int8 (2) panels in `out`;
 // int8 also fills scale (N,). Returns (sum of squared errors, sum of squares).
-py::tuple pack_lowp(const py::array& w, int precision, py::array out, py::handle scale_h) {
+py::tuple pack_lowp(const py::array& w_in, int precision, py::array out, py::handle scale_h) {
+  py::object keep;  // pack reads w through float*: a misaligned w is copied first
+  const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
   const float* src = static_cast<const float*>(w.data());
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
@@ -295,7 +391,9 @@ py::tuple pack_lowp(const py::array& w, int precision, py::array out, py::handle
 }
 
 // Packs w (K, N), any strides, into out (ceil(N/16), K, 16) float32 C-contiguous.
-void pack_f32(const py::array& w, py::array out, int threads) {
+void pack_f32(const py::array& w_in, py::array out, int threads) {
+  py::object keep;  // as in pack_lowp
+  const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
   const float* src = static_cast<const float*>(w.data());
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
@@ -363,6 +461,7 @@ struct Tensor {
   Kind kind = Kind::kF32;
   const char* lo = nullptr;
   const char* hi = nullptr;
+  bool aligned = true;  // data on an item-size boundary
   int64_t size() const {
     int64_t n = 1;
     for (int i = 0; i < ndim; ++i) n *= shape[i];
@@ -383,8 +482,11 @@ bool tensors_overlap(const Tensor& x, const Tensor& y) {
   return x.size() > 0 && y.size() > 0 && x.lo < y.hi && y.lo < x.hi;
 }
 
-// `layout` names the axes for messages, e.g. "(B, Hq, Sq, D)".
-Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout) {
+// `layout` names the axes for messages, e.g. "(B, Hq, Sq, D)". With `keep`, a
+// misaligned input is replaced by an aligned copy (see aligned_input);
+// without (outputs), it is returned with aligned = false.
+Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout,
+                 py::object* keep = nullptr) {
   if (!py::isinstance<py::array>(h))
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32 or bfloat16, got " +
                          std::string(py::str(py::type::handle_of(h).attr("__name__"))) +
@@ -401,6 +503,9 @@ Tensor as_tensor(py::handle h, const char* name, int ndim, const char* layout) {
                           ", got " + std::to_string(a.ndim()) + "-D shape " +
                           std::string(py::str(a.attr("shape"))));
   const int64_t item = t.kind == Kind::kF32 ? 4 : 2;
+  if (keep != nullptr && !is_aligned(a.data(), static_cast<size_t>(item)))
+    return as_tensor(aligned_input(h, static_cast<size_t>(item), *keep), name, ndim, layout);
+  t.aligned = is_aligned(a.data(), static_cast<size_t>(item));
   t.ndim = ndim;
   t.data = static_cast<const char*>(a.data());
   int64_t lo = 0, hi = 0;
@@ -447,6 +552,8 @@ void read_kv_lens(py::handle h, int64_t batch, int64_t cap, const char* cap_name
                           ", expected (" + std::to_string(batch) + ",) (one length per batch item)");
   if (batch > 1 && a.strides(0) != dt.itemsize())
     throw py::value_error("kv_lens must be contiguous; pass np.ascontiguousarray(kv_lens)");
+  if (batch > 0 && !is_aligned(a.data(), static_cast<size_t>(dt.itemsize())))  // pykernels passes a copy
+    throw py::value_error("kv_lens is not aligned; pass kv_lens.copy()");
   int64_t mx = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t v = i32 ? static_cast<const int32_t*>(a.data())[b]
@@ -490,8 +597,18 @@ void run_attention(const pk::AttentionArgs& g, int variant, int threads) {
   const pk::Dispatch& d = pk::dispatch();
   const pk::ParallelPolicy par = parallel(variant, threads);
   py::gil_scoped_release nogil;
+  WorkspaceTrim trim;
   if (variant == 0) d.attention->latency(g, par, d.attention_tiling);
   else d.attention->throughput(g, par, d.attention_tiling);
+}
+
+// The attention kernels' task list stores batch item, KV head and query tile
+// indices as int32 (csrc/kernels/common/attention_impl.inc, Task).
+void check_task_indices(int64_t batch, int64_t hkv, int64_t sq) {
+  if (batch > INT32_MAX || hkv > INT32_MAX || sq > INT32_MAX)
+    throw py::value_error("attention supports B, Hkv and Sq up to 2^31 - 1, got B=" +
+                          std::to_string(batch) + ", Hkv=" + std::to_string(hkv) + ", Sq=" +
+                          std::to_string(sq));
 }
 
 float resolve_scale(py::handle scale, int64_t d) {
@@ -506,9 +623,10 @@ float resolve_scale(py::handle scale, int64_t d) {
 py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::handle lens_h,
                          py::handle out_h, py::handle scale_h, bool causal, int variant,
                          int threads) {
-  const Tensor q = as_tensor(q_h, "q", 4, "(B, Hq, Sq, D)");
-  const Tensor k = as_tensor(k_h, "k", 4, "(B, Hkv, Skv, D)");
-  const Tensor v = as_tensor(v_h, "v", 4, "(B, Hkv, Skv, D)");
+  py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
+  const Tensor q = as_tensor(q_h, "q", 4, "(B, Hq, Sq, D)", &q_keep);
+  const Tensor k = as_tensor(k_h, "k", 4, "(B, Hkv, Skv, D)", &k_keep);
+  const Tensor v = as_tensor(v_h, "v", 4, "(B, Hkv, Skv, D)", &v_keep);
   if (k.kind != v.kind)
     throw py::type_error(std::string("k has dtype ") + (k.kind == Kind::kF32 ? "float32" : "bfloat16") +
                          " but v has " + (v.kind == Kind::kF32 ? "float32" : "bfloat16") +
@@ -544,10 +662,12 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
   } else {
     Tensor want = q;
     o = check_attention_out(out_h, want, 4, "(B, Hq, Sq, D)");
-    if (tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v)) return py::none();
+    if (!o.aligned || tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v))
+      return py::none();
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || sq == 0 || dd == 0) return result;
+  check_task_indices(batch, hkv, sq);
 
   g.batch = batch; g.hq = hq; g.hkv = hkv; g.sq = sq; g.skv = skv; g.d = dd;
   g.q = q.data; g.q_dtype = elem_type(q.kind);
@@ -560,7 +680,7 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
   g.scale = resolve_scale(scale_h, dd);
   g.causal = causal;
   const int var = attention_variant(variant, sq * (hq / hkv));
-  run_attention(g, var, resolve_threads(threads, batch * hq * sq * max_len * dd));
+  run_attention(g, var, resolve_threads(threads, work_product({batch, hq, sq, max_len, dd})));
   return result;
 }
 
@@ -570,11 +690,12 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
 py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
                                 py::handle lens_h, py::handle table_h, py::handle out_h,
                                 py::handle scale_h, int variant, int threads) {
-  const Tensor q = as_tensor(q_h, "q", 3, "(B, Hq, D)");
+  py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
+  const Tensor q = as_tensor(q_h, "q", 3, "(B, Hq, D)", &q_keep);
   const bool paged = !table_h.is_none();
   const char* cache_layout = paged ? "(num_blocks, Hkv, block_size, D)" : "(B, Hkv, S_max, D)";
-  const Tensor k = as_tensor(k_h, "k_cache", 4, cache_layout);
-  const Tensor v = as_tensor(v_h, "v_cache", 4, cache_layout);
+  const Tensor k = as_tensor(k_h, "k_cache", 4, cache_layout, &k_keep);
+  const Tensor v = as_tensor(v_h, "v_cache", 4, cache_layout, &v_keep);
   if (k.kind != v.kind)
     throw py::type_error("k_cache and v_cache must share one dtype (float32 or bfloat16)");
   for (int d = 0; d < 4; ++d)
@@ -615,10 +736,16 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
                             ", expected (B, max_blocks) with B = " + std::to_string(batch) +
                             " (q " + shape_of(q) + ")");
     max_blocks = t.shape(1);
-    if (max_blocks > 1 && t.strides(1) != 4)
-      throw py::value_error("block_table rows must be contiguous; pass np.ascontiguousarray(block_table)");
-    if (t.strides(0) % 4 != 0)
-      throw py::value_error("block_table stride is not a multiple of 4 bytes");
+    // An empty table is never read, and NumPy gives an empty array strides
+    // (0, 0): its layout is checked only when it holds entries (as for out).
+    if (t.size() > 0) {
+      if (max_blocks > 1 && t.strides(1) != 4)
+        throw py::value_error("block_table rows must be contiguous; pass np.ascontiguousarray(block_table)");
+      if (t.strides(0) % 4 != 0)
+        throw py::value_error("block_table stride is not a multiple of 4 bytes");
+      if (!is_aligned(t.data(), 4))  // pykernels passes a copy
+        throw py::value_error("block_table is not aligned; pass block_table.copy()");
+    }
     table = static_cast<const int32_t*>(t.data());
     bt_stride = t.strides(0) / 4;
     cap = max_blocks * block_size;
@@ -652,10 +779,12 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
     o = as_tensor(result, "out", 3, "(B, Hq, D)");
   } else {
     o = check_attention_out(out_h, q, 3, "(B, Hq, D)");
-    if (tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v)) return py::none();
+    if (!o.aligned || tensors_overlap(o, q) || tensors_overlap(o, k) || tensors_overlap(o, v))
+      return py::none();
     result = py::reinterpret_borrow<py::object>(out_h);
   }
   if (batch == 0 || hq == 0 || dd == 0) return result;
+  check_task_indices(batch, hkv, 1);
 
   g.batch = batch; g.hq = hq; g.hkv = hkv; g.sq = 1; g.skv = cap; g.d = dd;
   g.q = q.data; g.q_dtype = elem_type(q.kind);
@@ -669,7 +798,7 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
   g.scale = resolve_scale(scale_h, dd);
   g.causal = false;
   const int var = attention_variant(variant, hq / hkv);
-  run_attention(g, var, resolve_threads(threads, batch * hq * max_len * dd));
+  run_attention(g, var, resolve_threads(threads, work_product({batch, hq, max_len, dd})));
   return result;
 }
 
@@ -747,6 +876,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("kernel_table", &kernel_table);
   m.def("get_num_threads", &pk::default_num_threads);
   m.def("set_num_threads", &pk::set_default_num_threads);
+  // Scratch the calling thread holds between calls (tests: nothing oversized is kept).
+  m.def("workspace_held_bytes", &pk::workspace_held_bytes);
   m.def("fork_join_ns", &pk::measure_fork_join_ns, py::arg("threads"), py::arg("spin"),
         py::arg("reps") = 2000, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,5 +1,6 @@
 // Per-thread scratch buffers: grown on demand, reused across calls, freed at
-// thread exit. A warm call therefore allocates nothing.
+// thread exit, or when the call returns if larger than kWorkspaceRetainBytes
+// (workspace_trim). A warm call of ordinary size therefore allocates nothing.
 #include <cstdlib>
 #include <new>
 
@@ -12,6 +13,11 @@ struct Buffer {
   float* ptr = nullptr;
   size_t capacity = 0;  // floats
   ~Buffer() { std::free(ptr); }
+  void release() {
+    std::free(ptr);
+    ptr = nullptr;
+    capacity = 0;
+  }
 };
 
 thread_local Buffer t_buffers[kWorkspaceSlots];
@@ -23,6 +29,10 @@ float* workspace_floats(int slot, size_t count) {
   if (count <= b.capacity) return b.ptr;
   // Grow geometrically; 64-byte alignment for aligned vector loads of panels.
   size_t want = count + count / 4 + 16;
+  // The headroom never takes a buffer that fits under the retain cap over it:
+  // it would then be freed after every call (workspace_trim).
+  constexpr size_t kCap = kWorkspaceRetainBytes / sizeof(float);
+  if (count <= kCap && want > kCap) want = kCap;
   if (want > (SIZE_MAX - 63) / sizeof(float)) throw std::bad_alloc();
   size_t bytes = (want * sizeof(float) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes);
@@ -31,6 +41,17 @@ float* workspace_floats(int slot, size_t count) {
   b.ptr = static_cast<float*>(p);
   b.capacity = want;
   return b.ptr;
+}
+
+void workspace_trim() {
+  for (Buffer& b : t_buffers)
+    if (b.capacity > kWorkspaceRetainBytes / sizeof(float)) b.release();
+}
+
+size_t workspace_held_bytes() {
+  size_t total = 0;
+  for (const Buffer& b : t_buffers) total += b.capacity * sizeof(float);
+  return total;
 }
 
 }  // namespace pk

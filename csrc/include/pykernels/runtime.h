@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -52,5 +53,31 @@ double measure_fork_join_ns(int threads, bool spin, int reps);
 // independent buffers. Throws std::bad_alloc (MemoryError in Python).
 constexpr int kWorkspaceSlots = 4;
 float* workspace_floats(int slot, size_t count);
+
+// Scratch above this size is not kept between calls: workspace_trim() (run by
+// the binding when a kernel call returns) frees it. Without a cap, one huge
+// call (a raw B of 8192 x 8192 packed by the throughput variant: 256 MiB) pins
+// its scratch for the life of the calling thread. 128 MiB per buffer keeps the
+// scratch of ordinary calls warm (the latency path's is a few hundred KiB; the
+// packed copy of a raw B up to 4096 x 8192); a call that needs more allocates
+// it afresh, which costs about one more pass over that memory (page faults)
+// next to a GEMM that streams it; prepack such a weight (pk.pack) to avoid it.
+constexpr size_t kWorkspaceRetainBytes = size_t{128} << 20;
+// Frees the calling thread's buffers larger than kWorkspaceRetainBytes.
+void workspace_trim();
+// Bytes of scratch the calling thread currently holds (for tests).
+size_t workspace_held_bytes();
+
+// a * b + add floats for workspace_floats, or std::bad_alloc (MemoryError) when
+// that does not fit: sizes derive from the caller's shapes, which broadcast
+// views make as large as int64 allows, and a wrapped product would allocate a
+// small buffer that the kernel then overruns.
+inline size_t workspace_count(int64_t a, int64_t b, int64_t add = 0) {
+  int64_t r = 0;
+  if (a < 0 || b < 0 || add < 0 || __builtin_mul_overflow(a, b, &r) ||
+      __builtin_add_overflow(r, add, &r))
+    throw std::bad_alloc();
+  return static_cast<size_t>(r);
+}
 
 }  // namespace pk
