@@ -152,7 +152,7 @@ def scan(Cells c not None, double lam, double queued, double p99_budget, double 
     cdef Py_ssize_t n = c.n, ng = c.ng, j, i, g, m = 0, chosen = -1, cg
     cdef long nfeas = 0, f
     cdef double best_tp = -INFINITY, bj, a50, a99, rho, wait, drain, p50, p99
-    cdef double wmean, wq99, wq50, res99, res50, nb, thr
+    cdef double wmean, wq99, wq50, q99, q50, nb, thr
     for j in range(n):
         bj = c.b[j]
         a50 = c.s50[j]
@@ -161,7 +161,7 @@ def scan(Cells c not None, double lam, double queued, double p99_budget, double 
         if lam > 0.0:
             rho = lam / c.tp[j]
             wait = _max(0.0, (bj - _max(queued, 1.0)) / lam * 1e3 - a50)
-            drain = floor(queued / bj) * a50
+            drain = floor(_max(queued - 1.0, 0.0) / bj) * a50
             if rho >= 1.0:
                 p50 = INFINITY
                 p99 = INFINITY
@@ -169,10 +169,10 @@ def scan(Cells c not None, double lam, double queued, double p99_budget, double 
                 wmean = a50 * rho / (1.0 - rho) * (1.0 / bj + c.cs2[j]) / 2.0
                 wq99 = wmean / rho * _max(0.0, log(100.0 * rho))
                 wq50 = wmean / rho * _max(0.0, log(2.0 * rho))
-                res99 = a50 * _max(0.0, 1.0 - 0.01 / rho)
-                res50 = a50 * _max(0.0, 1.0 - 0.5 / rho)
-                p99 = drain + _max(wait, res99 + wq99) + a99
-                p50 = drain + _max(wait / 2.0, res50 + wq50) + a50
+                q99 = a50 * _max(0.0, 1.0 - 0.01 / rho) + rho * wq99
+                q50 = a50 * _max(0.0, 1.0 - 0.5 / rho) + rho * wq50
+                p99 = drain + _max(wait, q99) + a99
+                p50 = drain + _max(wait / 2.0, q50) + a50
             if rho > rho_max:
                 f |= FAIL_RHO
         else:

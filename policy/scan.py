@@ -95,7 +95,7 @@ def py_scan(cells, lam, queued, p99_budget, p50_budget, min_tp, rho_max, tol, mo
         if lam > 0.0:
             rho = lam / tp[j]
             wait = max(0.0, (bj - max(queued, 1.0)) / lam * 1e3 - a50)
-            drain = math.floor(queued / bj) * a50
+            drain = math.floor(max(queued - 1.0, 0.0) / bj) * a50
             if rho >= 1.0:
                 p50 = inf
                 p99 = inf
@@ -103,10 +103,10 @@ def py_scan(cells, lam, queued, p99_budget, p50_budget, min_tp, rho_max, tol, mo
                 wmean = a50 * rho / (1.0 - rho) * (1.0 / bj + cs2[j]) / 2.0
                 wq99 = wmean / rho * max(0.0, math.log(100.0 * rho))
                 wq50 = wmean / rho * max(0.0, math.log(2.0 * rho))
-                res99 = a50 * max(0.0, 1.0 - 0.01 / rho)
-                res50 = a50 * max(0.0, 1.0 - 0.5 / rho)
-                p99 = drain + max(wait, res99 + wq99) + a99
-                p50 = drain + max(wait / 2.0, res50 + wq50) + a50
+                q99 = a50 * max(0.0, 1.0 - 0.01 / rho) + rho * wq99
+                q50 = a50 * max(0.0, 1.0 - 0.5 / rho) + rho * wq50
+                p99 = drain + max(wait, q99) + a99
+                p50 = drain + max(wait / 2.0, q50) + a50
             if rho > rho_max:
                 f |= FAIL_RHO
         else:
