@@ -274,22 +274,20 @@ def _batch_grid(top: int) -> List[int]:
 
 def static_sweep(arrivals_ms, profile: Profile, op: Op, target_ms: float, *, variants,
                  precision: str, threads: int, batches: Sequence[int], waits_ms: Sequence[float],
-                 seed: int = 1, stop_at_first: bool = False) -> Tuple[List[RunResult], int]:
+                 seed: int = 1, stop_at_first: bool = False) -> List[RunResult]:
     """Every fixed (variant, batch cap, max wait) plan on the same arrivals
-    (and the same service-time draws); returns those with >= 99% attainment
-    and how many were tried."""
-    meeting, tried = [], 0
+    (and the same service-time draws); ``stop_at_first``: stop after the
+    first one with >= 99% attainment."""
+    out = []
     for v in variants:
         for b in batches:
             for w in (sorted(set(waits_ms)) if b > 1 else (0.0,)):
-                tried += 1
                 r = simulate(arrivals_ms, ServiceTimes(profile, op, seed), target_ms,
                              static=StaticPlan(v, precision, threads, b, w))
-                if r.attainment >= 0.99:
-                    meeting.append(r)
-                    if stop_at_first:
-                        return meeting, tried
-    return meeting, tried
+                out.append(r)
+                if stop_at_first and r.attainment >= 0.99:
+                    return out
+    return out
 
 
 def slo_peak_rate(profile: Profile, op: Op, target_ms: float, *, variants, precision: str,
@@ -313,9 +311,10 @@ def slo_peak_rate(profile: Profile, op: Op, target_ms: float, *, variants, preci
     base = poisson_arrivals(1.0, requests, seed)  # unit rate, scaled per trial: common numbers
     for _ in range(steps):
         mid = (lo + hi) / 2
-        ok, _ = static_sweep(base * (1.0 / mid), profile, op, target_ms, variants=variants,
-                             precision=precision, threads=threads, batches=batches,
-                             waits_ms=waits_ms, seed=seed + 1, stop_at_first=True)
+        runs = static_sweep(base * (1.0 / mid), profile, op, target_ms, variants=variants,
+                            precision=precision, threads=threads, batches=batches,
+                            waits_ms=waits_ms, seed=seed + 1, stop_at_first=True)
+        ok = runs[-1].attainment >= 0.99
         lo, hi = (mid, hi) if ok else (lo, mid)
     return lo
 
@@ -370,25 +369,18 @@ def open_loop_report(profile: Optional[Profile] = None, op: Op = Linear(384, 153
     tp_static = StaticPlan(top_v, precision, threads, max_batch, (max_batch - 1) / rate * 1e3)
     static_tp = simulate(arr, ServiceTimes(profile, op, seed + 1), target, static=tp_static,
                          name="static throughput plan " + tp_static.label())
-    meeting, tried = static_sweep(arr, profile, op, target, variants=variants,
-                                  precision=precision, threads=threads, batches=grid,
-                                  waits_ms=waits, seed=seed + 1)
+    runs = static_sweep(arr, profile, op, target, variants=variants, precision=precision,
+                        threads=threads, batches=grid, waits_ms=waits, seed=seed + 1)
+    meeting, tried = [r for r in runs if r.attainment >= 0.99], len(runs)
     best = max(meeting, key=lambda r: (r.throughput, r.attainment)) if meeting else None
     pol = Policy(SLO(p99_ms=target), profile, max_batch=max_batch, progress=False)
     res = simulate(arr, ServiceTimes(profile, op, seed + 1), target, policy=pol, name="policy")
     at_fit = None
     if service_peak:
         arr2 = poisson_arrivals(load * fit_peak, requests, seed)
-        m2, _ = static_sweep(arr2, profile, op, target, variants=variants, precision=precision,
-                             threads=threads, batches=grid, waits_ms=waits, seed=seed + 1)
-        # best attainment of any fixed plan there (none reaches 99% on this machine's curves)
-        best2 = 0.0
-        for v in variants:
-            for b in grid:
-                for w in (waits if b > 1 else (0.0,)):
-                    r = simulate(arr2, ServiceTimes(profile, op, seed + 1), target,
-                                 static=StaticPlan(v, precision, threads, b, w))
-                    best2 = max(best2, r.attainment)
+        best2 = max(r.attainment for r in static_sweep(
+            arr2, profile, op, target, variants=variants, precision=precision, threads=threads,
+            batches=grid, waits_ms=waits, seed=seed + 1))
         p2 = simulate(arr2, ServiceTimes(profile, op, seed + 1), target,
                       policy=Policy(SLO(p99_ms=target), profile, max_batch=max_batch,
                                     progress=False))
