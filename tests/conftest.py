@@ -14,6 +14,16 @@ of interpreter launches to a handful per ISA.
   ``CompletedProcess``.
 * ``run_json_under_isa(isa, code)``: same, but the code prints one JSON object as
   its last stdout line; a non-zero exit fails the test with the child's stderr.
+* ``run_call_under_isa(isa, module, call)``: imports the test module ``module`` in
+  such a subprocess and returns the JSON value of the expression ``call`` there.
+
+Batches
+-------
+A test module lists its batches as (id, fn) items, ``fn(isa)`` returning None or
+why the item failed (``case_items``/``check_items`` make them from cases and
+plain checks). ``run_batch_items`` runs them and reports ``{"isa", "count",
+"skipped_known_bugs", "nfail", "failures"}``; ``assert_batch_passed`` checks that
+report in the parent test.
 
 The in-process tests run on the default (best) ISA.
 
@@ -33,6 +43,7 @@ derivation is next to the function).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -119,6 +130,79 @@ def run_json_under_isa(isa: str | None, code: str, *, timeout: float = SUBPROCES
     if not lines:
         pytest.fail(f"subprocess printed nothing\n--- stderr ---\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
+
+
+def run_call_under_isa(isa: str | None, module: str, call: str):
+    """Evaluate ``call`` (an expression on the test module ``module``, giving
+    JSON-able data) in a fresh interpreter with ``PYKERNELS_ISA=isa``."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {TESTS_DIR!r})\n"
+        f"import {module}\n"
+        f"print(json.dumps({call}))\n"
+    )
+    return run_json_under_isa(isa, code)
+
+
+# ---------------------------------------------------------------------------
+# Batches: what one subprocess per ISA runs
+# ---------------------------------------------------------------------------
+
+def case_items(cases, run_case):
+    """(id, fn) items for ``cases``: fn(isa) -> ``run_case(case, isa)``."""
+    for c in cases:
+        yield c.id, functools.partial(run_case, c)
+
+
+def check_items(checks):
+    """(id, fn) items for (id, check) pairs: a check asserts, so fn(isa) returns None."""
+    for cid, fn in checks:
+        def run(isa, fn=fn):
+            fn(isa)
+            return None
+        yield cid, run
+
+
+def run_batch_items(items, isa: str, known_bugs) -> dict:
+    """Run every (id, fn) item on ``isa``, skipping the ids in ``known_bugs``;
+    report the failures (an AssertionError or other exception counts as one)."""
+    count = skipped = 0
+    failures = []
+    for cid, fn in items:
+        if cid in known_bugs:
+            skipped += 1
+            continue
+        count += 1
+        try:
+            msg = fn(isa)
+        except AssertionError as e:
+            msg = f"AssertionError: {e}"
+        except Exception as e:  # noqa: BLE001
+            msg = f"raised {type(e).__name__}: {e}"
+        if msg:
+            failures.append(f"{cid}: {msg}")
+    return {"isa": isa, "count": count, "skipped_known_bugs": skipped,
+            "nfail": len(failures), "failures": failures[:25]}
+
+
+def assert_batch_passed(res: dict, isa: str, batch: str) -> None:
+    """The report of ``run_batch_items`` for ``batch``: ran on ``isa``, ran
+    something, and nothing failed."""
+    assert res["isa"] == isa, f"PYKERNELS_ISA={isa} ran {res['isa']!r}"
+    assert res["count"] > 0
+    assert res["nfail"] == 0, (f"{res['nfail']}/{res['count']} {batch} cases failed on {isa}:\n"
+                               + "\n".join(res["failures"]))
+
+
+def special_params(checks, known_bugs):
+    """``pytest.param`` per (id, check); the ids in ``known_bugs`` (id -> reason)
+    are xfail(strict=True)."""
+    for cid, fn in checks:
+        marks = ()
+        if cid in known_bugs:
+            marks = pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError),
+                                      reason=known_bugs[cid])
+        yield pytest.param(fn, id=cid, marks=marks)
 
 
 # ---------------------------------------------------------------------------

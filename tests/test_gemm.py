@@ -34,14 +34,19 @@ from hypothesis import strategies as st
 
 import pykernels as pk
 from conftest import (
-    TESTS_DIR,
+    assert_batch_passed,
     assert_gemm_close,
+    case_items,
+    check_items,
     current_isa,
     gemm_mismatch,
     gemm_reference,
     gemm_tolerance,
+    run_batch_items,
+    run_call_under_isa,
     run_json_under_isa,
     run_under_isa,
+    special_params,
 )
 
 F32 = np.float32
@@ -523,64 +528,25 @@ KNOWN_BUGS: dict = {}  # fixed: empty out with strides (0, 0) is accepted
 # Batches: what one subprocess per ISA runs
 # ---------------------------------------------------------------------------
 
-def _case_items(cases):
-    for c in cases:
-        yield c.id, functools.partial(run_case, c)
-
-
-def _check_items(checks):
-    for cid, fn in checks:
-        def run(isa, fn=fn):
-            fn(isa)
-            return None
-        yield cid, run
-
-
 BATCHES = {
-    "cube": lambda: _case_items(cases_cube()),
-    "edges": lambda: _case_items(cases_edges()),
-    "layouts": lambda: _case_items(cases_layouts()),
-    "epilogue": lambda: _case_items(cases_epilogue()),
-    "special": lambda: _check_items(SPECIAL_CHECKS),
+    "cube": lambda: case_items(cases_cube(), run_case),
+    "edges": lambda: case_items(cases_edges(), run_case),
+    "layouts": lambda: case_items(cases_layouts(), run_case),
+    "epilogue": lambda: case_items(cases_epilogue(), run_case),
+    "special": lambda: check_items(SPECIAL_CHECKS),
 }
 
 
 def run_batch(name: str, isa: str | None = None) -> dict:
     """Run every item of one batch on this process's ISA; report failures."""
-    isa = isa or current_isa()
-    count = skipped = 0
-    failures = []
-    for cid, fn in BATCHES[name]():
-        if cid in KNOWN_BUGS:
-            skipped += 1
-            continue
-        count += 1
-        try:
-            msg = fn(isa)
-        except AssertionError as e:
-            msg = f"AssertionError: {e}"
-        except Exception as e:  # noqa: BLE001
-            msg = f"raised {type(e).__name__}: {e}"
-        if msg:
-            failures.append(f"{cid}: {msg}")
-    return {"isa": isa, "count": count, "skipped_known_bugs": skipped,
-            "nfail": len(failures), "failures": failures[:25]}
+    return run_batch_items(BATCHES[name](), isa or current_isa(), KNOWN_BUGS)
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_gemm_batch_under_isa(isa, batch):
     """Each batch on each ISA path, in one subprocess with PYKERNELS_ISA set."""
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {TESTS_DIR!r})\n"
-        "import test_gemm\n"
-        f"print(json.dumps(test_gemm.run_batch({batch!r})))\n"
-    )
-    res = run_json_under_isa(isa, code)
-    assert res["isa"] == isa, f"PYKERNELS_ISA={isa} ran {res['isa']!r}"
-    assert res["count"] > 0
-    assert res["nfail"] == 0, (f"{res['nfail']}/{res['count']} {batch} cases failed on {isa}:\n"
-                               + "\n".join(res["failures"]))
+    res = run_call_under_isa(isa, "test_gemm", f"test_gemm.run_batch({batch!r})")
+    assert_batch_passed(res, isa, batch)
 
 
 # ---------------------------------------------------------------------------
@@ -599,16 +565,7 @@ def test_gemm_case(case):
     assert msg is None, msg
 
 
-def _special_params():
-    for cid, fn in SPECIAL_CHECKS:
-        marks = ()
-        if cid in KNOWN_BUGS:
-            marks = pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError),
-                                      reason=KNOWN_BUGS[cid])
-        yield pytest.param(fn, id=cid, marks=marks)
-
-
-@pytest.mark.parametrize("check", list(_special_params()))
+@pytest.mark.parametrize("check", list(special_params(SPECIAL_CHECKS, KNOWN_BUGS)))
 def test_gemm_special(check):
     check(current_isa())
 

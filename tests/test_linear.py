@@ -74,7 +74,17 @@ import pytest
 from scipy.special import erf
 
 import pykernels as pk
-from conftest import TESTS_DIR, current_isa, gemm_tolerance, run_json_under_isa
+from conftest import (
+    assert_batch_passed,
+    case_items,
+    check_items,
+    current_isa,
+    gemm_tolerance,
+    run_batch_items,
+    run_call_under_isa,
+    run_json_under_isa,
+    special_params,
+)
 
 F32 = np.float32
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -838,25 +848,12 @@ KNOWN_BUGS: dict = {}  # the K == 0 reshape bug (_K0_ND_BUG) is fixed
 # Batches: what one subprocess per ISA runs
 # ---------------------------------------------------------------------------
 
-def _case_items(cases):
-    for c in cases:
-        yield c.id, functools.partial(run_case, c)
-
-
-def _check_items(checks):
-    for cid, fn in checks:
-        def run(isa, fn=fn):
-            fn(isa)
-            return None
-        yield cid, run
-
-
 BATCHES = {
-    "cube": lambda: _case_items(cases_cube()),
-    "edge_grid": lambda: _case_items(cases_edge_grid()),
-    "sizes": lambda: _case_items(cases_sizes()),
-    "layouts": lambda: _case_items(cases_layouts()),
-    "special": lambda: _check_items(SPECIAL_CHECKS),
+    "cube": lambda: case_items(cases_cube(), run_case),
+    "edge_grid": lambda: case_items(cases_edge_grid(), run_case),
+    "sizes": lambda: case_items(cases_sizes(), run_case),
+    "layouts": lambda: case_items(cases_layouts(), run_case),
+    "special": lambda: check_items(SPECIAL_CHECKS),
 }
 # Batches that also run in-process with one test id per item (test_linear_case,
 # test_linear_special): on the in-process ISA the batch itself is skipped.
@@ -867,27 +864,7 @@ def run_batch(name: str, isa: str | None = None) -> dict:
     """Run every item of one batch on this process's ISA; report failures."""
     isa = isa or current_isa()
     with blas_single_thread():
-        return _run_batch_items(BATCHES[name](), isa)
-
-
-def _run_batch_items(items, isa: str) -> dict:
-    count = skipped = 0
-    failures = []
-    for cid, fn in items:
-        if cid in KNOWN_BUGS:
-            skipped += 1
-            continue
-        count += 1
-        try:
-            msg = fn(isa)
-        except AssertionError as e:
-            msg = f"AssertionError: {e}"
-        except Exception as e:  # noqa: BLE001
-            msg = f"raised {type(e).__name__}: {e}"
-        if msg:
-            failures.append(f"{cid}: {msg}")
-    return {"isa": isa, "count": count, "skipped_known_bugs": skipped,
-            "nfail": len(failures), "failures": failures[:25]}
+        return run_batch_items(BATCHES[name](), isa, KNOWN_BUGS)
 
 
 def _run_on_isa(isa: str, call: str):
@@ -896,13 +873,7 @@ def _run_on_isa(isa: str, call: str):
     a subprocess with PYKERNELS_ISA set."""
     if isa == current_isa():
         return json.loads(json.dumps(eval(call, {"test_linear": sys.modules[__name__]})))
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {TESTS_DIR!r})\n"
-        "import test_linear\n"
-        f"print(json.dumps({call}))\n"
-    )
-    return run_json_under_isa(isa, code)
+    return run_call_under_isa(isa, "test_linear", call)
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -912,10 +883,7 @@ def test_linear_batch_under_isa(isa, batch):
     if batch in IN_PROCESS_BATCHES and isa == current_isa():
         pytest.skip(f"the {batch} batch runs in-process on {isa} with one test id per item")
     res = _run_on_isa(isa, f"test_linear.run_batch({batch!r})")
-    assert res["isa"] == isa, f"PYKERNELS_ISA={isa} ran {res['isa']!r}"
-    assert res["count"] > 0
-    assert res["nfail"] == 0, (f"{res['nfail']}/{res['count']} {batch} cases failed on {isa}:\n"
-                               + "\n".join(res["failures"]))
+    assert_batch_passed(res, isa, batch)
 
 
 # ---------------------------------------------------------------------------
@@ -929,16 +897,7 @@ def test_linear_case(case):
     assert msg is None, msg
 
 
-def _special_params():
-    for cid, fn in SPECIAL_CHECKS:
-        marks = ()
-        if cid in KNOWN_BUGS:
-            marks = pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError),
-                                      reason=KNOWN_BUGS[cid])
-        yield pytest.param(fn, id=cid, marks=marks)
-
-
-@pytest.mark.parametrize("check", list(_special_params()))
+@pytest.mark.parametrize("check", list(special_params(SPECIAL_CHECKS, KNOWN_BUGS)))
 def test_linear_special(check):
     check(current_isa())
 
