@@ -255,6 +255,29 @@ def write_bench_json(path: str, suite: str, *, torch, have_tpc: bool, peak_core:
         f.write("\n")
 
 
+def _timing_settings(args, isa: str) -> Tuple[float, int, float, str]:
+    """(budget in seconds per record, minimum repetitions, peak GFLOP/s per core,
+    where that peak comes from) for a ``pykernels bench`` suite's ``args``."""
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.3)
+    min_reps = 3 if args.quick else 5
+    peak_core, peak_src = peak_per_core(isa, args.peak_gflops)
+    return budget, min_reps, peak_core, peak_src
+
+
+def finish_bench(path: Optional[str], failed: bool, out, suite: str, **doc) -> int:
+    """The end of every ``pykernels bench`` suite: write the ``--json`` document
+    (``write_bench_json(path, suite, **doc)``) when ``path`` is given, and return
+    the exit status, 1 when a pykernels result was wrong or did not run."""
+    if path:
+        write_bench_json(path, suite, **doc)
+        print(f"wrote {path}", file=out)
+    if failed:
+        print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # fp32 GEMM error grows like sqrt(K)*eps: at K=4096, 64 * 6e-8 ~ 4e-6, so 1e-4
 # leaves a 25x margin for every target shape and still catches a wrong tile.
 GEMM_REL_TOL = 1e-4
@@ -558,9 +581,7 @@ def run_bench_gemm(args) -> int:
     else:
         shapes = [s for s in GEMM_TARGETS if not (args.quick and s.big)]
     plan = _thread_plan(shapes, args.threads, default_threads)
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.3)
-    min_reps = 3 if args.quick else 5
-    peak_core, peak_src = peak_per_core(info.isa, args.peak_gflops)
+    budget, min_reps, peak_core, peak_src = _timing_settings(args, info.isa)
 
     torch = None if args.no_baselines else import_torch()
     baselines = [] if args.no_baselines else [
@@ -630,16 +651,10 @@ def run_bench_gemm(args) -> int:
     summary = _gemm_summary(results, baselines)
     _print_gemm_summary(summary, baselines, out)
 
-    if args.json:
-        write_bench_json(args.json, "gemm", torch=torch, have_tpc=have_tpc, peak_core=peak_core,
-                         peak_src=peak_src, quick=args.quick, budget=budget, min_reps=min_reps,
-                         rel_tol=GEMM_REL_TOL, results=results, summary=summary)
-        print(f"wrote {args.json}", file=out)
-    if failed:
-        print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return finish_bench(args.json, failed, out, "gemm", torch=torch, have_tpc=have_tpc,
+                        peak_core=peak_core, peak_src=peak_src, quick=args.quick, budget=budget,
+                        min_reps=min_reps, rel_tol=GEMM_REL_TOL, results=results,
+                        summary=summary)
 
 
 def _best(recs: List[dict], **match) -> Optional[dict]:
@@ -714,6 +729,15 @@ def _gemm_summary(results: List[dict], baselines) -> List[dict]:
     return summary
 
 
+def _baseline_cell(b: Optional[dict], ratio_width: int = 6) -> str:
+    """A summary cell for one baseline (``None``: it did not run): its median and
+    its median / our best, 10 + ``ratio_width`` characters wide."""
+    if b is None:
+        return f"{'-':>{10 + ratio_width}}"
+    ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else "-"
+    return f"{fmt_time(b['median_s']):>9} {ratio:>{ratio_width}}"
+
+
 def _print_gemm_summary(summary: List[dict], baselines, out) -> None:
     print(file=out)
     print("best of pykernels vs each baseline (baseline median / ours: > 1 means pykernels "
@@ -732,12 +756,7 @@ def _print_gemm_summary(summary: List[dict], baselines, out) -> None:
             fmt_time(best["median_s"]) if best else "-",
             f"{best['gflops']:.1f}" if best else "-")
         for n in names:
-            b = e["baselines"].get(n)
-            if b is None:
-                line += f"  {'-':>17}"
-            else:
-                ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else "-"
-                line += f"  {fmt_time(b['median_s']):>9} {ratio:>7}"
+            line += "  " + _baseline_cell(e["baselines"].get(n), ratio_width=7)
         print(line, file=out)
 
 
@@ -1013,9 +1032,7 @@ def run_bench_linear(args) -> int:
         print(f"pykernels bench linear: error: {e}", file=sys.stderr)
         return 2
     plan = _thread_plan(shapes, args.threads, default_threads)
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.3)
-    min_reps = 3 if args.quick else 5
-    peak_core, peak_src = peak_per_core(info.isa, args.peak_gflops)
+    budget, min_reps, peak_core, peak_src = _timing_settings(args, info.isa)
 
     torch = None if args.no_baselines else import_torch()
     ours = [c for c in OUR_LINEAR_CASES if c.precision in precisions]
@@ -1082,17 +1099,10 @@ def run_bench_linear(args) -> int:
             failed = True
         _print_fused(fused, fused_shape, t, out)
 
-    if args.json:
-        write_bench_json(args.json, "linear", torch=torch, have_tpc=have_tpc,
-                         peak_core=peak_core, peak_src=peak_src, quick=args.quick, budget=budget,
-                         min_reps=min_reps, rel_tol=dict(LINEAR_REL_TOL), results=results,
-                         summary=summary, fused=fused)
-        print(f"wrote {args.json}", file=out)
-    if failed:
-        print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return finish_bench(args.json, failed, out, "linear", torch=torch, have_tpc=have_tpc,
+                        peak_core=peak_core, peak_src=peak_src, quick=args.quick, budget=budget,
+                        min_reps=min_reps, rel_tol=dict(LINEAR_REL_TOL), results=results,
+                        summary=summary, fused=fused)
 
 
 _LIN_ROW_FMT = "{:<16} {:>3}  {:<22} {:>9} {:>8} {:>6} {:>7} {:>9} {:>8}"
@@ -1172,12 +1182,7 @@ def _print_linear_summary(summary: List[dict], precisions, with_torch: bool, out
                 v = e["vs_fp32"].get(p)
                 line += f" {(f'{v:.2f}x' if v else '-'):>6}"
         for lbl in base_labels:
-            b = e["baselines"].get(lbl)
-            if b is None:
-                line += f"  {'-':>16}"
-            else:
-                ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else "-"
-                line += f"  {fmt_time(b['median_s']):>9} {ratio:>6}"
+            line += "  " + _baseline_cell(e["baselines"].get(lbl))
         print(line, file=out)
 
 
@@ -1602,9 +1607,7 @@ def run_bench_attention(args) -> int:
     threads = args.threads if args.threads is not None else pk.get_num_threads()
     pool = ATTENTION_QUICK if args.quick else ATTENTION_TARGETS
     shapes = [s for s in pool if s.kind in kinds and not (args.no_big and s.big)]
-    budget = args.budget if args.budget is not None else (0.05 if args.quick else 0.3)
-    min_reps = 3 if args.quick else 5
-    peak_core, peak_src = peak_per_core(info.isa, args.peak_gflops)
+    budget, min_reps, peak_core, peak_src = _timing_settings(args, info.isa)
     torch = None if args.no_baselines else import_torch()
     have_tpc = have_threadpoolctl()
 
@@ -1682,21 +1685,14 @@ def run_bench_attention(args) -> int:
         _print_attention_goals(goals, out)
     print(f"load average after: {os.getloadavg()[0]:.2f}", file=out)
 
-    if args.json:
-        write_bench_json(args.json, "attention", torch=torch, have_tpc=have_tpc,
-                         peak_core=peak_core, peak_src=peak_src, quick=args.quick,
-                         budget=budget, min_reps=min_reps,
-                         rel_tol={"pykernels": ATTENTION_REL_TOL,
-                                  "baselines": dict(ATTENTION_BASELINE_REL_TOL)},
-                         results=results, summary=summary, targets=goals,
-                         threads=threads, block_size=args.block_size,
-                         load_average=list(os.getloadavg()))
-        print(f"wrote {args.json}", file=out)
-    if failed:
-        print("FAILED: a pykernels result was wrong or did not run (see rows marked WRONG/ERROR)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return finish_bench(args.json, failed, out, "attention", torch=torch, have_tpc=have_tpc,
+                        peak_core=peak_core, peak_src=peak_src, quick=args.quick,
+                        budget=budget, min_reps=min_reps,
+                        rel_tol={"pykernels": ATTENTION_REL_TOL,
+                                 "baselines": dict(ATTENTION_BASELINE_REL_TOL)},
+                        results=results, summary=summary, targets=goals,
+                        threads=threads, block_size=args.block_size,
+                        load_average=list(os.getloadavg()))
 
 
 _ATT_ROW_FMT = "{:<23} {:>3}  {:<26} {:>9} {:>8} {:>6} {:>6} {:>8} {:>7} {:>7}"
@@ -1794,12 +1790,7 @@ def _print_attention_summary(summary: List[dict], precisions, with_torch: bool, 
             v = e["bf16_vs_fp32"]
             line += f" {(f'{v:.2f}x' if v else '-'):>6}"
         for lbl in base:
-            b = e["baselines"].get(lbl)
-            if b is None:
-                line += f"  {'-':>16}"
-            else:
-                ratio = f"{b['ratio']:.2f}x" if b["ratio"] is not None else "-"
-                line += f"  {fmt_time(b['median_s']):>9} {ratio:>6}"
+            line += "  " + _baseline_cell(e["baselines"].get(lbl))
         print(line, file=out)
 
 
