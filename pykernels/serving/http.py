@@ -89,6 +89,7 @@ import numpy as np
 
 from .._argtypes import finite_positive_float, port_number, positive_int
 from .batcher import DynamicBatcher, Overloaded
+from .metrics import prom_labels, prom_number
 
 log = logging.getLogger("pykernels.serving.http")
 
@@ -426,27 +427,6 @@ def _retry_after(seconds: float) -> str:
     return str(max(1, int(math.ceil(seconds if math.isfinite(seconds) else 60.0))))
 
 
-def _esc(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(**kv) -> str:
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
-
-
-def _num(x) -> str:
-    if x is None:
-        return "NaN"
-    if isinstance(x, int):
-        return str(x)
-    x = float(x)
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "+Inf" if x > 0 else "-Inf"
-    return repr(x)
-
-
 def predicted_headroom(plan, slo) -> Optional[float]:
     """Spare capacity the current plan predicts, as a fraction: for a p99
     target, ``1 - predicted_p99 / target``; for a throughput floor,
@@ -582,7 +562,7 @@ class EmbeddingService:
         for cls, s in snaps.items():
             p = s.get("plan")
             if p:
-                out.append("pykernels_plan_info" + _labels(batcher=b, **{"class": cls},
+                out.append("pykernels_plan_info" + prom_labels(batcher=b, **{"class": cls},
                            variant=p.get("variant"), precision=p.get("precision")) + " 1")
         for name, key, scale, help_ in (
                 ("pykernels_plan_threads", "threads", 1, "Threads of the current plan."),
@@ -598,44 +578,44 @@ class EmbeddingService:
                 p = s.get("plan")
                 if p and p.get(key) is not None:
                     v = p[key] * scale if scale != 1 else int(p[key])
-                    out.append(f"{name}{_labels(batcher=b, **{'class': cls})} {_num(v)}")
+                    out.append(f"{name}{prom_labels(batcher=b, **{'class': cls})} {prom_number(v)}")
         family("pykernels_service_fit_seconds", "gauge",
                "The batcher's learned service time of a batch of n: fixed + per_item * n + tail.")
         for cls, s in snaps.items():
             fit = s.get("service_fit")
             if fit:
                 for term in ("fixed", "per_item", "tail"):
-                    out.append(f"pykernels_service_fit_seconds{_labels(batcher=b, **{'class': cls}, term=term)} "
-                               f"{_num(fit[term + '_ms'] / 1e3)}")
+                    out.append(f"pykernels_service_fit_seconds{prom_labels(batcher=b, **{'class': cls}, term=term)} "
+                               f"{prom_number(fit[term + '_ms'] / 1e3)}")
         family("pykernels_slo_p99_target_seconds", "gauge", "The class's p99 latency target.")
         for cls, s in snaps.items():
             if s.get("slo_p99_ms") is not None:
-                out.append(f"pykernels_slo_p99_target_seconds{_labels(batcher=b, **{'class': cls})} "
-                           f"{_num(s['slo_p99_ms'] / 1e3)}")
+                out.append(f"pykernels_slo_p99_target_seconds{prom_labels(batcher=b, **{'class': cls})} "
+                           f"{prom_number(s['slo_p99_ms'] / 1e3)}")
         family("pykernels_predicted_headroom_ratio", "gauge",
                "1 - predicted p99 / target (latency classes) or 1 - floor / planned throughput "
                "(throughput classes); below 0 the plan predicts a miss.")
         for cls in snaps:
             h = predicted_headroom(self._plan(cls), slos.get(cls))
             if h is not None:
-                out.append(f"pykernels_predicted_headroom_ratio{_labels(batcher=b, **{'class': cls})} "
-                           f"{_num(h)}")
+                out.append(f"pykernels_predicted_headroom_ratio{prom_labels(batcher=b, **{'class': cls})} "
+                           f"{prom_number(h)}")
         with self._lock:
             reqs = sorted(self.http_requests.items())
             inflight = self.in_flight
             texts, tokens = dict(self.texts_total), dict(self.tokens_total)
         family("pykernels_http_requests_total", "counter", "HTTP requests by endpoint and status.")
         for (ep, code), n in reqs:
-            out.append(f"pykernels_http_requests_total{_labels(endpoint=ep, code=code)} {n}")
+            out.append(f"pykernels_http_requests_total{prom_labels(endpoint=ep, code=code)} {n}")
         family("pykernels_http_requests_in_flight", "gauge",
                "Embedding requests received and not yet answered.")
         out.append(f"pykernels_http_requests_in_flight {inflight}")
         family("pykernels_embedded_texts_total", "counter", "Texts embedded, by SLO class.")
         for cls in self.classes:
-            out.append(f"pykernels_embedded_texts_total{_labels(**{'class': cls})} {texts.get(cls, 0)}")
+            out.append(f"pykernels_embedded_texts_total{prom_labels(**{'class': cls})} {texts.get(cls, 0)}")
         family("pykernels_embedded_tokens_total", "counter", "Tokens embedded, by SLO class.")
         for cls in self.classes:
-            out.append(f"pykernels_embedded_tokens_total{_labels(**{'class': cls})} {tokens.get(cls, 0)}")
+            out.append(f"pykernels_embedded_tokens_total{prom_labels(**{'class': cls})} {tokens.get(cls, 0)}")
         return "\n".join(out) + "\n"
 
     def _plan(self, cls: str):

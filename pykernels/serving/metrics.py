@@ -126,15 +126,19 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
 
 # --- Prometheus text exposition (format 0.0.4) -------------------------------
 
-def _esc(value: str) -> str:
+def _prom_escape(value) -> str:
+    """A label value escaped for the text format: backslash, newline, double quote."""
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(**kv) -> str:
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
+def prom_labels(**kv) -> str:
+    """``{k="v",...}``: a label set in the text format (also used by serving.http)."""
+    return "{" + ",".join(f'{k}="{_prom_escape(v)}"' for k, v in kv.items()) + "}"
 
 
-def _num(x) -> str:
+def prom_number(x) -> str:
+    """A sample value in the text format: ints as they are, None and NaN as NaN,
+    infinities as +Inf/-Inf, other floats by repr (also used by serving.http)."""
     if x is None:
         return "NaN"
     if isinstance(x, int):
@@ -160,7 +164,7 @@ def render_prometheus(batcher_name: str, stats: Dict[str, ClassStats], snapshots
            "Requests by SLO class and outcome (completed, failed, rejected at submit, cancelled).")
     for cls, st in stats.items():
         for outcome in OUTCOMES:
-            out.append(f"pykernels_requests_total{_labels(batcher=b, **{'class': cls}, outcome=outcome)} "
+            out.append(f"pykernels_requests_total{prom_labels(batcher=b, **{'class': cls}, outcome=outcome)} "
                        f"{getattr(st, outcome)}")
     family("pykernels_request_latency_seconds", "summary",
            "Request latency by SLO class and kind: queue (arrival to batch start), service "
@@ -171,14 +175,14 @@ def render_prometheus(batcher_name: str, stats: Dict[str, ClassStats], snapshots
             qs = sk.quantiles(QUANTILES)
             for q in QUANTILES:
                 out.append(f"pykernels_request_latency_seconds"
-                           f"{_labels(batcher=b, **{'class': cls}, kind=kind, quantile=repr(q))} "
-                           f"{_num(qs[q])}")
-            lab = _labels(batcher=b, **{"class": cls}, kind=kind)
-            out.append(f"pykernels_request_latency_seconds_sum{lab} {_num(sk.sum)}")
+                           f"{prom_labels(batcher=b, **{'class': cls}, kind=kind, quantile=repr(q))} "
+                           f"{prom_number(qs[q])}")
+            lab = prom_labels(batcher=b, **{"class": cls}, kind=kind)
+            out.append(f"pykernels_request_latency_seconds_sum{lab} {prom_number(sk.sum)}")
             out.append(f"pykernels_request_latency_seconds_count{lab} {sk.count}")
     family("pykernels_batches_total", "counter", "Batches run by SLO class.")
     for cls, st in stats.items():
-        out.append(f"pykernels_batches_total{_labels(batcher=b, **{'class': cls})} {st.batches}")
+        out.append(f"pykernels_batches_total{prom_labels(batcher=b, **{'class': cls})} {st.batches}")
     gauges = (
         ("pykernels_queue_depth", "queued", "Requests waiting in the queue."),
         ("pykernels_throughput_items_per_second", "throughput",
@@ -193,5 +197,5 @@ def render_prometheus(batcher_name: str, stats: Dict[str, ClassStats], snapshots
     for name, key, help_ in gauges:
         family(name, "gauge", help_)
         for cls in stats:
-            out.append(f"{name}{_labels(batcher=b, **{'class': cls})} {_num(snapshots[cls][key])}")
+            out.append(f"{name}{prom_labels(batcher=b, **{'class': cls})} {prom_number(snapshots[cls][key])}")
     return "\n".join(out) + "\n"
