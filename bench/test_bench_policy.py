@@ -28,35 +28,17 @@ import itertools
 
 import pytest
 
-from pykernels.policy import SLO, Policy, Profile, ops
+from pykernels.policy import SLO, Policy, ops
 from pykernels.policy import scan as _scan
 from pykernels.policy import sketch as _sketch
+from pykernels.policy.simulate import SYNTHETIC_GROUPS, synthetic_profile
 
 OP = ops.Linear(384, 1536)
-GROUPS = {
-    ("latency", "fp32", 1): (0.030, 0.0120),
-    ("latency", "fp32", 2): (0.035, 0.0070),
-    ("throughput", "fp32", 1): (0.150, 0.0045),
-    ("throughput", "fp32", 2): (0.200, 0.0026),
-    ("latency", "bf16", 2): (0.030, 0.0050),
-    ("throughput", "bf16", 2): (0.150, 0.0016),
-    ("latency", "int8", 2): (0.025, 0.0035),
-    ("throughput", "int8", 2): (0.120, 0.0010),
-}
-
-
-def profile() -> Profile:
-    prof = Profile(source="synthetic")
-    for (v, p, t), (c0, c1) in GROUPS.items():
-        for b in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            x = c0 + c1 * b
-            prof.add(OP, v, p, t, b, x, 1.3 * x)
-    return prof
 
 
 @pytest.fixture(scope="module")
 def policy():
-    pol = Policy(SLO(p99_ms=1.0, max_rel_error=1e-2), profile())
+    pol = Policy(SLO(p99_ms=1.0, max_rel_error=1e-2), synthetic_profile())
     pol.plan(OP, queued=3, arrival_rate=5000.0)  # cost model fitted, table built
     return pol
 
@@ -80,7 +62,7 @@ def test_plan_new_queue_state(benchmark, policy):
         i = next(rates)
         return policy.plan(OP, queued=i % 17, arrival_rate=1000.0 + i % 1_000_000)
     plan = benchmark(decide)
-    assert plan.feasible and len(plan.alternatives) == len(GROUPS) - 1
+    assert plan.feasible and len(plan.alternatives) == len(SYNTHETIC_GROUPS) - 1
 
 
 def test_plan_first_call(benchmark, policy):

@@ -222,6 +222,37 @@ def machine_profile(op: Op = Linear(384, 1536), curve=None, tail: float = MACHIN
     return prof
 
 
+# Eight kernel choices of Linear(384, 1536), hand-built in this machine's
+# shape: (variant, precision, threads) -> (overhead ms, ms per item), so
+# p50(b) = overhead + per_item * b and p99 = 1.3 x p50. The tables of planner
+# cases in tests/ and the policy benchmark in bench/ decide on this profile.
+SYNTHETIC_GROUPS = {
+    ("latency", "fp32", 1): (0.030, 0.0120),
+    ("latency", "fp32", 2): (0.035, 0.0070),
+    ("throughput", "fp32", 1): (0.150, 0.0045),
+    ("throughput", "fp32", 2): (0.200, 0.0026),
+    ("latency", "bf16", 2): (0.030, 0.0050),
+    ("throughput", "bf16", 2): (0.150, 0.0016),
+    ("latency", "int8", 2): (0.025, 0.0035),
+    ("throughput", "int8", 2): (0.120, 0.0010),
+}
+SYNTHETIC_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def synthetic_profile(groups=SYNTHETIC_GROUPS, op: Op = Linear(384, 1536),
+                      batches: Sequence[int] = SYNTHETIC_BATCHES,
+                      tail: float = MACHINE_TAIL) -> Profile:
+    """A profile of ``op`` with p50 = overhead + per_item * b for every
+    (variant, precision, threads) -> (overhead, per_item) of ``groups`` and
+    every batch of ``batches``; p99 = ``tail`` x p50."""
+    prof = Profile(source="synthetic")
+    for (v, p, t), (c0, c1) in groups.items():
+        for b in batches:
+            x = c0 + c1 * b
+            prof.add(op, v, p, t, b, x, tail * x)
+    return prof
+
+
 @dataclass(frozen=True)
 class OpenLoopReport:
     t1_ms: float
@@ -408,8 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-__all__ = ["MACHINE_CURVE", "OpenLoopReport", "RunResult", "ServiceTimes", "StaticPlan",
-           "machine_profile", "open_loop_report", "poisson_arrivals", "simulate"]
+__all__ = ["MACHINE_CURVE", "OpenLoopReport", "RunResult", "SYNTHETIC_BATCHES",
+           "SYNTHETIC_GROUPS", "ServiceTimes", "StaticPlan", "machine_profile",
+           "open_loop_report", "poisson_arrivals", "simulate", "synthetic_profile"]
 
 
 if __name__ == "__main__":

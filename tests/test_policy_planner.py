@@ -11,20 +11,10 @@ import pytest
 import pykernels
 from pykernels import _gemm
 from pykernels.policy import SLO, Plan, Policy, Profile, ops
+from pykernels.policy.simulate import SYNTHETIC_GROUPS, synthetic_profile
 
 OP = ops.Linear(384, 1536)
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# (variant, precision, threads) -> (overhead ms, ms per item); p99 = 1.3 x p50
-GROUPS = {
-    ("latency", "fp32", 1): (0.030, 0.0120),
-    ("latency", "fp32", 2): (0.035, 0.0070),
-    ("throughput", "fp32", 1): (0.150, 0.0045),
-    ("throughput", "fp32", 2): (0.200, 0.0026),
-    ("latency", "bf16", 2): (0.030, 0.0050),
-    ("throughput", "bf16", 2): (0.150, 0.0016),
-    ("latency", "int8", 2): (0.025, 0.0035),
-    ("throughput", "int8", 2): (0.120, 0.0010),
-}
+GROUPS = SYNTHETIC_GROUPS  # (variant, precision, threads) -> (overhead ms, ms per item)
 
 
 def service(v, p, t, b):
@@ -32,17 +22,8 @@ def service(v, p, t, b):
     return c0 + c1 * b
 
 
-def make_profile(groups=GROUPS, op=OP):
-    prof = Profile(source="synthetic")
-    for (v, p, t) in groups:
-        for b in BATCHES:
-            x = service(v, p, t, b)
-            prof.add(op, v, p, t, b, x, 1.3 * x)
-    return prof
-
-
-PROFILE = make_profile()
-FP32_ONLY = make_profile({k: v for k, v in GROUPS.items() if k[1] == "fp32"})
+PROFILE = synthetic_profile()
+FP32_ONLY = synthetic_profile({k: v for k, v in GROUPS.items() if k[1] == "fp32"})
 
 
 # --- decisions: a table of cases --------------------------------------------
@@ -187,7 +168,7 @@ def test_accuracy_budget_is_respected(budget, slo_kw):
 
 
 def test_profile_measured_errors_override_the_nominal_table():
-    prof = make_profile()
+    prof = synthetic_profile()
     prof.precision_error["int8"] = 3e-3  # measured better than the nominal 1e-2
     plan = Policy(SLO(min_throughput=200_000, max_rel_error=4e-3), prof).plan(OP)
     assert plan.precision == "int8" and plan.rel_error == 3e-3
@@ -213,7 +194,7 @@ def test_plans_are_deterministic_and_use_no_clock(monkeypatch):
         raise AssertionError("the planner must not read a clock")
     for name in ("time", "monotonic", "perf_counter", "perf_counter_ns", "monotonic_ns", "time_ns"):
         monkeypatch.setattr(time, name, no_clock)
-    again = [Policy(s, make_profile()).plan(OP, queued=q, arrival_rate=r) for s, q, r in cases]
+    again = [Policy(s, synthetic_profile()).plan(OP, queued=q, arrival_rate=r) for s, q, r in cases]
     assert first == again
     policy = Policy(cases[0][0], PROFILE)
     assert policy.plan(OP) == policy.plan(OP)
@@ -448,7 +429,7 @@ def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):
     monkeypatch.setenv("PYKERNELS_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(Profile, "calibrate",
-                        classmethod(lambda cls, quick=True, progress=True, *a, **k: calls.append(quick) or make_profile()))
+                        classmethod(lambda cls, quick=True, progress=True, *a, **k: calls.append(quick) or synthetic_profile()))
     policy = Policy(SLO(p99_ms=1.0))
     assert calls == []  # nothing happens until a plan is asked for
     plan = policy.plan(OP)
@@ -459,7 +440,7 @@ def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):
 
 
 def test_measured_error_just_over_the_budget_is_admitted():
-    prof = make_profile()
+    prof = synthetic_profile()
     prof.precision_error["int8"] = 0.0101  # int8 "~1e-2", measured on random data
     plan = Policy(SLO(min_throughput=200_000, max_rel_error=1e-2), prof).plan(OP)
     assert plan.precision == "int8"
