@@ -17,6 +17,7 @@ libraries) is recorded once in ``machine_info["pykernels"]``.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -31,6 +32,39 @@ def pytest_addoption(parser):
 def bench_quick(config) -> bool:
     env = os.environ.get("PYKERNELS_BENCH_QUICK", "").strip().lower()
     return bool(config.getoption("--bench-quick")) or env not in ("", "0", "false", "no")
+
+
+def shape_plan(shapes) -> list:
+    """(m, k, n, threads) per shape, in order, duplicates dropped; a shape
+    without a pinned thread count runs at ``pykernels.get_num_threads()``."""
+    import pykernels as pk
+
+    default = pk.get_num_threads()
+    seen, plan = set(), []
+    for s in shapes:
+        key = (s.m, s.k, s.n, s.threads or default)
+        if key not in seen:
+            seen.add(key)
+            plan.append(key)
+    return plan
+
+
+def let_baseline_workers_idle() -> None:
+    """Called before a new shape: the previous one ended with the BLAS/torch
+    baselines, whose worker threads spin ~0.1 s before sleeping and would take a
+    core from the next case."""
+    time.sleep(0.15)
+
+
+def torch_or_skip():
+    """The torch module, or skip: not installed, or installed and failing to import."""
+    from pykernels.cli import import_torch
+
+    pytest.importorskip("torch")
+    torch = import_torch()
+    if torch is None:
+        pytest.skip("torch is installed but failed to import")
+    return torch
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

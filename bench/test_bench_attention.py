@@ -22,7 +22,6 @@ K/V bytes streamed, for GB/s).
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -40,14 +39,9 @@ from pykernels.cli import (
     to_numpy32,
     torch_threads,
 )
+from conftest import bench_quick, let_baseline_workers_idle
 
 pytest.importorskip("ml_dtypes")
-
-
-def bench_quick(config) -> bool:
-    env = os.environ.get("PYKERNELS_BENCH_QUICK", "").strip().lower()
-    return bool(config.getoption("--bench-quick", default=False)) or env not in (
-        "", "0", "false", "no")
 
 
 def _shapes(config):
@@ -71,7 +65,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="module")
 def problem(request):
     p = AttnProblem(request.param)
-    time.sleep(0.15)  # let the previous shape's BLAS / torch workers go idle
+    let_baseline_workers_idle()
     yield p
 
 

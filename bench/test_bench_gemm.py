@@ -10,12 +10,8 @@ within one run: the ratio to NumPy is the number that matters.
 """
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 
-import pykernels as pk
 from pykernels.cli import (
     GEMM_QUICK,
     GEMM_REL_TOL,
@@ -23,38 +19,18 @@ from pykernels.cli import (
     GemmCase,
     GemmProblem,
     blas_threads,
-    import_torch,
     rel_error,
     torch_threads,
 )
-
-
-
-def bench_quick(config) -> bool:
-    """--bench-quick (bench/conftest.py) or PYKERNELS_BENCH_QUICK=1."""
-    env = os.environ.get("PYKERNELS_BENCH_QUICK", "").strip().lower()
-    return bool(config.getoption("--bench-quick", default=False)) or env not in (
-        "", "0", "false", "no")
+from conftest import bench_quick, let_baseline_workers_idle, shape_plan, torch_or_skip
 
 OURS = [GemmCase("pykernels", v, b)
         for v in ("latency", "throughput") for b in ("packed", "raw")]
 
 
-def _shape_plan(config):
-    shapes = GEMM_QUICK if bench_quick(config) else GEMM_TARGETS
-    default = pk.get_num_threads()
-    seen, plan = set(), []
-    for s in shapes:
-        key = (s.m, s.k, s.n, s.threads or default)
-        if key not in seen:
-            seen.add(key)
-            plan.append(key)
-    return plan
-
-
 def pytest_generate_tests(metafunc):
     if "problem" in metafunc.fixturenames:
-        plan = _shape_plan(metafunc.config)
+        plan = shape_plan(GEMM_QUICK if bench_quick(metafunc.config) else GEMM_TARGETS)
         # Module scope: the inputs (up to 64 MiB of B plus its packed copy) are
         # built once per shape and the tests are grouped by shape.
         metafunc.parametrize("problem", plan, indirect=True, scope="module",
@@ -77,9 +53,7 @@ class Problem:
 def problem(request):
     m, k, n, threads = request.param
     p = Problem(m, k, n, threads)
-    # The previous shape ended with the BLAS baselines; OpenBLAS workers spin
-    # ~0.1 s before sleeping and would take a core from the next pykernels case.
-    time.sleep(0.15)
+    let_baseline_workers_idle()
     yield p
     del p.data
 
@@ -109,10 +83,7 @@ def test_blas(benchmark, problem, impl, isa):
 
 
 def test_torch(benchmark, problem, isa):
-    pytest.importorskip("torch")
-    torch = import_torch()
-    if torch is None:
-        pytest.skip("torch is installed but failed to import")
+    torch = torch_or_skip()
     benchmark.group = f"gemm {problem.data.m}x{problem.data.k}x{problem.data.n} t{problem.threads}"
     case = GemmCase("torch", None, "raw")
     with torch_threads(torch, problem.threads):

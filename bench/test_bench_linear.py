@@ -24,12 +24,8 @@ convention says. Compare figures within one run: the ratios matter.
 """
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 
-import pykernels as pk
 from pykernels.cli import (
     BASELINE_LINEAR_CASES,
     LINEAR_BASELINE_REL_TOL,
@@ -41,42 +37,24 @@ from pykernels.cli import (
     OUR_LINEAR_CASES,
     LinearCase,
     LinearProblem,
-    import_torch,
     numpy_blas_threads,
     rel_error,
     to_numpy32,
     torch_threads,
 )
-
-
-def bench_quick(config) -> bool:
-    """--bench-quick (bench/conftest.py) or PYKERNELS_BENCH_QUICK=1."""
-    env = os.environ.get("PYKERNELS_BENCH_QUICK", "").strip().lower()
-    return bool(config.getoption("--bench-quick", default=False)) or env not in (
-        "", "0", "false", "no")
-
-
-def _plan(shapes):
-    default = pk.get_num_threads()
-    seen, plan = set(), []
-    for s in shapes:
-        key = (s.m, s.k, s.n, s.threads or default)
-        if key not in seen:
-            seen.add(key)
-            plan.append(key)
-    return plan
+from conftest import bench_quick, let_baseline_workers_idle, shape_plan, torch_or_skip
 
 
 def pytest_generate_tests(metafunc):
     quick = bench_quick(metafunc.config)
     if "problem" in metafunc.fixturenames:
-        plan = _plan(LINEAR_QUICK if quick else LINEAR_TARGETS)
+        plan = shape_plan(LINEAR_QUICK if quick else LINEAR_TARGETS)
         # Module scope: inputs and the three packed weights (up to 64 + 32 + 16
         # MiB at K = N = 4096) are built once per shape, tests grouped by shape.
         metafunc.parametrize("problem", plan, indirect=True, scope="module",
                              ids=[f"{m}x{k}x{n}-t{t}" for m, k, n, t in plan])
     if "fused_problem" in metafunc.fixturenames:
-        plan = _plan([LINEAR_FUSED_QUICK if quick else LINEAR_FUSED_TARGET])
+        plan = shape_plan([LINEAR_FUSED_QUICK if quick else LINEAR_FUSED_TARGET])
         metafunc.parametrize("fused_problem", plan, indirect=True, scope="module",
                              ids=[f"{m}x{k}x{n}-t{t}" for m, k, n, t in plan])
 
@@ -103,9 +81,7 @@ class Problem:
 def _make_problem(request):
     m, k, n, threads = request.param
     p = Problem(m, k, n, threads)
-    # The previous shape ended with the BLAS/torch baselines, whose workers
-    # spin ~0.1 s before sleeping and would take a core from the next case.
-    time.sleep(0.15)
+    let_baseline_workers_idle()
     return p
 
 
@@ -121,14 +97,6 @@ def fused_problem(request):
     p = _make_problem(request)
     yield p
     del p.data
-
-
-def _torch_or_skip():
-    pytest.importorskip("torch")
-    torch = import_torch()
-    if torch is None:
-        pytest.skip("torch is installed but failed to import")
-    return torch
 
 
 def _run(benchmark, problem, case, isa, *, torch=None, bias=True, activation=None, op_key="op",
@@ -167,7 +135,7 @@ def test_numpy(benchmark, problem, isa):
 @pytest.mark.parametrize("case", [c for c in BASELINE_LINEAR_CASES if c.impl == "torch"],
                          ids=lambda c: f"{c.impl}-{c.precision}")
 def test_torch(benchmark, problem, case, isa):
-    torch = _torch_or_skip()
+    torch = torch_or_skip()
     if case.precision == "int8" and not hasattr(getattr(torch, "ao", None), "quantization"):
         pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
     benchmark.group = problem.group
