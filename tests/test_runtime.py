@@ -241,9 +241,10 @@ def test_fork_join_us_rejects_zero_reps_without_crashing():
 
 
 _FORK_CODE = r"""
-import os, select, sys, time
+import os, sys, time
 import numpy as np
 import pykernels as pk
+from fork_pipe import read_until_eof, wait_child
 
 rng = np.random.default_rng(0)
 a = rng.standard_normal((150, 170), dtype=np.float32)
@@ -271,21 +272,9 @@ if pid == 0:
         os._exit(3)
 os.close(w)
 deadline = time.monotonic() + 60
-data = b""
-while time.monotonic() < deadline:
-    ready, _, _ = select.select([r], [], [], 1.0)
-    if ready:
-        chunk = os.read(r, 4096)
-        if not chunk:
-            break
-        data += chunk
-status = None
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        break
-    time.sleep(0.05)
-else:
+data = read_until_eof(r, deadline, chunk=4096)
+status = wait_child(pid, deadline)
+if status is None:
     os.kill(pid, 9)
     print("child hung", data)
     sys.exit(2)

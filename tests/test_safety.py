@@ -662,8 +662,9 @@ def test_rss_stable_over_many_mixed_calls():
 # ---------------------------------------------------------------------------
 
 _FORK_BUSY_CODE = r"""
-import os, select, sys, threading, time, json
+import os, sys, threading, time, json
 import numpy as np, pykernels as pk
+from fork_pipe import read_until_eof, wait_child
 F32 = np.float32
 rng = np.random.default_rng(0)
 x = rng.standard_normal((40, 300)).astype(F32)
@@ -709,15 +710,7 @@ for round_ in range(4):
                 os.write(gw, json.dumps(child_work()).encode())
                 os._exit(0)
             os.close(gw)
-            data = b""
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                ready, _, _ = select.select([gr], [], [], 1.0)
-                if ready:
-                    chunk = os.read(gr, 65536)
-                    if not chunk:
-                        break
-                    data += chunk
+            data = read_until_eof(gr, time.monotonic() + 60)
             os.waitpid(gpid, 0)
             gbad = json.loads(data or b'["grandchild: no answer"]')
             os.write(wfd, json.dumps({"bad": bad, "grandchild_bad": gbad}).encode())
@@ -726,23 +719,10 @@ for round_ in range(4):
             os.write(wfd, json.dumps({"error": repr(e)}).encode())
             os._exit(3)
     os.close(wfd)
-    data = b""
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([r], [], [], 1.0)
-        if ready:
-            chunk = os.read(r, 65536)
-            if not chunk:
-                break
-            data += chunk
-    done = False
-    while time.monotonic() < deadline:
-        got, status = os.waitpid(pid, os.WNOHANG)
-        if got:
-            done = True
-            break
-        time.sleep(0.05)
-    if not done:
+    data = read_until_eof(r, deadline)
+    status = wait_child(pid, deadline)
+    if status is None:
         os.kill(pid, 9)
         results.append({"hung": True})
         continue
