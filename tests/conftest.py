@@ -14,6 +14,8 @@ of interpreter launches to a handful per ISA.
   ``CompletedProcess``.
 * ``run_json_under_isa(isa, code)``: same, but the code prints one JSON object as
   its last stdout line; a non-zero exit fails the test with the child's stderr.
+* ``CraftedPickle(fn, args)``: an object that pickles as ``fn(*args)``, for
+  feeding a reconstructor hand-made arguments.
 * ``run_call_under_isa(isa, module, call)``: imports the test module ``module`` in
   such a subprocess and returns the JSON value of the expression ``call`` there.
 
@@ -203,6 +205,21 @@ def special_params(checks, known_bugs):
             marks = pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError),
                                       reason=known_bugs[cid])
         yield pytest.param(fn, id=cid, marks=marks)
+
+
+# ---------------------------------------------------------------------------
+# Pickles with hand-made reconstructor arguments
+# ---------------------------------------------------------------------------
+
+class CraftedPickle:
+    """Pickles as ``fn(*args)``: hand-made (e.g. corrupted) arguments for a
+    reconstructor such as the one ``PackedWeight.__reduce__`` names."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
 
 
 # ---------------------------------------------------------------------------

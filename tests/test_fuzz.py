@@ -80,7 +80,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
 import pykernels as pk
-from conftest import EPS32, current_isa, gemm_tolerance
+from conftest import EPS32, CraftedPickle, current_isa, gemm_tolerance
 
 F32 = np.float32
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -668,16 +668,6 @@ def test_fuzz_mismatched_shapes(m, k, k2, n, op):
 # PackedWeight deserialization: pickle (__reduce__ tuple) and .npz (save/load)
 # ---------------------------------------------------------------------------
 
-class _Crafted:
-    """Pickles as the given reconstructor called with the given arguments."""
-
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 _PW_SHAPES = ((1, 1), (7, 16), (33, 17), (5, 40))
 
 
@@ -828,7 +818,7 @@ def test_fuzz_unpickle(precision, idx, mutations):
             args[field] = value
     args = tuple(args)
     EXECUTED["unpickle"] += 1
-    blob = pickle.dumps(_Crafted(fn, args))
+    blob = pickle.dumps(CraftedPickle(fn, args))
     try:
         clone = pickle.loads(blob)
     except ValueError:
@@ -1035,7 +1025,7 @@ def _unpickle_with(index, value):
     fn, args = pk.pack(np.ones((3, 4), F32)).__reduce__()
     args = list(args)
     args[index] = value
-    return pickle.loads(pickle.dumps(_Crafted(fn, tuple(args))))
+    return pickle.loads(pickle.dumps(CraftedPickle(fn, tuple(args))))
 
 
 def test_unpickle_shape_inf_is_value_error():

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 import pykernels as pk
 from conftest import (
+    CraftedPickle,
     assert_batch_passed,
     assert_gemm_close,
     case_items,
@@ -908,16 +909,6 @@ def test_mutated_packed_shape_does_not_crash():
         f"exit code {proc.returncode}: {proc.stderr[-1000:]}"
 
 
-class _Crafted:
-    """Pickles as PackedWeight's own reconstructor called with altered arguments."""
-
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 def _corruptions():
     # PackedWeight.__reduce__() -> (fn, (version, shape, precision, payload, rel_error))
     def alter(index, fn):
@@ -947,7 +938,7 @@ def test_corrupted_pickle_is_value_error(corrupt):
     w, pw = _packed(k=37, n=45)
     fn, args = pw.__reduce__()
     assert len(args) >= 4 and isinstance(args[3], bytes), "unexpected __reduce__ format"
-    blob = pickle.dumps(_Crafted(fn, corrupt(args)))
+    blob = pickle.dumps(CraftedPickle(fn, corrupt(args)))
     with pytest.raises(ValueError):
         pickle.loads(blob)
 

@@ -75,6 +75,7 @@ from scipy.special import erf
 
 import pykernels as pk
 from conftest import (
+    CraftedPickle,
     assert_batch_passed,
     case_items,
     check_items,
@@ -1203,16 +1204,6 @@ def test_pickle_crosses_processes_and_isas(isa, tmp_path):
                 assert rel_fro(r, here[p]) <= SAME_NUMERICS_BOUND[p]
 
 
-class _Crafted:
-    """Pickles as PackedWeight's own reconstructor called with altered arguments."""
-
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-    def __reduce__(self):
-        return self.fn, self.args
-
-
 def _alter(index, fn):
     def make(args):
         args = list(args)
@@ -1291,7 +1282,7 @@ def test_corrupted_pickle_is_value_error(precision, corrupt):
     pw = pk.pack(rand(rng, 77, 45), precision=precision)
     fn, args = pw.__reduce__()
     assert len(args) >= 5 and isinstance(args[3], bytes), "unexpected __reduce__ format"
-    blob = pickle.dumps(_Crafted(fn, corrupt(args)))
+    blob = pickle.dumps(CraftedPickle(fn, corrupt(args)))
     with pytest.raises(ValueError):
         pickle.loads(blob)
 
@@ -1307,7 +1298,7 @@ def test_pickle_of_each_precision_rejects_another_precisions_payload():
         if dst == "int8" and len(args) > 5 and args[5] is None:
             args[5] = np.ones(45, F32).tobytes()
         with pytest.raises(ValueError):
-            pickle.loads(pickle.dumps(_Crafted(fn, tuple(args))))
+            pickle.loads(pickle.dumps(CraftedPickle(fn, tuple(args))))
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
