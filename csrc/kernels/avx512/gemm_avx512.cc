@@ -23,35 +23,7 @@
 namespace pk {
 namespace avx512 {
 
-struct V {
-  using reg = __m512;
-  static constexpr int W = 16;
-  static reg zero() { return _mm512_setzero_ps(); }
-  static reg load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  static reg bcast(float x) { return _mm512_set1_ps(x); }
-  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
-  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }  // b if unordered
-  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }  // b if unordered
-  static reg round(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static reg pow2(reg n) {
-    const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-  }
-  static reg select_neg(reg x, reg a, reg b) {
-    const __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(x));  // sign bits (DQ)
-    return _mm512_mask_blend_ps(neg, b, a);
-  }
-  static void load_bf16_pairs(const uint16_t* p, reg& even, reg& odd) {
-    const __m512i x = _mm512_loadu_si512(p);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-  }
-};
+#include "vec_avx512.inc"
 
 // int8 on AVX-512F/BW without VNNI (Skylake-X, Cascade Lake's F/BW subset).
 struct VI {

@@ -14,47 +14,7 @@
 namespace pk {
 namespace generic {
 
-struct V {
-  struct reg { float v[4]; };
-  static constexpr int W = 4;
-#define PK_MAP(expr) reg r; for (int i = 0; i < 4; ++i) r.v[i] = (expr); return r
-  static reg zero() { PK_MAP(0.0f); }
-  static reg load(const float* p) { PK_MAP(p[i]); }
-  static void store(float* p, reg x) { for (int i = 0; i < 4; ++i) p[i] = x.v[i]; }
-  static reg bcast(float x) { PK_MAP(x); }
-  // a*b + c rounded twice (no fused multiply-add in the baseline ISA).
-  static reg fma(reg a, reg b, reg c) { PK_MAP(a.v[i] * b.v[i] + c.v[i]); }
-  static reg mul(reg a, reg b) { PK_MAP(a.v[i] * b.v[i]); }
-  static reg add(reg a, reg b) { PK_MAP(a.v[i] + b.v[i]); }
-  static reg sub(reg a, reg b) { PK_MAP(a.v[i] - b.v[i]); }
-  static reg div(reg a, reg b) { PK_MAP(a.v[i] / b.v[i]); }
-  // Same NaN rule as minps/maxps: the second operand when unordered.
-  static reg min(reg a, reg b) { PK_MAP(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
-  static reg max(reg a, reg b) { PK_MAP(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
-  static reg round(reg x) { PK_MAP(std::nearbyint(x.v[i])); }
-  static float pow2_1(float n) {
-    if (!(n == n)) return n;  // NaN: an int conversion would be undefined
-    const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-    float r;
-    std::memcpy(&r, &bits, 4);
-    return r;
-  }
-  static reg pow2(reg n) { PK_MAP(pow2_1(n.v[i])); }
-  static reg select_neg(reg x, reg a, reg b) { PK_MAP(std::signbit(x.v[i]) ? a.v[i] : b.v[i]); }
-  static float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float r;
-    std::memcpy(&r, &bits, 4);
-    return r;
-  }
-  static void load_bf16_pairs(const uint16_t* p, reg& even, reg& odd) {
-    for (int i = 0; i < 4; ++i) {
-      even.v[i] = bf16_to_f32(p[2 * i]);
-      odd.v[i] = bf16_to_f32(p[2 * i + 1]);
-    }
-  }
-#undef PK_MAP
-};
+#include "vec_generic.inc"
 
 // int8: the u8 x s8 scheme of AVX512_VNNI's vpdpbusd, in scalar code, so the
 // one path every test runs on every machine is the executable model of the
