@@ -83,22 +83,26 @@ cdef class QuantileSketch:
         self._cap = cap
         return 0
 
+    cdef inline int _add_to_bucket(self, Py_ssize_t i, long long count) except -1:
+        """Adds count to bucket i, growing the array and the occupied range."""
+        if i < self._offset or i >= self._offset + self._cap:
+            self._grow(i)
+        self._counts[i - self._offset] += count
+        if self._lo > self._hi:
+            self._lo = i
+            self._hi = i
+        elif i < self._lo:
+            self._lo = i
+        elif i > self._hi:
+            self._hi = i
+        return 0
+
     cdef inline int _record(self, double x, long long count) except -1:
         cdef Py_ssize_t i
         if x <= self.min_value:
             self._zero += count
         else:
-            i = <Py_ssize_t>ceil(log(x) * self._inv_log_gamma)
-            if i < self._offset or i >= self._offset + self._cap:
-                self._grow(i)
-            self._counts[i - self._offset] += count
-            if self._lo > self._hi:
-                self._lo = i
-                self._hi = i
-            elif i < self._lo:
-                self._lo = i
-            elif i > self._hi:
-                self._hi = i
+            self._add_to_bucket(<Py_ssize_t>ceil(log(x) * self._inv_log_gamma), count)
         self.count += count
         self.sum += x * <double>count
         if x < self.min:
@@ -149,16 +153,7 @@ cdef class QuantileSketch:
         cdef long long c
         for i, n in other.bucket_counts().items():
             c = n
-            if i < self._offset or i >= self._offset + self._cap:
-                self._grow(i)
-            self._counts[i - self._offset] += c
-            if self._lo > self._hi:
-                self._lo = i
-                self._hi = i
-            elif i < self._lo:
-                self._lo = i
-            elif i > self._hi:
-                self._hi = i
+            self._add_to_bucket(i, c)
         self._zero += other.zero_count
         self.count += other.count
         self.sum += other.sum
