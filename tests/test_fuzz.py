@@ -1285,3 +1285,53 @@ def test_decode_empty_batch_with_empty_block_table():
     got = pk.decode_attention(np.zeros((0, 1, 4), F32), kc, kc, np.zeros(0, np.int64),
                               block_table=np.zeros((0, 2), np.int32))
     assert got.shape == (0, 1, 4)
+
+
+# ---------------------------------------------------------------------------
+# Server request parsing (pykernels.serving.http.parse_embeddings_request)
+# ---------------------------------------------------------------------------
+
+_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+                       st.sampled_from(["all-MiniLM-L6-v2", "float", "base64", "interactive",
+                                        "bulk", "nope", ""]))
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.one_of(
+    st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=12), inner, max_size=6)),
+    max_leaves=30)
+_FIELDS = st.sampled_from(["model", "input", "encoding_format", "dimensions", "user", "slo_class"])
+# Bodies: raw bytes (invalid UTF-8, truncated JSON), arbitrary JSON values, and
+# objects built from the real field names with arbitrary values, which reach
+# the checks past the first few.
+_BODY = st.one_of(
+    st.binary(max_size=300),
+    _JSON.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(_FIELDS, _JSON, max_size=6).map(
+        lambda d: json.dumps({"model": "all-MiniLM-L6-v2", "input": "x", **d}).encode()),
+    st.builds(lambda depth: (b"[" * depth) + (b"]" * depth), st.integers(1, 200_000)),
+    st.builds(lambda digits: b'{"model": "all-MiniLM-L6-v2", "input": "a", "dimensions": '
+              + b"9" * digits + b"}", st.integers(1, 10_000)))
+
+
+@fuzz
+@given(body=_BODY, header=st.one_of(st.none(), st.text(max_size=20),
+                                    st.sampled_from(["interactive", "bulk"])))
+def test_fuzz_server_request_parsing(body, header):
+    """Any request body: a valid EmbeddingRequest within the limits, or an
+    ApiError with a 4xx status and a message; never another exception (which
+    the server would turn into a 500)."""
+    http = pytest.importorskip("pykernels.serving.http")
+    limits = http.Limits(max_texts=4, max_chars=50, max_body_bytes=1 << 20)
+    EXECUTED["server_request"] += 1
+    try:
+        req = http.parse_embeddings_request(
+            body, limits=limits, classes=("interactive", "bulk"), default_class="interactive",
+            model_ids=("all-MiniLM-L6-v2",), dimensions=384, slo_header=header)
+    except http.ApiError as e:
+        assert e.status in (400, 404, 413, 422), (e.status, str(e))
+        assert str(e) and e.body()["error"]["message"], body[:200]
+        return
+    assert req.model == "all-MiniLM-L6-v2"
+    assert 1 <= len(req.texts) <= limits.max_texts
+    assert all(isinstance(t, str) and len(t) <= limits.max_chars for t in req.texts)
+    assert req.encoding_format in ("float", "base64")
+    assert req.slo_class in ("interactive", "bulk")
