@@ -324,3 +324,13 @@ def build_native_driver(name: str, sources: list, deps: list, *, include_dirs: t
         assert proc.returncode == 0, proc.stderr[-4000:]
         os.replace(exe + ".tmp", exe)
     return exe
+
+
+def float32_result_problem(got, shape) -> str | None:
+    """Why ``got`` is not a float32 array of ``shape`` (None if it is): the
+    first check of every element-wise result comparison."""
+    if got.dtype != np.float32:
+        return f"dtype {got.dtype}, expected float32"
+    if got.shape != shape:
+        return f"shape {got.shape}, expected {shape}"
+    return None

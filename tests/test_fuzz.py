@@ -80,7 +80,7 @@ from numpy.lib.stride_tricks import as_strided
 from scipy.special import erf
 
 import pykernels as pk
-from conftest import EPS32, CraftedPickle, current_isa, gemm_tolerance
+from conftest import EPS32, CraftedPickle, current_isa, float32_result_problem, gemm_tolerance
 
 F32 = np.float32
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -174,10 +174,9 @@ def _ieee_mismatch(got, expected, tol, skip=None) -> str | None:
     and has the same NaN / +-Inf elsewhere (elements where ``skip`` is True are
     not checked); else a description."""
     got = np.asarray(got)
-    if got.dtype != F32:
-        return f"dtype {got.dtype}, expected float32"
-    if got.shape != expected.shape:
-        return f"shape {got.shape}, expected {expected.shape}"
+    problem = float32_result_problem(got, expected.shape)
+    if problem:
+        return problem
     if got.size == 0:
         return None
     g = got.astype(np.float64)

@@ -80,6 +80,7 @@ from conftest import (
     case_items,
     check_items,
     current_isa,
+    float32_result_problem,
     gemm_tolerance,
     run_batch_items,
     run_call_under_isa,
@@ -197,10 +198,9 @@ def preactivation_reference(precision, x2, w, bias, isa):
 def mismatch(got, z, tol_z, act) -> str | None:
     """None if got == act(z) within LIPSCHITZ * tol_z + act_tol(z), else why not."""
     got = np.asarray(got)
-    if got.dtype != F32:
-        return f"dtype {got.dtype}, expected float32"
-    if got.shape != z.shape:
-        return f"shape {got.shape}, expected {z.shape}"
+    problem = float32_result_problem(got, z.shape)
+    if problem:
+        return problem
     if got.size == 0:
         return None
     exp = act64(act, z)
