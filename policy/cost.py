@@ -18,8 +18,8 @@ Two layers, as the step-shaped latency/batch curves of real kernels demand
    bytes moved split by what they scale with -- activations read (m*k for a
    Linear), outputs written (m*n) and the weight (k*n, once per call):
    ``t = c0 + c1*GFLOP + c2*tiled GFLOP + c3*MB in + c4*MB out + c5*MB weight``.
-   "Tiled" FLOPs count what the kernel's register tile (MR x NR, parsed from
-   the kernel name such as ``gemm_avx2_f32_6x16``) executes with padded edge
+   "Tiled" FLOPs count what the kernel's register tile (MR x NR, the registry
+   entry's ``mr`` and ``nr`` fields, kept in the profile's key) executes with padded edge
    tiles, so the fit follows the steps of latency versus batch; without a
    known tile the column equals plain FLOPs. The split bytes carry what
    FLOPs miss across shapes (a narrow N pays per output element: int8
@@ -132,7 +132,7 @@ class CostModel:
                 np.array([m.p99_ms / m.p50_ms for m in v]))
             for k, v in ((k, sorted(v, key=lambda m: m.batch)) for k, v in tables.items())
         }
-        tiles = _ops.kernel_tiles((profile.key or {}).get("kernels") or ())
+        tiles = _ops.kernel_tiles((profile.key or {}).get("kernel_tiles") or ())
         self._fits: Dict[Tuple[str, str, str, int], _Fit] = {}
         for g, cells in sorted(rows.items()):
             prec = g[2]

@@ -27,7 +27,6 @@ candidate.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -516,22 +515,26 @@ def candidates(kind: str, table=None) -> Dict[Tuple[str, str], Backend]:
     return dict(sorted(out.items(), key=lambda kv: (kv[0][0], precision_rank(kv[0][1]))))
 
 
-_TILE_RE = re.compile(r"(\d+)x(\d+)(?!.*\d+x\d+)")
+def tile_records(table=None) -> List[List]:
+    """[op, variant, precision, mr, nr] of every registry entry with a fixed
+    register tile, read from the entries' fields (JSON-friendly, for a
+    profile's key)."""
+    table = kernel_table() if table is None else table
+    return sorted([e.op, e.variant, e.precision, int(e.mr), int(e.nr)]
+                  for e in table if getattr(e, "mr", None) is not None)
 
 
-def kernel_tiles(names: Sequence[str]) -> Dict[Tuple[str, str, str], Tuple[int, int]]:
-    """(kind, variant, precision) -> register tile (MR, NR), parsed from kernel
-    names in ``kernel_names()`` form ("op/variant/precision/isa/name"); names
-    end in the tile by convention (``gemm_avx2_f32_6x16``)."""
+def kernel_tiles(records: Sequence[Sequence]) -> Dict[Tuple[str, str, str], Tuple[int, int]]:
+    """(kind, variant, precision) -> register tile (MR, NR) from
+    ``tile_records()`` rows."""
     out = {}
-    for s in names:
-        parts = str(s).split("/")
-        if len(parts) != 5:
+    for rec in records:
+        if len(rec) != 5:
             continue
-        kind = op_kind(parts[0])
-        m = _TILE_RE.search(parts[4])
-        if kind and m:
-            out.setdefault((kind, parts[1], parts[2]), (int(m.group(1)), int(m.group(2))))
+        op, variant, precision, mr, nr = rec
+        kind = op_kind(op)
+        if kind:
+            out.setdefault((kind, variant, precision), (int(mr), int(nr)))
     return out
 
 
@@ -770,6 +773,7 @@ def precision_error(precision: str, measured: Optional[Dict[str, float]] = None)
 __all__ = [
     "Attention", "Backend", "Decode", "Linear", "Model", "Op", "PRECISIONS",
     "PRECISION_REL_ERROR", "calibration_defaults", "candidates", "from_spec", "kernel_names",
+    "kernel_tiles", "tile_records",
     "kernel_table", "op_for_call", "op_kind", "op_types", "precision_error", "register_backend",
     "register_calibration", "register_call", "register_op", "runner", "unregister_backend",
 ]

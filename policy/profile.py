@@ -149,6 +149,7 @@ def current_key() -> dict:
         "cores": cores,
         "library_version": getattr(pykernels, "__version__", "unknown"),
         "kernels": _ops.kernel_names(),
+        "kernel_tiles": _ops.tile_records(),
     }
 
 

@@ -1,7 +1,8 @@
 """CPU information, thread control and the kernel registry."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from . import _core
 
@@ -55,19 +56,51 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(min(n, 256))  # the pool's limit
 
 
+_DTYPE_TAG = {"fp32": "f32", "bf16": "bf16", "int8": "i8"}
+
+
 @dataclass(frozen=True)
 class KernelEntry:
-    """One registered kernel: (op, variant, precision) and what runs it."""
+    """One registered kernel: (op, variant, precision) and what runs it.
+
+    The identity is structured data, filled by the C++ tables from the
+    constants the kernels are compiled from: ``kernel`` (the kernel family:
+    ``linear`` runs the ``gemm`` kernels with a fused epilogue), ``isa``,
+    ``scheme`` (the instruction scheme, e.g. ``fma``, ``vpmaddwd``,
+    ``vpdpbusd``; for attention the algorithm, ``splitkv`` or ``flash``),
+    the register tile ``mr`` x ``nr`` and ``k_step`` (consecutive k per packed
+    group); the last three are None where the tile is not fixed (attention).
+    ``name`` is derived from these fields for printing; read the fields, never
+    parse the name.
+    """
 
     op: str
     variant: str
     precision: str
     isa: str
-    name: str
+    kernel: str
+    scheme: str
+    mr: Optional[int] = None
+    nr: Optional[int] = None
+    k_step: Optional[int] = None
+    name: str = field(init=False)
+
+    def __post_init__(self):
+        parts = [self.kernel, self.isa, _DTYPE_TAG.get(self.precision, self.precision), self.scheme]
+        if self.mr is not None:  # tiled kernels: both variants share the scheme, so mark latency
+            if self.variant == "latency":
+                parts.append("lat")
+            parts.append(f"{self.mr}x{self.nr}")
+        object.__setattr__(self, "name", "_".join(parts))
+
+    @property
+    def tile(self) -> Optional[tuple]:
+        """(MR, NR) of the register tile, or None."""
+        return None if self.mr is None else (self.mr, self.nr)
 
 
 def kernels() -> list:
-    """The registry: one entry per (op, variant, precision) with its ISA and name."""
+    """The registry: one entry per (op, variant, precision) with its fields."""
     return [KernelEntry(**e) for e in _core.kernel_table()]
 
 

@@ -1939,7 +1939,8 @@ def run_info(args) -> int:
                      f"{lib['architecture']})")
     lines.append("kernels")
     ks = rec["kernels"]
-    cols = ("op", "variant", "precision", "isa", "name")
+    ks = [dict(k, tile="-" if k["mr"] is None else f"{k['mr']}x{k['nr']}") for k in ks]
+    cols = ("op", "variant", "precision", "isa", "scheme", "tile", "name")
     widths = [max([len(c)] + [len(str(k[c])) for k in ks]) for c in cols]
     lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for k in ks:

@@ -121,8 +121,10 @@ def test_registry_lists_gemm_for_linear():
 def test_registry_new_backend_joins_by_registering():
     Entry = type(ops.kernel_table()[0])
     table = ops.kernel_table() + [
-        Entry(op="linear", variant="throughput", precision="int8", isa="avx2", name="linear_x_int8_6x16"),
-        Entry(op="fake_decode", variant="latency", precision="fp32", isa="generic", name="fake_1x1"),
+        Entry(op="linear", variant="throughput", precision="int8", isa="avx2", kernel="gemm",
+              scheme="vpmaddwd", mr=6, nr=16, k_step=4),
+        Entry(op="fake_decode", variant="latency", precision="fp32", isa="generic", kernel="fake",
+              scheme="scalar", mr=1, nr=1, k_step=1),
     ]
     calls = []
     real = ops.candidates("decode", table).get(("latency", "fp32"))
@@ -141,12 +143,24 @@ def test_registry_new_backend_joins_by_registering():
     assert ops.candidates("decode", table).get(("latency", "fp32")) is real
 
 
-def test_kernel_tiles_parse_names():
-    names = ["gemm/latency/fp32/avx2/gemm_avx2_f32_lat_6x16", "gemm/throughput/fp32/avx2/gemm_avx2_f32_6x16",
-             "attention/latency/fp32/avx2/attn_avx2_f32"]
-    tiles = ops.kernel_tiles(names)
-    assert tiles[("linear", "latency", "fp32")] == (6, 16)
+def test_kernel_tiles_read_registry_fields():
+    Entry = type(ops.kernel_table()[0])
+    table = [Entry(op="gemm", variant="latency", precision="fp32", isa="avx512", kernel="gemm",
+                   scheme="fma", mr=6, nr=64, k_step=1),
+             Entry(op="linear", variant="throughput", precision="int8", isa="avx512", kernel="gemm",
+                   scheme="vpdpbusd", mr=6, nr=64, k_step=4),
+             Entry(op="attention", variant="latency", precision="fp32", isa="avx2", kernel="attention",
+                   scheme="splitkv")]
+    records = ops.tile_records(table)
+    tiles = ops.kernel_tiles(records)
+    assert tiles[("linear", "latency", "fp32")] == (6, 64)
+    assert tiles[("linear", "throughput", "int8")] == (6, 64)
     assert ("attention", "latency", "fp32") not in tiles
+    # every tiled kernel of this machine's registry reaches the cost model
+    here = ops.kernel_tiles(ops.tile_records())
+    for e in ops.kernel_table():
+        if e.mr is not None and ops.op_kind(e.op):
+            assert here[(ops.op_kind(e.op), e.variant, e.precision)] == (e.mr, e.nr)
 
 
 def test_op_for_call_maps_gemm_calls():

@@ -5,7 +5,6 @@ interpreter (conftest.run_under_isa). Nothing here asserts a timing.
 """
 from __future__ import annotations
 
-import re
 import threading
 
 import numpy as np
@@ -183,41 +182,73 @@ def test_num_threads_env_invalid_falls_back():
 # Registry
 # ---------------------------------------------------------------------------
 
-_DTYPE = {"fp32": "f32", "bf16": "bf16", "int8": "i8|int8|s8", "fp16": "f16"}
+# The kernel schemes each precision may run on (instruction scheme of the
+# packed format); which one a machine gets depends on its CPU, so a test only
+# checks membership, never which scheme it finds.
+_SCHEMES = {
+    "fp32": {"fma", "scalar"},
+    "bf16": {"widen_fma", "widen_scalar", "vdpbf16ps"},
+    "int8": {"vpmaddwd", "vpdpbusd", "vpmaddubsw", "scalar_u8s8"},
+}
+_K_STEP = {"fp32": 1, "bf16": 2, "int8": 4}
 
 
 def test_kernels_registry_entries():
+    """The registry's identity is structured data: op, kernel family, variant,
+    precision, ISA, instruction scheme, register tile and k-step are fields, and
+    the printed name is derived from them (never parsed)."""
     entries = pk.kernels()
     assert entries, "empty registry"
     isa = pk.cpu_info().isa
     keys = set()
     for e in entries:
-        for field in ("op", "variant", "precision", "isa", "name"):
+        for field in ("op", "kernel", "variant", "precision", "isa", "scheme", "name"):
             assert isinstance(getattr(e, field), str) and getattr(e, field), (field, e)
         assert e.variant in ("latency", "throughput"), e
         assert e.isa == isa, e
         key = (e.op, e.variant, e.precision)
         assert key not in keys, f"two entries for {key}"
         keys.add(key)
-        # op_isa_dtype_tile, e.g. gemm_avx2_f32_6x16: the name of the kernel that runs
-        # the entry (linear runs the gemm kernel with a fused epilogue, so its name may
-        # start with "gemm"). Latency and throughput kernels need distinct names, so
-        # one qualifier may sit before the tile (as in gemm_avx2_f32_lat_6x16).
-        # Attention kernels name their algorithm where a GEMM names its register
-        # tile (the tiles vary with the head dimension): ..._f32_flash / _splitkv.
-        tile = r"(?:\d+x\d+|flash|splitkv)" if "attention" in e.op else r"\d+x\d+"
-        m = re.match(rf"^([a-z][a-z0-9_]*?)_{re.escape(e.isa)}_"
-                     rf"(?:{_DTYPE.get(e.precision, e.precision)})_(?:[a-z]+_)?{tile}$", e.name)
-        assert m, f"{e.name!r} does not follow op_isa_dtype_tile ({e})"
-        if e.op == "gemm":
-            assert m.group(1) == "gemm", e
+        if "attention" in e.op:
+            # the tiles of attention follow the head dimension: no fixed tile
+            assert e.kernel == e.op and e.scheme == {"latency": "splitkv", "throughput": "flash"}[e.variant]
+            assert e.mr is None and e.nr is None and e.k_step is None and e.tile is None, e
+            assert e.precision in ("fp32", "bf16"), e
+        else:
+            # linear runs the gemm kernels with a fused epilogue
+            assert e.op in ("gemm", "linear") and e.kernel == "gemm", e
+            assert e.scheme in _SCHEMES[e.precision], e
+            assert isinstance(e.mr, int) and isinstance(e.nr, int) and 1 <= e.mr <= 16, e
+            assert e.nr % 16 == 0 and 16 <= e.nr <= 128, e   # whole packed panels of 16 columns
+            assert e.k_step == _K_STEP[e.precision], e
+            assert e.tile == (e.mr, e.nr)
+        # the printed name is a function of the fields, so equal fields give equal names
+        # and the two variants of one kernel never share a name
+        assert e.kernel in e.name and e.isa in e.name and e.scheme in e.name, e
     assert ("gemm", "latency", "fp32") in keys
     assert ("gemm", "throughput", "fp32") in keys
-    by_name = {(e.op, e.precision, e.variant): e.name for e in entries}
-    for (op, precision, variant), name in by_name.items():
-        if variant == "latency" and (op, precision, "throughput") in by_name:
-            assert name != by_name[(op, precision, "throughput")], \
-                f"latency and throughput {op}/{precision} kernels share the name {name!r}"
+    by_key = {(e.op, e.precision, e.variant): e for e in entries}
+    for (op, precision, variant), e in by_key.items():
+        if variant == "latency" and (op, precision, "throughput") in by_key:
+            other = by_key[(op, precision, "throughput")]
+            assert e.name != other.name, f"latency and throughput {op}/{precision} share the name {e.name!r}"
+        if op == "linear" and precision == "fp32":  # one kernel, two public entry points
+            g = by_key[("gemm", precision, variant)]
+            assert (g.scheme, g.tile, g.k_step) == (e.scheme, e.tile, e.k_step)
+
+
+def test_kernel_entry_name_is_derived_from_fields():
+    Entry = type(pk.kernels()[0])
+    a = Entry(op="linear", variant="latency", precision="int8", isa="avx512", kernel="gemm",
+              scheme="vpdpbusd", mr=6, nr=64, k_step=4)
+    b = Entry(op="linear", variant="throughput", precision="int8", isa="avx512", kernel="gemm",
+              scheme="vpdpbusd", mr=6, nr=64, k_step=4)
+    assert a.name != b.name and a.tile == b.tile == (6, 64)
+    c = Entry(op="attention", variant="throughput", precision="bf16", isa="avx2", kernel="attention",
+              scheme="flash")
+    assert c.tile is None and "flash" in c.name
+    with pytest.raises(Exception):
+        a.name = "something else"  # frozen: the name cannot drift from the fields
 
 
 # ---------------------------------------------------------------------------

@@ -818,33 +818,42 @@ py::list kernel_table() {
   static const char* kPrecisions[pk::kNumPrecisions] = {"fp32", "bf16", "int8"};
   static const char* kVariants[2] = {"latency", "throughput"};
   py::list out;
-  auto add = [&](const char* op, const char* variant, const char* precision, const char* name) {
+  // One structured entry per (op, variant, precision); the Python layer derives
+  // the printed name from these fields. mr / nr / k_step are None where the
+  // kernel has no fixed register tile (attention: its tiles follow the head dim).
+  auto add = [&](const char* op, const char* kernel, const char* variant, const char* precision,
+                 const char* scheme, py::object mr, py::object nr, py::object k_step) {
     py::dict e;
     e["op"] = op;
+    e["kernel"] = kernel;
     e["variant"] = variant;
     e["precision"] = precision;
     e["isa"] = pk::isa_name(d.isa);
-    e["name"] = name;
+    e["scheme"] = scheme;
+    e["mr"] = mr;
+    e["nr"] = nr;
+    e["k_step"] = k_step;
     out.append(e);
   };
   for (int p = 0; p < pk::kNumPrecisions; ++p) {
+    const pk::KernelMeta& m = d.gemm->meta[p];
     for (int v = 0; v < 2; ++v) {
       // gemm runs the fp32 kernels; linear runs every precision with a fused
       // bias/activation epilogue. Same kernel, two public entry points.
       for (const char* op : {"gemm", "linear"}) {
         if (p != 0 && op[0] == 'g') continue;
-        add(op, kVariants[v], kPrecisions[p], d.gemm->names[p][v]);
+        add(op, "gemm", kVariants[v], kPrecisions[p], m.scheme, py::int_(m.mr), py::int_(m.nr),
+            py::int_(m.k_step));
       }
     }
   }
-  // attention / decode_attention: "<op>_<isa>_<f32|bf16>_<splitkv|flash>"
-  // (precision = the K/V dtype; softmax and accumulation are fp32 in both).
+  // attention / decode_attention: the scheme is the algorithm (split-KV for
+  // latency, flash for throughput); precision = the K/V dtype (softmax and
+  // accumulation are fp32 in both).
   for (const char* op : {"attention", "decode_attention"})
     for (const char* prec : {"fp32", "bf16"}) {
-      const std::string base = std::string(op) + "_" + d.attention->isa + "_" +
-                               (prec[0] == 'f' ? "f32" : "bf16");
-      add(op, "latency", prec, (base + "_splitkv").c_str());
-      add(op, "throughput", prec, (base + "_flash").c_str());
+      add(op, op, "latency", prec, "splitkv", py::none(), py::none(), py::none());
+      add(op, op, "throughput", prec, "flash", py::none(), py::none(), py::none());
     }
   return out;
 }

@@ -35,10 +35,8 @@ Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
 // Replaces a table's int8 entries by a VNNI scheme's.
 void use_int8(GemmKernels& table, const GemmPair& int8) {
   const int p = static_cast<int>(Precision::kI8);
-  for (int v = 0; v < 2; ++v) {
-    table.names[p][v] = int8.names[v];
-    table.run[p][v] = int8.run[v];
-  }
+  table.meta[p] = int8.meta;
+  for (int v = 0; v < 2; ++v) table.run[p][v] = int8.run[v];
 }
 
 }  // namespace

@@ -95,10 +95,8 @@ struct Table {
 Table with_int8(const pk::GemmKernels& base, const pk::GemmPair& int8, bool all_rows) {
   Table out{base, {all_rows, all_rows, true}};
   const int p = static_cast<int>(Precision::kI8);
-  for (int v = 0; v < 2; ++v) {
-    out.t.names[p][v] = int8.names[v];
-    out.t.run[p][v] = int8.run[v];
-  }
+  out.t.meta[p] = int8.meta;
+  for (int v = 0; v < 2; ++v) out.t.run[p][v] = int8.run[v];
   return out;
 }
 
@@ -170,9 +168,9 @@ int main() {
               }
               if (worst > 1.0) {
                 ++failures;
-                std::printf("FAIL %s p=%d variant=%d m=%lld k=%lld n=%lld a_cs=%lld alpha=%g beta=%g "
+                std::printf("FAIL %s %s %dx%d p=%d variant=%d m=%lld k=%lld n=%lld a_cs=%lld alpha=%g beta=%g "
                             "bias=%d act=%d kc=%lld threads=%d: element %lld got %.9g want %.9g%s\n",
-                            t->names[p][variant], p, variant, (long long)c.m, (long long)c.k,
+                            t->isa, t->meta[p].scheme, t->meta[p].mr, t->meta[p].nr, p, variant, (long long)c.m, (long long)c.k,
                             (long long)c.n, (long long)c.a_cs, c.alpha, c.beta, c.bias,
                             static_cast<int>(c.act), (long long)blk.kc, threads, (long long)at,
                             got[at], ref[at], exact ? " (must be bit-identical)" : "");

@@ -73,19 +73,29 @@ enum class Variant : int { kLatency = 0, kThroughput = 1 };
 
 using GemmFn = void (*)(const GemmArgs&, const ParallelPolicy&, const Blocking&);
 
+// What a kernel is, as data (the registry's fields; pk.kernels() derives the
+// printed name from them, and nothing parses a name). Filled from the same
+// constants the tiles are compiled from (meta_of in common/gemm_impl.inc).
+struct KernelMeta {
+  const char* scheme;  // the instruction scheme: "fma", "widen_fma", "vpmaddwd", "vpdpbusd"
+  int mr, nr;          // register tile of the throughput kernel, rows x columns
+  int k_step;          // consecutive k per packed group (1 fp32, 2 bf16, 4 int8)
+};
+
 // One ISA's kernel table, indexed [precision][variant]. Every entry point takes
 // plain data only: no vector types cross this boundary, so the baseline-compiled
-// dispatcher never touches AVX registers.
+// dispatcher never touches AVX registers. Both variants of a precision share
+// one packed format and tile family, so one KernelMeta per precision.
 struct GemmKernels {
   const char* isa;
-  const char* names[kNumPrecisions][2];  // e.g. "gemm_avx2_f32_6x16"
+  KernelMeta meta[kNumPrecisions];
   GemmFn run[kNumPrecisions][2];
 };
 
 // One precision's two entry points: the int8 schemes that dispatch swaps into
 // a table when the CPU has the instruction (runtime/dispatch.cc).
 struct GemmPair {
-  const char* names[2];
+  KernelMeta meta;
   GemmFn run[2];
 };
 

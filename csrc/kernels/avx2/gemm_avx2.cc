@@ -20,9 +20,8 @@ namespace avx2 {
 
 const GemmKernels kGemm = {
     "avx2",
-    {{"gemm_avx2_f32_lat_6x16", "gemm_avx2_f32_6x16"},
-     {"gemm_avx2_bf16_lat_6x16", "gemm_avx2_bf16_6x16"},
-     {"gemm_avx2_i8_lat_3x16", "gemm_avx2_i8_3x16"}},
+    {meta_of<FormatF32>("fma"), meta_of<FormatBF16>("widen_fma"),
+     meta_of<Int8Format<VI>>("vpmaddwd")},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};

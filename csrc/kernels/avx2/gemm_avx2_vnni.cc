@@ -58,7 +58,7 @@ struct VIVnni {
 
 }  // namespace vnni
 
-const GemmPair kI8AvxVnni = {{"gemm_avx2vnni_i8_lat_3x32", "gemm_avx2vnni_i8_3x32"},
+const GemmPair kI8AvxVnni = {vnni::meta_of<vnni::Int8Format<vnni::VIVnni>>("vpdpbusd"),
                              {&vnni::i8_latency<vnni::VIVnni>, &vnni::i8_throughput<vnni::VIVnni>}};
 
 }  // namespace avx2

@@ -97,15 +97,14 @@ constexpr int kLatNP[kTputMR + 1] = {1, 8, 8, 6, 6, 4, 4};
 
 const GemmKernels kGemm = {
     "avx512",
-    {{"gemm_avx512_f32_lat_6x64", "gemm_avx512_f32_6x64"},
-     {"gemm_avx512_bf16_lat_6x64", "gemm_avx512_bf16_6x64"},
-     {"gemm_avx512_i8_lat_6x32", "gemm_avx512_i8_6x32"}},
+    {meta_of<FormatF32>("fma"), meta_of<FormatBF16>("widen_fma"),
+     meta_of<Int8Format<VI>>("vpmaddwd")},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};
 
 // Swapped into the table by dispatch when the CPU reports AVX512_VNNI.
-const GemmPair kI8Vnni = {{"gemm_avx512_i8vnni_lat_6x64", "gemm_avx512_i8vnni_6x64"},
+const GemmPair kI8Vnni = {meta_of<Int8Format<VIVnni>>("vpdpbusd"),
                           {&i8_latency<VIVnni>, &i8_throughput<VIVnni>}};
 
 }  // namespace avx512

@@ -61,9 +61,8 @@ constexpr int kLatNP[kTputMR + 1] = {1, 1, 1, 1, 1};
 
 const GemmKernels kGemm = {
     "generic",
-    {{"gemm_generic_f32_lat_4x16", "gemm_generic_f32_4x16"},
-     {"gemm_generic_bf16_lat_4x16", "gemm_generic_bf16_4x16"},
-     {"gemm_generic_i8_lat_2x16", "gemm_generic_i8_2x16"}},
+    {meta_of<FormatF32>("scalar"), meta_of<FormatBF16>("widen_scalar"),
+     meta_of<Int8Format<VI>>("scalar_u8s8")},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};
