@@ -16,7 +16,9 @@ Layers: ``slo`` (targets), ``ops`` (work descriptions and the kernel registry),
 ``planner`` (decisions and feedback). The planner is a pure function of
 (op, profile, SLO, queue and feedback state).
 """
-from . import cost, ops
+from pykernels import work as ops  # the work descriptions live below the policy
+
+from . import cost
 from .cost import CostModel, ErrorReport, Prediction, cross_validate, heldout_error
 from .planner import Alternative, Plan, Policy
 from .profile import Measurement, Profile, ProfileWarning

@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from . import ops
+from pykernels import work as ops
 from .cost import FEATURES, CostModel, cross_validate, heldout_error
 from .planner import Policy
 from .profile import Profile, ProfileWarning, default_path

@@ -55,8 +55,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from . import ops as _ops
-from .ops import Model, Op, precision_rank
+from pykernels import work as _ops
+from pykernels.work import Model, Op, precision_rank
 from .profile import Profile
 
 FEATURES = ("constant_ms", "ms_per_gflop", "ms_per_tiled_gflop", "ms_per_mb_in", "ms_per_mb_out",

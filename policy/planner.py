@@ -65,10 +65,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import ops as _ops
+from pykernels import work as _ops
 from . import scan as _scan
 from .cost import CostModel
-from .ops import Op, precision_error, precision_rank
+from pykernels.work import Op, precision_error, precision_rank
 from .profile import Profile
 from .sketch import QuantileSketch
 from .slo import SLO

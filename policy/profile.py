@@ -78,8 +78,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import ops as _ops
-from .ops import Model, Op
+from pykernels import work as _ops
+from pykernels.work import Model, Op
 
 FORMAT = "pykernels-profile"
 SCHEMA = 1

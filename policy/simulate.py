@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .cost import CostModel
-from .ops import Linear, Op
+from pykernels.work import Linear, Op
 from .planner import Policy
 from .profile import Profile
 from .slo import SLO

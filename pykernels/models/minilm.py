@@ -260,7 +260,7 @@ def _encoder_op_type():
         return _ENCODER
     from dataclasses import dataclass as _dc
 
-    from ..policy import ops
+    from .. import work as ops
 
     @ops.register_op("encoder")
     @_dc(frozen=True)
@@ -329,7 +329,7 @@ def policy_op(model: "MiniLM", tokens: int, name: str | None = None):
     """The forward of one text of ``tokens`` tokens as a ``pykernels.policy``
     op: per layer the fused QKV, output, FFN-up and FFN-down projections (rows
     = tokens per item) and the self-attention over the sequence."""
-    from ..policy import ops
+    from .. import work as ops
 
     h, f = model.hidden, int(model.config["intermediate_size"])
     layer = [ops.Linear(h, 3 * h, rows_per_item=tokens),

@@ -161,7 +161,7 @@ def minilm_op(seq_len: int, precision: str = "fp32", *, hidden: int = 384, ffn: 
     per layer the fused QKV projection, attention, the output projection and
     the two FFN projections (the parts ``MiniLM.forward`` runs through pykernels),
     with the projections' precision fixed to the model's."""
-    from ..policy import ops
+    from .. import work as ops
 
     hd = hidden // heads
     layer = (ops.Linear(hidden, 3 * hidden, precision, rows_per_item=seq_len),

@@ -33,6 +33,8 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import pykernels
+
 # Nominal relative error each precision adds (relative Frobenius error of the
 # output against a float64 reference): fp32 accumulates ~sqrt(K)*eps; bf16 has
 # an 8-bit mantissa (2^-9 ~ 2e-3 per element, ~4e-3 measured through a GEMM);
@@ -488,7 +490,6 @@ def calibration_defaults(kind: str) -> Optional[dict]:
 def kernel_table():
     """``pykernels.kernels()``, or [] when the extension cannot be imported."""
     try:
-        import pykernels
         return list(pykernels.kernels())
     except Exception:  # pragma: no cover - extension missing or mid-rebuild
         return []
@@ -567,7 +568,6 @@ def _rng(op: Op):
 
 
 def _weight(op: Linear, precision: str, cache: dict):
-    import pykernels
     key = ("w", op.k, op.n, precision)
     w = cache.get(key)
     if w is None:
@@ -595,7 +595,6 @@ def _linear_io(op, units, cache):
 
 
 def _prepare_linear_gemm(op, variant, precision, threads, units, cache):
-    import pykernels
     w = _weight(op, "fp32", cache)
     x, out = _linear_io(op, units, cache)
     gemm = pykernels.gemm
@@ -606,7 +605,6 @@ def _prepare_linear_gemm(op, variant, precision, threads, units, cache):
 
 
 def _prepare_linear(op, variant, precision, threads, units, cache):
-    import pykernels
     w = _weight(op, precision, cache)
     x, out = _linear_io(op, units, cache)
     linear = pykernels.linear
@@ -617,7 +615,6 @@ def _prepare_linear(op, variant, precision, threads, units, cache):
 
 
 def _linear_rel_error(op, precision, cache):
-    import pykernels
     w = _weight(op, precision, cache)
     raw = cache[("raw", op.k, op.n)]
     x = np.random.default_rng(1).standard_normal((16, op.k), dtype=np.float32)
@@ -690,7 +687,6 @@ def _dtype(precision: str):
 
 
 def _prepare_attention(op, variant, precision, threads, units, cache):
-    import pykernels
     def make():
         rng = _rng(op)
         dt = _dtype(precision)
@@ -707,7 +703,6 @@ def _prepare_attention(op, variant, precision, threads, units, cache):
 
 
 def _prepare_decode(op, variant, precision, threads, units, cache):
-    import pykernels
     def make():
         rng = _rng(op)
         dt = _dtype(precision)
