@@ -65,10 +65,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import pykernels
 from pykernels import work as _ops
+from pykernels.work import Op, precision_error, precision_rank
+
 from . import scan as _scan
 from .cost import CostModel
-from pykernels.work import Op, precision_error, precision_rank
 from .profile import Profile
 from .sketch import QuantileSketch
 from .slo import SLO
@@ -795,28 +797,27 @@ class Policy:
             self._choices.clear()
 
     # --- variant="auto" hook ------------------------------------------------
-    def choose(self, op_name: str, m: int, k: int, n: int, precision: str,
-               threads: Optional[int] = None) -> Tuple[Optional[str], Optional[int]]:
+    def choose(self, call: "pykernels.KernelCall") -> Tuple[Optional[str], Optional[int]]:
         """The chooser installed by ``active()``: (variant, threads) for one
         ``variant="auto"`` kernel call, or None in either place to leave it to
         the kernel (its size heuristic, the caller's or the default thread
-        count). ``threads``: the caller's thread count, or None -- only then
-        does the policy choose the threads too (among those the profile
-        measured). ``precision`` is the weight's (or the K/V cache's) as the
-        caller passed it: the policy plans that precision and never repacks
-        behind the caller's back. Never raises. ``chooser_calls`` and
+        count). ``call.threads``: the caller's thread count, or None -- only
+        then does the policy choose the threads too (among those the profile
+        measured). ``call.precision`` is the weight's (or the K/V cache's) as
+        the caller passed it: the policy plans that precision and never
+        repacks behind the caller's back. Never raises. ``chooser_calls`` and
         ``choice_counts`` (variants given, None included) count its use;
         under concurrent calls the counts are approximate."""
         self.chooser_calls += 1
-        key = (op_name, m, k, n, precision, threads)
+        threads = call.threads
+        key = call
         hit = self._choices.get(key, self)
         if hit is not self:
             self.choice_counts[hit[0]] += 1
             return hit
         choice = (None, None)
         try:
-            mapped = _ops.op_for_call(op_name, m, k, n, precision,
-                                      tuple(self.cost_model.profile.ops.values()))
+            mapped = _ops.op_for_call(call)
             if mapped is not None:
                 op, batch = mapped
                 plan = self.plan_call(op, batch, threads=threads)
@@ -836,19 +837,12 @@ class Policy:
         """``with policy.active():`` -- ``variant="auto"`` kernel calls follow
         this policy (the previous chooser is restored on exit). The profile is
         loaded on entry, so no kernel call ever waits for a calibration."""
-        from pykernels import _gemm
         self.cost_model  # noqa: B018 - load eagerly
-        with _HOOK_LOCK:
-            prev = _gemm._active_chooser
-            _gemm._active_chooser = self.choose
+        prev = pykernels.set_variant_chooser(self.choose)
         try:
             yield self
         finally:
-            with _HOOK_LOCK:
-                _gemm._active_chooser = prev
-
-
-_HOOK_LOCK = threading.Lock()
+            pykernels.set_variant_chooser(prev)
 
 
 _SNAP = math.log(1.02)

@@ -10,6 +10,7 @@ if _core.init_error:  # e.g. PYKERNELS_ISA=bogus, or a path this CPU lacks
     raise ValueError(_core.init_error)
 
 from ._attention import attention, decode_attention
+from ._chooser import KernelCall, get_variant_chooser, set_variant_chooser
 from ._gemm import PackedWeight, gemm, linear, pack
 from ._runtime import (
     CpuInfo,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CpuInfo",
+    "KernelCall",
     "KernelEntry",
     "PackedWeight",
     "attention",
@@ -33,8 +35,10 @@ __all__ = [
     "fork_join_us",
     "gemm",
     "get_num_threads",
+    "get_variant_chooser",
     "kernels",
     "linear",
     "pack",
     "set_num_threads",
+    "set_variant_chooser",
 ]

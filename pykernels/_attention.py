@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from . import _gemm as _gemm_module
+from . import _chooser
 from ._gemm import _AUTO, _VARIANT_CODE, VARIANTS, _check_threads, policy_variant
 
 try:  # a declared dependency; without it only float32 inputs are accepted
@@ -85,8 +85,8 @@ def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=No
     """
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
-    if code == _AUTO and _active_chooser() is not None:
-        code, threads = _auto_attention(q, k, threads)
+    if code == _AUTO and _chooser.active is not None:
+        code, threads = _auto_attention(q, k, causal, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
     res = _core.attention(q, k, v, kv_lens, out, scale, bool(causal), code, threads)
@@ -117,7 +117,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
     """
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
-    if code == _AUTO and _active_chooser() is not None:
+    if code == _AUTO and _chooser.active is not None:
         code, threads = _auto_decode(q, k_cache, kv_lens, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
@@ -135,21 +135,16 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
 
 
 # ---- variant="auto" under an active policy -------------------------------------
-# The chooser hook is pykernels._gemm._active_chooser (one for every op), called
-# through _gemm.policy_variant as chooser(op, m, k, n, precision, threads):
-#   "attention":        m = B * Hq * Sq query rows, k = D, n = Skv keys
-#   "decode_attention": m = B * Hq query rows,      k = D, n = the longest kv_lens
+# The chooser (pykernels._chooser) sees the attention geometry as fields of a
+# KernelCall: batch, heads, lengths, head dim and causality, nothing flattened.
 
-def _active_chooser():
-    return _gemm_module._active_chooser
-
-
-def _auto_attention(q, k, threads: int):
+def _auto_attention(q, k, causal, threads: int):
     qs, ks = getattr(q, "shape", ()), getattr(k, "shape", ())
     if len(qs) != 4 or len(ks) != 4:
         return _AUTO, threads  # the binding raises the precise error
-    return policy_variant("attention", qs[0] * qs[1] * qs[2], qs[3], ks[2], _precision(k),
-                          threads)
+    return policy_variant(dict(op="attention", precision=_precision(k), batch=qs[0], q_heads=qs[1],
+                               kv_heads=ks[1], q_len=qs[2], kv_len=ks[2], head_dim=qs[3],
+                               causal=bool(causal)), threads)
 
 
 def _auto_decode(q, k_cache, kv_lens, threads: int):
@@ -160,5 +155,6 @@ def _auto_decode(q, k_cache, kv_lens, threads: int):
         n = int(np.max(kv_lens)) if kv_lens is not None and np.size(kv_lens) else ks[2]
     except (TypeError, ValueError):
         return _AUTO, threads
-    return policy_variant("decode_attention", qs[0] * qs[1], qs[2], n, _precision(k_cache),
+    return policy_variant(dict(op="decode_attention", precision=_precision(k_cache), batch=qs[0],
+                               q_heads=qs[1], kv_heads=ks[1], q_len=1, kv_len=n, head_dim=qs[2]),
                           threads)

@@ -13,7 +13,8 @@ import operator
 
 import numpy as np
 
-from . import _core
+from . import _chooser, _core
+from ._chooser import KernelCall
 from ._runtime import get_num_threads
 
 _F32 = np.dtype(np.float32)
@@ -23,16 +24,6 @@ VARIANTS = ("auto", "latency", "throughput")
 # Codes understood by the binding; _AUTO lets C++ pick by size (no policy).
 _AUTO = 2
 _VARIANT_CODE = {"latency": 0, "throughput": 1, "auto": _AUTO}
-
-# The policy engine installs a chooser here (``with policy.active():``). It is
-# called as chooser(op, m, k, n, precision, threads) for variant="auto" calls,
-# threads being the caller's count or None, and returns (variant, threads):
-# variant "latency" | "throughput", or None to fall back to the size
-# heuristic; threads an int >= 1 when the caller passed None, else None (the
-# caller's count stands). precision is the weight's (or K/V cache's) as
-# passed: the policy never repacks behind the caller's back. Kept as a plain
-# module global: one attribute read per call.
-_active_chooser = None
 
 
 def _type_error(name: str, arr) -> TypeError:
@@ -55,15 +46,16 @@ def _check_matrix(name: str, arr) -> None:
         raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
 
 
-def policy_variant(op: str, m: int, k: int, n: int, precision: str, threads: int):
-    """(variant code, threads) for a variant="auto" call under the active
-    policy. ``threads``: the caller's count, 0 when it passed None; only then
-    may the policy's thread count replace it. Without a policy, or when it
-    has no answer: (_AUTO, threads), the size heuristic in C++."""
-    chooser = _active_chooser
+def policy_variant(call_fields: dict, threads: int):
+    """(variant code, threads) for a variant="auto" call under the installed
+    chooser (pykernels._chooser), given the call's KernelCall fields.
+    ``threads``: the caller's count, 0 when it passed None; only then may the
+    chooser's thread count replace it. Without a chooser, or when it has no
+    answer: (_AUTO, threads), the size heuristic in C++."""
+    chooser = _chooser.active
     if chooser is None:
         return _AUTO, threads
-    variant, th = chooser(op, m, k, n, precision, threads or None)
+    variant, th = chooser(KernelCall(threads=threads or None, **call_fields))
     if threads == 0 and th is not None:
         threads = min(int(th), MAX_THREADS) if th >= 1 else 0
     return (_AUTO if variant is None else _VARIANT_CODE[variant]), threads
@@ -334,8 +326,8 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
         out2 = out if out.ndim == 2 else out.reshape(m, n)
-    if code == _AUTO and _active_chooser is not None:
-        code, threads = policy_variant("linear", m, k, n, precision, threads)
+    if code == _AUTO and _chooser.active is not None:
+        code, threads = policy_variant(dict(op="linear", precision=precision, m=m, k=k, n=n), threads)
     if type(w) is PackedWeight:
         res = _core.matmul(x2, None, w._data, w._code, w._scale, k, n, out2, 1.0, 0.0, code,
                            threads, bias, act)
@@ -374,7 +366,7 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
         threads = _check_threads(threads)
     else:
         threads = 0
-    if code == _AUTO and _active_chooser is not None:
+    if code == _AUTO and _chooser.active is not None:
         code, threads = _auto_variant(a, b, threads)
     if type(b) is PackedWeight:
         if b.precision != "fp32":
@@ -409,4 +401,5 @@ def _auto_variant(a, b, threads: int):
     if not shape_a or len(shape_a) != 2 or not shape_b or len(shape_b) != 2:
         return _AUTO, threads  # the binding raises the precise error
     precision = b.precision if type(b) is PackedWeight else "fp32"
-    return policy_variant("gemm", shape_a[0], shape_a[1], shape_b[1], precision, threads)
+    return policy_variant(dict(op="gemm", precision=precision, m=shape_a[0], k=shape_a[1],
+                               n=shape_b[1]), threads)

@@ -431,7 +431,7 @@ class Backend:
 
 
 _BACKENDS: Dict[str, List[Backend]] = {}
-# kernel op name (as passed to the variant chooser) -> fn(m, k, n, precision) -> (op, batch) | None
+# kernel op name (KernelCall.op) -> fn(call) -> (op, batch) | None
 _CALLS: Dict[str, Callable[..., Optional[Tuple[Op, int]]]] = {}
 # Shapes and batch buckets calibrated by default, per kind: (quick, full).
 _CALIBRATION: Dict[str, dict] = {}
@@ -461,17 +461,17 @@ def unregister_backend(backend: Backend) -> None:
 
 
 def register_call(kernel_op: str, fn) -> None:
-    """Map a kernel call seen by the ``variant="auto"`` chooser,
-    ``(op_name, m, k, n, precision)``, to ``(op, batch)`` for the planner:
-    ``fn(m, k, n, precision, known)`` where ``known`` are the ops of the
-    profile (to recover shapes the call flattens), returning None when it
-    cannot."""
+    """Map a kernel call seen by the ``variant="auto"`` chooser (a
+    ``pykernels.KernelCall`` whose ``op`` is ``kernel_op``) to ``(op, batch)``
+    for the planner: ``fn(call)``, returning None when it cannot."""
     _CALLS[kernel_op] = fn
 
 
-def op_for_call(kernel_op: str, m: int, k: int, n: int, precision: str, known: Sequence[Op] = ()):
-    fn = _CALLS.get(kernel_op)
-    return None if fn is None else fn(m, k, n, precision, known)
+def op_for_call(call) -> Optional[Tuple[Op, int]]:
+    """(op, batch) the planner reasons about for one ``pykernels.KernelCall``,
+    or None for a kernel no op describes."""
+    fn = _CALLS.get(call.op)
+    return None if fn is None else fn(call)
 
 
 def register_calibration(kind: str, *, quick_shapes, full_shapes, quick_batches, full_batches,
@@ -633,39 +633,30 @@ register_backend("linear", "linear", _prepare_linear, priority=10,
                  rel_error=_linear_rel_error)
 
 
-def _linear_call(m, k, n, precision, known=()):
-    if m < 1 or k < 1 or n < 1:
+def _precision_of(call) -> Optional[str]:
+    return call.precision if call.precision in _WEIGHT_BYTES else None
+
+
+def _linear_call(call):
+    # gemm / linear: one batch item is one row of the activation
+    if call.m < 1 or call.k < 1 or call.n < 1:
         return None
-    return Linear(k, n, precision if precision in _WEIGHT_BYTES else None), m
+    return Linear(call.k, call.n, _precision_of(call)), call.m
 
 
-def _attention_call(m, k, n, precision, known=()):
-    # pykernels._attention: m = B * Hq * Sq query rows, k = D, n = Skv keys.
-    # Recover (Hq, Hkv, Sq, causal) from a profiled shape with the same D and
-    # Skv; else plan per query row on a one-head stand-in.
-    if m < 1 or k < 1 or n < 1:
+def _attention_call(call):
+    # one batch item is one sequence; the call carries its whole geometry
+    if min(call.batch, call.q_heads, call.kv_heads, call.q_len, call.kv_len, call.head_dim) < 1:
         return None
-    prec = precision if precision in _WEIGHT_BYTES else None
-    for op in known:
-        if isinstance(op, Attention) and op.d == k and op.s_kv == n and m % (op.hq * op.s_q) == 0:
-            return (Attention(op.hq, op.hkv, op.d, op.s_q, op.s_kv, op.causal, prec),
-                    m // (op.hq * op.s_q))
-    return Attention(1, 1, k, 1, n, False, prec), m
+    return (Attention(call.q_heads, call.kv_heads, call.head_dim, call.q_len, call.kv_len,
+                      bool(call.causal), _precision_of(call)), call.batch)
 
 
-def _decode_call(m, k, n, precision, known=()):
-    # pykernels._attention: m = B * Hq query rows, k = D, n = the longest kv_len.
-    if m < 1 or k < 1 or n < 1:
+def _decode_call(call):
+    # one batch item is one sequence's new token over its cache
+    if min(call.batch, call.q_heads, call.kv_heads, call.kv_len, call.head_dim) < 1:
         return None
-    prec = precision if precision in _WEIGHT_BYTES else None
-    for op in known:
-        if isinstance(op, Decode) and op.d == k and op.kv_len == n and m % op.hq == 0:
-            return Decode(op.hq, op.hkv, op.d, op.kv_len, prec), m // op.hq
-    same_d = [op for op in known if isinstance(op, Decode) and op.d == k and m % op.hq == 0]
-    if same_d:  # the KV length varies call to call: keep the head layout
-        op = min(same_d, key=lambda o: (abs(o.kv_len - n), o.key))
-        return Decode(op.hq, op.hkv, op.d, n, prec), m // op.hq
-    return Decode(1, 1, k, n, prec), m
+    return Decode(call.q_heads, call.kv_heads, call.head_dim, call.kv_len, _precision_of(call)), call.batch
 
 
 register_call("gemm", _linear_call)

@@ -526,13 +526,13 @@ def test_registry():
     assert all(e.isa == isa for e in entries)
 
 
-def test_auto_asks_the_policy_chooser(monkeypatch):
+def test_auto_asks_the_policy_chooser(monkeypatch, request):
     from pykernels import _attention, _gemm
 
     calls, threads_run = [], []
 
-    def chooser(op, m, k, n, precision, threads):
-        calls.append((op, m, k, n, precision, threads))
+    def chooser(call):
+        calls.append(call)
         return "throughput", 1
 
     class Core:  # records the thread count each kernel call runs with
@@ -548,16 +548,18 @@ def test_auto_asks_the_policy_chooser(monkeypatch):
             return _gemm._core.decode_attention(*a)
 
     monkeypatch.setattr(_attention, "_core", Core())
-    monkeypatch.setattr(_gemm, "_active_chooser", chooser)
+    prev = pk.set_variant_chooser(chooser)
+    request.addfinalizer(lambda: pk.set_variant_chooser(prev))
     rng = np.random.default_rng(2)
     q, k, v = randn(rng, (2, 4, 3, 32)), randn(rng, (2, 2, 50, 32)), randn(rng, (2, 2, 50, 32))
     ref = pk.attention(q, k, v, variant="latency")
     np.testing.assert_allclose(pk.attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
     pk.decode_attention(q[:, :, 0], k.astype(BF16), v.astype(BF16), np.array([50, 20]))
     pk.attention(q, k, v, threads=2)  # the caller's threads stand
-    assert calls == [("attention", 24, 32, 50, "fp32", None),
-                     ("decode_attention", 8, 32, 50, "bf16", None),
-                     ("attention", 24, 32, 50, "fp32", 2)]
+    att = dict(batch=2, q_heads=4, kv_heads=2, kv_len=50, head_dim=32)
+    assert calls == [pk.KernelCall("attention", "fp32", None, q_len=3, **att),
+                     pk.KernelCall("decode_attention", "bf16", None, q_len=1, **att),
+                     pk.KernelCall("attention", "fp32", 2, q_len=3, **att)]
     # threads=0 is the binding's "default"; the policy's 1 replaced it, the caller's 2 stood
     assert threads_run == [0, 1, 1, 2]
 

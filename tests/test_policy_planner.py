@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pykernels
-from pykernels import _gemm
+from pykernels import KernelCall, _gemm
 from pykernels.policy import SLO, Plan, Policy, Profile, ops
 from pykernels.policy.simulate import SYNTHETIC_GROUPS, synthetic_profile
 
@@ -346,11 +346,11 @@ def test_active_changes_what_auto_does():
     policy = Policy(SLO(p99_ms=1.0), chooser_profile())
     a = np.ones((4, 64), np.float32)
     b = np.ones((64, 64), np.float32)
-    assert _gemm._active_chooser is None
+    assert pykernels.get_variant_chooser() is None
     pykernels.gemm(a, b)  # no policy: the kernel's own size heuristic, nobody asked
     assert policy.chooser_calls == 0
     with policy.active() as p:
-        assert p is policy and _gemm._active_chooser == policy.choose
+        assert p is policy and pykernels.get_variant_chooser() == policy.choose
         out = pykernels.gemm(a, b)
         assert policy.chooser_calls == 1 and policy.choice_counts["throughput"] == 1
         np.testing.assert_allclose(out, a @ b, rtol=1e-5)
@@ -360,12 +360,12 @@ def test_active_changes_what_auto_does():
             pykernels.linear(a, b)
             assert policy.chooser_calls == 2 and policy.choice_counts["throughput"] == 2
         # the decision for 4 rows is the policy's (throughput), not the heuristic's (latency)
-        assert policy.choose("gemm", 4, 64, 64, "fp32") == ("throughput", 1)
+        assert policy.choose(KernelCall("gemm", "fp32", None, m=4, k=64, n=64)) == ("throughput", 1)
         # shapes the profile never measured are predicted by the fit
-        assert policy.choose("gemm", 4, 100, 80, "fp32") == ("throughput", 1)
+        assert policy.choose(KernelCall("gemm", "fp32", None, m=4, k=100, n=80)) == ("throughput", 1)
         # calls the registry cannot map fall back to the heuristic
-        assert policy.choose("unknown_op", 4, 64, 64, "fp32") == (None, None)
-    assert _gemm._active_chooser is None
+        assert policy.choose(KernelCall("unknown_op", "fp32", None, m=4, k=64, n=64)) == (None, None)
+    assert pykernels.get_variant_chooser() is None
     calls = policy.chooser_calls
     pykernels.gemm(a, b)
     assert policy.chooser_calls == calls
@@ -377,16 +377,16 @@ def test_active_restores_the_previous_chooser_even_on_error():
     with outer.active():
         with pytest.raises(RuntimeError):
             with inner.active():
-                assert _gemm._active_chooser == inner.choose
+                assert pykernels.get_variant_chooser() == inner.choose
                 raise RuntimeError("boom")
-        assert _gemm._active_chooser == outer.choose
-    assert _gemm._active_chooser is None
+        assert pykernels.get_variant_chooser() == outer.choose
+    assert pykernels.get_variant_chooser() is None
 
 
 def test_chooser_never_raises():
     policy = Policy(SLO(p99_ms=1.0), chooser_profile())
-    assert policy.choose("gemm", 0, 64, 64, "fp32") == (None, None)
-    assert policy.choose("gemm", 4, 64, 64, "int8") == (None, None)  # no int8 measurements
+    assert policy.choose(KernelCall("gemm", "fp32", None, m=0, k=64, n=64)) == (None, None)
+    assert policy.choose(KernelCall("gemm", "int8", None, m=4, k=64, n=64)) == (None, None)  # no int8 measurements
 
 
 def test_active_auto_calls_follow_the_policys_threads(monkeypatch):
@@ -421,8 +421,8 @@ def test_active_auto_calls_follow_the_policys_threads(monkeypatch):
         pykernels.linear(x, pykernels.pack(w))
     lat, thr = _gemm._VARIANT_CODE["latency"], _gemm._VARIANT_CODE["throughput"]
     assert seen == [(lat, 2), (thr, 1), (lat, 2)]
-    assert policy.choose("linear", 4, 64, 64, "fp32") == ("latency", 2)
-    assert policy.choose("linear", 4, 64, 64, "fp32", 1) == ("throughput", None)
+    assert policy.choose(KernelCall("linear", "fp32", None, m=4, k=64, n=64)) == ("latency", 2)
+    assert policy.choose(KernelCall("linear", "fp32", 1, m=4, k=64, n=64)) == ("throughput", None)
 
 
 def test_policy_loads_the_cached_profile_lazily(tmp_path, monkeypatch):

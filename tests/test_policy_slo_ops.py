@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from pykernels import KernelCall
 from pykernels.policy import SLO, ops
 
 
@@ -164,22 +165,21 @@ def test_kernel_tiles_read_registry_fields():
 
 
 def test_op_for_call_maps_gemm_calls():
-    op, batch = ops.op_for_call("gemm", 7, 64, 32, "fp32")
+    op, batch = ops.op_for_call(KernelCall("gemm", "fp32", m=7, k=64, n=32))
     assert op == ops.Linear(64, 32, "fp32") and batch == 7
-    assert ops.op_for_call("unknown_kernel", 1, 2, 3, "fp32") is None
+    assert ops.op_for_call(KernelCall("unknown_kernel", "fp32", m=1, k=2, n=3)) is None
 
 
-def test_op_for_call_recovers_attention_shapes_from_known_ops():
-    known = (ops.Linear(8, 8), ops.Attention(12, 4, 32, 128, 256, True), ops.Decode(32, 8, 128, 512))
-    # attention: m = B * Hq * Sq rows, k = D, n = Skv
-    op, batch = ops.op_for_call("attention", 3 * 12 * 128, 32, 256, "bf16", known)
+def test_op_for_call_reads_attention_geometry_from_the_call():
+    # the call carries heads, lengths and causality: nothing is guessed back
+    call = KernelCall("attention", "bf16", batch=3, q_heads=12, kv_heads=4, q_len=128, kv_len=256,
+                      head_dim=32, causal=True)
+    op, batch = ops.op_for_call(call)
     assert op == ops.Attention(12, 4, 32, 128, 256, True, "bf16") and batch == 3
-    # an unknown layout: planned per query row on a one-head stand-in
-    op, batch = ops.op_for_call("attention", 40, 64, 100, "fp32", known)
-    assert op == ops.Attention(1, 1, 64, 1, 100, False, "fp32") and batch == 40
-    # decode: m = B * Hq rows, k = D, n = longest kv_len
-    op, batch = ops.op_for_call("decode_attention", 4 * 32, 128, 512, "fp32", known)
+    call = KernelCall("decode_attention", "fp32", batch=4, q_heads=32, kv_heads=8, q_len=1,
+                      kv_len=512, head_dim=128)
+    op, batch = ops.op_for_call(call)
     assert op == ops.Decode(32, 8, 128, 512, "fp32") and batch == 4
-    op, batch = ops.op_for_call("decode_attention", 2 * 32, 128, 700, "fp32", known)
-    assert op == ops.Decode(32, 8, 128, 700, "fp32") and batch == 2
-    assert ops.op_for_call("decode_attention", 0, 128, 700, "fp32", known) is None
+    empty = KernelCall("decode_attention", "fp32", batch=0, q_heads=32, kv_heads=8, q_len=1,
+                       kv_len=700, head_dim=128)
+    assert ops.op_for_call(empty) is None
