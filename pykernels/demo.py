@@ -276,7 +276,7 @@ def run_demo(*, duration: float = 9.0, rate: float = 20.0, p99_ms: float = 100.0
              outstanding: int = 128, precision: str = "fp32", quick: bool = False,
              json_path: str | None = None, progress: bool = True, policies=None) -> list:
     from .models import MiniLM
-    from .models.minilm import measure_encoder
+    from .serving.service import measure_encoder
 
     out = sys.stdout
     rng = np.random.default_rng(0)

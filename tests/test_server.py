@@ -2,7 +2,7 @@
 ``openai`` client against the in-process model, plain HTTP for limits, errors,
 auth, metrics and overload, SIGTERM draining, and a bounded open-loop load test.
 
-Two servers are started (``python -m pykernels.serving.http --port 0``), each
+Two servers are started (``python -m pykernels.serving.command --port 0``), each
 with ``$PYKERNELS_CACHE`` in a temporary directory so the first one measures its
 serving profile (``--calibrate-budget``) and the second reuses it:
 
@@ -61,7 +61,7 @@ TEXTS = [
 
 
 class Server:
-    """``python -m pykernels.serving.http --port 0 ARGS`` in its own process."""
+    """``python -m pykernels.serving.command --port 0 ARGS`` in its own process."""
 
     def __init__(self, args, cache_dir):
         self.stderr_path = os.path.join(cache_dir, f"server-{time.monotonic_ns()}.err")
@@ -69,7 +69,7 @@ class Server:
         env = subprocess_env(PYKERNELS_CACHE=str(cache_dir))
         env.pop("PYKERNELS_API_KEY", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pykernels.serving.http", "--port", "0",
+            [sys.executable, "-m", "pykernels.serving.command", "--port", "0",
              "--calibrate-budget", "3", *args],
             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=self._err, text=True)
         self.lines = []

