@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import pykernels as pk  # noqa: E402
-from pykernels.cli import numpy_attention  # noqa: E402
+from pykernels.harness.attention import numpy_attention  # noqa: E402
 
 try:
     import ml_dtypes

@@ -58,7 +58,7 @@ def let_baseline_workers_idle() -> None:
 
 def torch_or_skip():
     """The torch module, or skip: not installed, or installed and failing to import."""
-    from pykernels.cli import import_torch
+    from pykernels.harness.timing import import_torch
 
     pytest.importorskip("torch")
     torch = import_torch()
@@ -68,7 +68,7 @@ def torch_or_skip():
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from pykernels.cli import machine_record
+    from pykernels.harness.machine import machine_record
 
     machine_info["pykernels"] = machine_record()
 

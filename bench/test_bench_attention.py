@@ -5,10 +5,10 @@ importable, and a NumPy implementation (grouped BLAS matmuls + softmax), each
 at the same thread count, in the same run.
 
 Shapes, inputs, the NumPy baseline and the float64 oracle are the ones of
-``pykernels bench attention`` (``pykernels.cli.ATTENTION_TARGETS``: decode B in
-{1, 8}, Hq=32, Hkv in {32, 8}, D=128, L in {512, 2048, 8192}; causal prefill
-B=1, H=32, D=128, S in {512, 2048}; MiniLM B=32, H=12, D=32, S=128 with
-padding) or, with ``PYKERNELS_BENCH_QUICK=1`` / ``--bench-quick``, its smoke
+``pykernels bench attention``
+(``pykernels.harness.attention.ATTENTION_TARGETS``: decode B in {1, 8}, Hq=32,
+Hkv in {32, 8}, D=128, L in {512, 2048, 8192}; causal prefill B=1, H=32,
+D=128, S in {512, 2048}; MiniLM B=32, H=12, D=32, S=128 with padding) or, with ``PYKERNELS_BENCH_QUICK=1`` / ``--bench-quick``, its smoke
 set ``ATTENTION_QUICK``. Decode B=8 L=8192 Hkv=32 (2 GiB of fp32 K/V) runs only
 with ``PYKERNELS_BENCH_BIG=1``.
 
@@ -26,19 +26,17 @@ import os
 import pytest
 
 import pykernels as pk
-from pykernels.cli import (
+from pykernels.harness.attention import (
     ATTENTION_BASELINE_REL_TOL,
     ATTENTION_QUICK,
     ATTENTION_REL_TOL,
     ATTENTION_TARGETS,
     AttnCase,
     AttnProblem,
-    import_torch,
-    numpy_blas_threads,
-    rel_error,
-    to_numpy32,
-    torch_threads,
 )
+from pykernels.harness.results import to_numpy32
+from pykernels.harness.timing import import_torch, numpy_blas_threads, torch_threads
+from pykernels.testing import rel_error
 from conftest import bench_quick, let_baseline_workers_idle
 
 pytest.importorskip("ml_dtypes")

@@ -1,7 +1,8 @@
 """fp32 GEMM: pykernels (latency/throughput x prepacked/raw B) against
 numpy.matmul (OpenBLAS), scipy.linalg.blas.sgemm and torch.matmul, each at the
-same thread count, on the target shapes of issue 2 (``pykernels.cli.
-GEMM_TARGETS``; the same list ``pykernels bench gemm`` times).
+same thread count, on the target shapes
+(``pykernels.harness.gemm.GEMM_TARGETS``; the same list ``pykernels bench
+gemm`` times).
 
 Every benchmark checks its own output against a float64 reference (relative
 Frobenius error < 1e-4: fp32 error grows like sqrt(K)*eps, ~4e-6 at K=4096)
@@ -12,16 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from pykernels.cli import (
-    GEMM_QUICK,
-    GEMM_REL_TOL,
-    GEMM_TARGETS,
-    GemmCase,
-    GemmProblem,
-    blas_threads,
-    rel_error,
-    torch_threads,
-)
+from pykernels.harness.gemm import (GEMM_QUICK, GEMM_REL_TOL, GEMM_TARGETS, GemmCase,
+                                    GemmProblem)
+from pykernels.harness.timing import blas_threads, torch_threads
+from pykernels.testing import rel_error
 from conftest import bench_quick, let_baseline_workers_idle, shape_plan, torch_or_skip
 
 OURS = [GemmCase("pykernels", v, b)

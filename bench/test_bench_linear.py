@@ -3,14 +3,14 @@ the latency and the throughput variant with its weight prepacked once, against
 NumPy fp32 (``x @ w``, ``+ b``, then the activation) and, when torch imports,
 ``torch.nn.functional.linear`` on float32 and on bfloat16 tensors and torch's
 dynamic-quantized int8 Linear (``torch.ao.quantization.quantize_dynamic``), all
-at the same thread count, on the shapes of issue 3 (``pykernels.cli.
-LINEAR_TARGETS``: M in {1, 16, 256} at K = N = 4096, the MiniLM projections
-K=384 -> N in {1152, 384, 1536} and K=1536 -> N=384 at M in {1, 32, 256, 4096},
-2048^3; the same list ``pykernels bench linear`` times). Quick mode
+at the same thread count, on the target shapes
+(``pykernels.harness.linear.LINEAR_TARGETS``: M in {1, 16, 256} at
+K = N = 4096, the MiniLM projections K=384 -> N in {1152, 384, 1536} and
+K=1536 -> N=384 at M in {1, 32, 256, 4096}, 2048^3; the same list ``pykernels bench linear`` times). Quick mode
 (``PYKERNELS_BENCH_QUICK=1``): ``LINEAR_QUICK``, a few small shapes.
 
 A second group times the fused epilogue: ``linear(x, w, b, activation="gelu")``
-against the bare ``linear(x, w)`` at M=256, K=N=4096 (issue target: <= 5%
+against the bare ``linear(x, w)`` at M=256, K=N=4096 (target: <= 5%
 overhead), NumPy's two extra passes alongside.
 
 Every benchmark checks its output once against a float64 reference (relative
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pytest
 
-from pykernels.cli import (
+from pykernels.harness.linear import (
     BASELINE_LINEAR_CASES,
     LINEAR_BASELINE_REL_TOL,
     LINEAR_FUSED_QUICK,
@@ -37,11 +37,10 @@ from pykernels.cli import (
     OUR_LINEAR_CASES,
     LinearCase,
     LinearProblem,
-    numpy_blas_threads,
-    rel_error,
-    to_numpy32,
-    torch_threads,
 )
+from pykernels.harness.results import to_numpy32
+from pykernels.harness.timing import numpy_blas_threads, torch_threads
+from pykernels.testing import rel_error
 from conftest import bench_quick, let_baseline_workers_idle, shape_plan, torch_or_skip
 
 

@@ -38,8 +38,8 @@ skips when no C++ compiler is found.
 
 Reference and tolerance
 -----------------------
-``gemm_reference`` computes ``alpha * a @ b + beta * c0`` in float64 together with
-the magnitude ``|alpha| * (|a| @ |b|) + |beta| * |c0|`` that bounds the rounding
+``gemm_reference`` (``pykernels.testing.gemm_reference64``) computes
+``alpha * a @ b + beta * c0`` in float64 together with the magnitude ``|alpha| * (|a| @ |b|) + |beta| * |c0|`` that bounds the rounding
 error, and ``gemm_tolerance`` turns that magnitude into a per-element bound (the
 derivation is next to the function).
 """
@@ -53,6 +53,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from pykernels.testing import gemm_reference64 as gemm_reference  # noqa: F401 (re-exported)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -225,24 +227,6 @@ class CraftedPickle:
 # ---------------------------------------------------------------------------
 # Float64 reference and derived tolerance
 # ---------------------------------------------------------------------------
-
-def gemm_reference(a, b, alpha: float = 1.0, beta: float = 0.0, c0=None):
-    """``alpha * a @ b + beta * c0`` in float64, and the error magnitude.
-
-    Returns (ref, mag) with mag = |alpha| * (|a| @ |b|) + |beta| * |c0|: the sum of
-    the absolute values of every term the kernel adds up, which is what fp32
-    rounding errors are proportional to.
-    """
-    a64 = np.asarray(a, dtype=np.float64)
-    b64 = np.asarray(b, dtype=np.float64)
-    ref = alpha * (a64 @ b64)
-    mag = abs(alpha) * (np.abs(a64) @ np.abs(b64))
-    if beta != 0.0 and c0 is not None:
-        c64 = np.asarray(c0, dtype=np.float64)
-        ref = ref + beta * c64
-        mag = mag + abs(beta) * np.abs(c64)
-    return ref, mag
-
 
 def gemm_tolerance(mag, k: int, isa: str):
     """Per-element bound on |kernel - float64 reference| for an fp32 GEMM.

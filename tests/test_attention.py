@@ -47,6 +47,7 @@ import numpy as np
 import pytest
 
 import pykernels as pk
+from pykernels.testing import attention_reference64 as reference
 from conftest import build_native_driver
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -73,40 +74,6 @@ def supported_isas() -> tuple:
 # ---------------------------------------------------------------------------
 # reference and tolerance
 # ---------------------------------------------------------------------------
-
-def reference(q, k, v, *, causal=False, kv_lens=None, scale=None):
-    """float64 attention; returns (out, mag, amax, nvis).
-
-    mag = sum_j w_j |v_j| per output element, amax = max over visible keys of
-    scale * sum_d |q_d k_jd| per row, nvis = visible keys per row.
-    """
-    q64, k64, v64 = (np.asarray(x).astype(np.float64) for x in (q, k, v))
-    b, hq, sq, d = q64.shape
-    hkv, skv = k64.shape[1], k64.shape[2]
-    g = hq // hkv
-    scale = 1.0 / np.sqrt(d) if scale is None else float(scale)
-    kx, vx = np.repeat(k64, g, axis=1), np.repeat(v64, g, axis=1)
-    s = scale * np.einsum("bhqd,bhkd->bhqk", q64, kx)
-    a = abs(scale) * np.einsum("bhqd,bhkd->bhqk", np.abs(q64), np.abs(kx))
-    lens = np.full(b, skv) if kv_lens is None else np.asarray(kv_lens, dtype=np.int64)
-    j = np.arange(skv)[None, None, :]
-    i = np.arange(sq)[None, :, None]
-    mask = j < lens[:, None, None]
-    if causal:
-        mask = mask & (j <= i + lens[:, None, None] - sq)
-    mask = mask[:, None]  # (B, 1, Sq, Skv)
-    s = np.where(mask, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True) if skv else np.zeros(s.shape[:-1] + (1,))
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    l = p.sum(axis=-1, keepdims=True)
-    w = np.where(l > 0, p / np.where(l > 0, l, 1.0), 0.0)
-    out = w @ vx
-    mag = w @ np.abs(vx)
-    amax = np.where(mask, a, 0.0).max(axis=-1, keepdims=True) if skv else np.zeros_like(m)
-    nvis = mask.sum(axis=-1, keepdims=True)
-    return out, mag, amax, nvis
-
 
 def attention_tolerance(mag, amax, nvis, d, isa, bf16_inputs=False):
     c = 4.0 if isa == "generic" else 2.0

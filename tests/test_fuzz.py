@@ -77,9 +77,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import as_strided
-from scipy.special import erf
 
 import pykernels as pk
+from pykernels.testing import act64, bf16_round
+from pykernels.testing import quantize_rows as _quantize_rows
 from conftest import EPS32, CraftedPickle, current_isa, float32_result_problem, gemm_tolerance
 
 F32 = np.float32
@@ -385,10 +386,6 @@ def decode_packed(precision, k, n, data, scale=None):
     return full.astype(np.int64)
 
 
-def bf16_round(a):
-    return np.asarray(a, F32).astype(ml_dtypes.bfloat16).astype(F32)
-
-
 @fuzz
 @given(data=st.data(), k=_pos_dim, n=_pos_dim, precision=st.sampled_from(PRECISIONS),
        layout=st.sampled_from(["kn", "nk"]), special=st.booleans())
@@ -429,21 +426,6 @@ def test_fuzz_pack(data, k, n, precision, layout, special):
 # linear: every precision, activation, bias, leading dims, out=
 # ---------------------------------------------------------------------------
 
-def act64(act, z):
-    with np.errstate(over="ignore", invalid="ignore"):
-        if act is None:
-            return z
-        if act == "relu":
-            return np.where(np.isnan(z), z, np.maximum(z, 0.0))
-        if act == "gelu":
-            return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
-        if act == "gelu_tanh":
-            return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
-        if act == "silu":
-            return z / (1.0 + np.exp(-z))
-    raise AssertionError(act)
-
-
 def act_tol(act, z):
     if act in (None, "relu"):
         return np.zeros(z.shape)
@@ -455,17 +437,6 @@ def _quantize_cols(w):
     """int8 quantization of w (K, N) per column, in the library's float32 arithmetic."""
     q, s = _quantize_rows(np.ascontiguousarray(w.T))
     return q.T, s
-
-
-def _quantize_rows(v):
-    """int8 per row as runtime/pack.cc does it: amax in float32, 127 / amax and the
-    products in double (so tiny rows do not overflow), rounded to nearest even."""
-    v = np.asarray(v, F32)
-    amax = (np.max(np.abs(v), axis=1) if v.shape[1] else np.zeros(v.shape[0], F32)).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
-        q = np.clip(np.rint(v.astype(np.float64) * inv[:, None]), -127, 127)
-    return np.nan_to_num(q).astype(np.int64), (amax / F32(127.0)).astype(F32)
 
 
 def linear_expected(x2, precision, w_full, n, scale, bias, act):

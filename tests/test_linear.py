@@ -71,9 +71,11 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import pytest
-from scipy.special import erf
 
 import pykernels as pk
+from pykernels.testing import act64, bf16_round
+from pykernels.testing import quantize_rows as _quantize_rows
+from pykernels.testing import rel_error as rel_fro
 from conftest import (
     CraftedPickle,
     assert_batch_passed,
@@ -110,47 +112,11 @@ def act_name(act) -> str:
 # float64 references
 # ---------------------------------------------------------------------------
 
-def act64(act, z):
-    """The activation in float64 (erf form of GELU)."""
-    z = np.asarray(z, dtype=np.float64)
-    if act is None:
-        return z
-    if act == "relu":
-        return np.maximum(z, 0.0)
-    if act == "gelu":
-        return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
-    if act == "gelu_tanh":
-        with np.errstate(over="ignore", invalid="ignore"):
-            return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
-    if act == "silu":
-        with np.errstate(over="ignore"):
-            return z / (1.0 + np.exp(-z))
-    raise AssertionError(act)
-
-
 def act_tol(act, z):
     """Per-element error the fused activation may add (0: exact operations)."""
     if act in (None, "relu"):
         return np.zeros(np.shape(z))
     return ACT_TOL * np.maximum(1.0, np.abs(z))
-
-
-def bf16_round(a) -> np.ndarray:
-    """Round float32 values to bfloat16 (nearest, ties to even), back in float32."""
-    return np.asarray(a, dtype=F32).astype(ml_dtypes.bfloat16).astype(F32)
-
-
-def _quantize_rows(v):
-    """Symmetric int8 per row of v (float32): (int values as int64, float32 scales),
-    with the library's arithmetic (runtime/pack.cc): the float32 max, then
-    v * (127 / max) rounded in double (float32 would overflow for max < 3.7e-37)."""
-    v = np.asarray(v, dtype=F32)
-    amax = np.max(np.abs(v), axis=1) if v.shape[1] else np.zeros(v.shape[0], F32)
-    amax = amax.astype(F32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
-    q = np.clip(np.rint(v.astype(np.float64) * inv[:, None]), -127, 127).astype(np.int64)
-    return q, (amax / F32(127.0)).astype(F32)
 
 
 def int8_emulate(x2, w, bias=None) -> np.ndarray:
@@ -213,14 +179,6 @@ def mismatch(got, z, tol_z, act) -> str | None:
     idx = np.unravel_index(int(np.argmax(score)), got.shape)
     return (f"{int(bad.sum())}/{got.size} elements out of tolerance; worst at {idx}: "
             f"got {got[idx]!r}, expected {exp[idx]!r}, |err| {err[idx]:.3g} > tol {tol[idx]:.3g}")
-
-
-def rel_fro(got, ref) -> float:
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    den = float(np.linalg.norm(ref))
-    num = float(np.linalg.norm(got - ref))
-    return num / den if den else num
 
 
 def rand(rng, *shape):

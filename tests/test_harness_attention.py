@@ -18,7 +18,7 @@ OURS = {(p, v, lay) for p in ("fp32", "bf16") for v in ("latency", "throughput")
 
 
 def test_bench_attention_quick_table_and_json(tmp_path):
-    from pykernels.cli import ATTENTION_QUICK
+    from pykernels.harness.attention import ATTENTION_QUICK
 
     out = tmp_path / "attn.json"
     r = run("-m", "pykernels", "bench", "attention", "--quick", "--budget", "0.005",
@@ -99,7 +99,8 @@ def test_bench_attention_usage_errors(argv, needle):
 def test_numpy_baseline_matches_reference(causal, padded, hq, hkv, sq, skv):
     """The NumPy baseline (grouped heads, additive mask) and the float64 oracle
     agree, including a causal row that sees no key (zeros)."""
-    from pykernels.cli import attention_ref64, numpy_attention
+    from pykernels.harness.attention import numpy_attention
+    from pykernels.testing import attention_ref64
 
     rng = np.random.default_rng(1)
     b, d = 3, 16
@@ -130,9 +131,10 @@ def test_numpy_baseline_matches_reference(causal, padded, hq, hkv, sq, skv):
 
 
 def test_targets_are_read_from_the_summary():
-    """The issue-4 target lines take the ratio of the matching summary entry:
+    """The attention target lines take the ratio of the matching summary entry:
     baseline / ours for torch, our fp32 / our bf16 for 'bf16 vs fp32'."""
-    from pykernels.cli import ATTENTION_GOALS, _attention_goals
+    from pykernels.harness.attention import ATTENTION_GOALS
+    from pykernels.harness.attention import attention_goals as _attention_goals
 
     shape = ATTENTION_GOALS[0][0]  # decode B=1 H32/32 L2048
     entry = {"kind": shape.kind, "b": shape.b, "hq": shape.hq, "hkv": shape.hkv,
