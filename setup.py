@@ -89,7 +89,8 @@ class BuildExtPerIsa(build_ext):
 ParallelCompile("PYKERNELS_BUILD_JOBS", default=0).install()
 
 setup(
-    packages=["pykernels", "pykernels.policy", "pykernels.models", "pykernels.serving"],
+    packages=["pykernels", "pykernels.policy", "pykernels.models", "pykernels.serving",
+              "pykernels.harness"],
     package_dir={"pykernels": "pykernels", "pykernels.policy": "policy"},
     ext_modules=[
         Pybind11Extension(

@@ -103,13 +103,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from .serving.http import add_serve_arguments
+    from .serving.command import add_serve_arguments
     add_serve_arguments(p)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """OpenAI-compatible embeddings server (MiniLM behind the SLO-aware batcher)."""
-    from .serving.http import run_serve as _run
+    from .serving.command import run_serve as _run
     return _run(args)
 
 
