@@ -357,7 +357,7 @@ class Profile:
     @classmethod
     def from_pytest_benchmark(cls, json_path, base: Optional["Profile"] = None) -> "Profile":
         """Build a profile (or refresh ``base``: same cells are replaced) from
-        a pytest-benchmark JSON file; see the module docstring for the
+        a pytest-benchmark JSON file; see docs/policy.md for the
         ``extra_info`` convention. Raises ValueError if the file is not
         pytest-benchmark JSON; skips (with one warning) benchmarks it cannot use."""
         try:
