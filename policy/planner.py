@@ -3,7 +3,8 @@
 A facade over three jobs: ``planning`` (the pure decision), ``feedback``
 (observed service times: corrections, AIMD, sketches) and the profile and
 cost model it plans on. It owns the lock and the caches (plans, candidate
-tables, ``variant="auto"`` choices), dropped when the feedback changes them.
+tables, service-time predictions, ``variant="auto"`` choices), dropped when
+the feedback changes them.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class Policy:
         self._plans: Dict[tuple, Plan] = {}
         self._tables: Dict[tuple, _Table] = {}
         self._choices: Dict[tuple, object] = {}
+        self._service: Dict[tuple, Optional[tuple]] = {}  # predict_service_ms
         self.chooser_calls = 0
         self.choice_counts: collections.Counter = collections.Counter()
 
@@ -160,11 +162,16 @@ class Policy:
         if b <= 0:
             return 0.0
         cm = self._cost if self._cost is not None else self.cost_model
+        key = (plan.op, plan.variant, plan.precision, plan.threads, b)
         with self._lock:
             if self._feedback.pending:
                 self._flush_locked()
-            got = self._feedback.corrected(cm, plan.op, plan.variant, plan.precision,
-                                           plan.threads, b)
+            got = self._service.get(key, self)
+            if got is self:
+                got = self._feedback.corrected(cm, *key)
+                if len(self._service) > 4096:
+                    self._service.clear()
+                self._service[key] = got
         if got is None:  # the cost model has no cell for it: scale the plan's own batch
             full = plan.service_p99_ms if tail else plan.service_p50_ms
             return full * b / max(1, plan.batch_size)
@@ -176,6 +183,7 @@ class Policy:
             del self._tables[k]
         self._plans.clear()
         self._choices.clear()
+        self._service.clear()
 
     # --- feedback -----------------------------------------------------------
     def observe(self, plan: Plan, seconds: float, *, batch: Optional[int] = None) -> None:
@@ -242,6 +250,7 @@ class Policy:
             self._plans.clear()
             self._tables.clear()
             self._choices.clear()
+            self._service.clear()
 
     # --- variant="auto" hook ------------------------------------------------
     def choose(self, call: "pykernels.KernelCall") -> Tuple[Optional[str], Optional[int]]:
