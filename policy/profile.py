@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import pykernels
 from pykernels import work as _ops
 from pykernels.work import Model, Op
 
@@ -80,7 +81,6 @@ def cache_dir() -> Path:
 
 def current_key() -> dict:
     """What a profile must have been measured on to be valid here."""
-    import pykernels
     try:
         info = pykernels.cpu_info()
         vendor, model, isa, cores = info.vendor, info.model, info.isa, int(info.cores)
