@@ -11,10 +11,12 @@ from SLO targets (installed from the top-level ``policy/`` folder).
     with policy.active():                              # variant="auto" follows the policy
         pykernels.gemm(x, w)
 
-Layers: ``slo`` (targets), ``ops`` (work descriptions and the kernel registry),
-``profile`` (measurements, calibration, cache files), ``cost`` (predictions),
-``planner`` (decisions and feedback). The planner is a pure function of
-(op, profile, SLO, queue and feedback state).
+Modules: ``slo`` (targets), ``ops`` (= ``pykernels.work``: work descriptions),
+``profile`` (measured service times, cache files), ``calibration`` (measuring
+them), ``cost`` (predictions), ``planning`` (the pure decision), ``plan`` (its
+result), ``feedback`` (observed service times), ``planner`` (``Policy``, the
+facade over them), ``adapter`` (service times for plan/observe-only policies).
+Newcomers: docs/policy.md.
 """
 from pykernels import work as ops  # the work descriptions live below the policy
 

@@ -1,51 +1,12 @@
 """Cost model: predicted p50 and p99 service time of any op at any batch size.
 
-Two layers, as the step-shaped latency/batch curves of real kernels demand
-(tile and wave quantization):
-
-1. **Measured tables.** For a shape the profile measured with the same
-   (variant, precision, threads), a batch on a measured bucket is read back;
-   a batch between two buckets is interpolated between its two neighbours,
-   linearly in the fitted model's time f(batch) (so every measured step is
-   kept, never smoothed by a global fit, and a tile step the fit knows of
-   falls where the tiles put it; the result is monotone and exact on the
-   buckets); beyond the outermost buckets the edge bucket is scaled by the
-   fitted model's ratio f(batch) / f(edge bucket).
-2. **Fitted model** for shapes never measured: per (op kind, variant,
-   precision, threads), non-negative least squares (``scipy.optimize.nnls``)
-   of p50, weighted by 1/p50 so the fit minimises relative, not absolute,
-   error, on ``FEATURES``: a per-call overhead, GFLOP, tiled GFLOP, and the
-   bytes moved split by what they scale with -- activations read (m*k for a
-   Linear), outputs written (m*n) and the weight (k*n, once per call):
-   ``t = c0 + c1*GFLOP + c2*tiled GFLOP + c3*MB in + c4*MB out + c5*MB weight``.
-   "Tiled" FLOPs count what the kernel's register tile (MR x NR, the registry
-   entry's ``mr`` and ``nr`` fields, kept in the profile's key) executes with padded edge
-   tiles, so the fit follows the steps of latency versus batch; without a
-   known tile the column equals plain FLOPs. The split bytes carry what
-   FLOPs miss across shapes (a narrow N pays per output element: int8
-   dequantization, the epilogue). A group measured on fewer than
-   ``MIN_SHAPES_FULL_FIT`` (3) shapes cannot tell these apart (one shape
-   varies only the batch), so it is fitted on overhead and GFLOP alone, and a
-   new shape follows the measured curve of those shapes over the batch (the
-   geometric mean of measured / fitted at the same batch: cache steps
-   included), scaled by its share of the work. A group with enough shapes
-   uses the fit alone: correcting it by the nearest measured shapes (as
-   before) carried their single cells' noise. On this machine, same
-   measured data, before -> after, held-out p50 error median/p90: 17.1%/44.7%
-   -> 12.8%/27.8% and 9.1%/30.2% -> 11.1%/22.8% (training and held-out cells
-   in one interleaved run, two runs), 20.1%/74.3% -> 13.7%/36.9% (training
-   profile measured hours earlier under other load).
-
-The tail is the measured p99/p50 ratio: of the cell itself, interpolated
-between buckets, or for a fitted prediction the median ratio of the three
-measured cells of the group nearest in p50 (tails are relatively heavier on
-short calls). Never an assumed constant.
-
-A ``Model`` is predicted as the sum of its parts (p99 too: conservative,
-since interference on a shared machine hits all parts of one forward).
-
-``heldout_error(train, heldout)`` and ``cross_validate(profile)`` report the
-prediction error on shapes the model did not see.
+``CostModel(profile).predict(op, variant, precision, threads, batch)`` reads
+the profile's measured tables (interpolated between batch buckets, so every
+measured step is kept) and falls back to a per-group non-negative least-squares
+fit on ``FEATURES`` for shapes never measured; the tail is the measured
+p99/p50 ratio, never a constant. A ``Model`` is the sum of its parts.
+``heldout_error`` and ``cross_validate`` report the error on unseen shapes.
+How and why, with the measured errors: docs/policy.md.
 """
 from __future__ import annotations
 

@@ -1,75 +1,20 @@
 """Profile: measured service times of pykernels' kernels on this machine.
 
-A profile is a table of cells, one per
-(op shape, variant, precision, threads, batch bucket), each holding the
-median (p50) and the 99th percentile (p99) of repeated closed-loop runs, in
-milliseconds, and how many samples they come from. Batch buckets are counted
-in items of the op's measured shape (rows of x for ``Linear``, sequences for
-``Attention`` and ``Decode``).
-
-Sources
--------
-* ``Profile.calibrate(quick=True, progress=True)`` measures every kernel
-  ``pykernels.kernels()`` lists, on the default shapes each op kind registers
-  (``ops.register_calibration``), or on the ops you pass (``ops=[...]``;
-  ``batches=``, ``threads=``, ``variants=``, ``precisions=`` restrict it further).
-  The quick run keeps to a time budget (``budget_s``, 25 s of measuring by
-  default; about 35 s in all on a 2-core machine).
-* ``Profile.from_pytest_benchmark(json_path, base=None)`` reads the JSON that
-  ``pytest bench/ --benchmark-json=out.json --benchmark-save-data`` writes.
-* ``Profile().add(op, variant, precision, threads, batch, p50_ms, p99_ms)``
-  builds one by hand (tests, simulators).
-
-pytest-benchmark convention (for the bench suites)
---------------------------------------------------
-A benchmark that should feed the policy puts what it measured in
-``benchmark.extra_info``::
-
-    benchmark.extra_info.update({
-        "op": "linear",          # an op kind or alias: "linear" (alias "gemm"),
-                                 # "attention", "decode" (alias "decode_attention")
-        "k": 384, "n": 1536,     # the op's shape fields, as in pykernels.policy.ops:
-                                 #   linear: k, n
-                                 #   attention: hq, hkv, d, s_q, s_kv, causal
-                                 #   decode: hq, hkv, d, kv_len
-        "m": 32,                 # batch: "m" (rows) for linear, "batch" for the others
-        "variant": "latency",    # "latency" | "throughput"
-        "precision": "fp32",     # "fp32" | "bf16" | "int8" | "fp16" (default "fp32")
-        "threads": 2,            # threads the call used (required)
-        "isa": "avx2",           # optional: cpu_info().isa; rows from another ISA are skipped
-        "impl": "pykernels",     # optional; any other value ("numpy", "torch") is a
-                                 # baseline and ignored, as is a benchmark without "op"
-        "b": "packed",           # optional, linear/gemm: "raw" (an unpacked weight) is
-                                 # ignored; the profile models prepacked weights
-    })
-    benchmark(pykernels.gemm, x, w, variant="latency", threads=2)
-
-One benchmark call must be one kernel call (``iterations=1`` or pedantic mode
-with ``iterations=1``): the profile reads ``benchmarks[i]["stats"]["median"]``
-(seconds) as p50 and the 99th percentile of ``stats["data"]`` (per-round times,
-present with ``--benchmark-save-data``) as p99; without ``data`` the p99 is the
-measured ``max`` (an over-estimate for >= 100 rounds, an under-estimate below).
-Benchmarks without ``extra_info["op"]`` (NumPy/PyTorch baselines) are ignored;
-malformed ones are skipped with one warning that names them.
-
-Files
------
-``save(path=None)`` / ``load(path=None)`` use versioned JSON (``schema``) in the
-user cache directory (``platformdirs.user_cache_dir("pykernels")``, or the
-directory in ``$PYKERNELS_CACHE``), one file per CPU model, ISA and library
-version. The file also records the kernel set; on load the key is verified. A
-missing, corrupt, truncated, foreign-schema or stale file never raises: it is
-reported with a ``ProfileWarning`` and either recalibrated
-(``load(recalibrate=True)``, what ``Policy`` does) or ignored (``None``).
+A table of cells, one per (op shape, variant, precision, threads, batch
+bucket), each with the p50 and p99 of repeated closed-loop runs in ms and the
+sample count; batch buckets are in items of the op's shape. Built by
+``Profile.calibrate`` (measurements from ``calibration``), read from
+pytest-benchmark JSON (``from_pytest_benchmark``; the ``extra_info``
+convention is in docs/policy.md) or by hand (``add``). ``save``/``load`` keep
+versioned JSON in the user cache, keyed by CPU, ISA, library version and
+kernel set; a bad or stale file warns (``ProfileWarning``), never raises.
 """
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import re
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -78,14 +23,14 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+import pykernels
 from pykernels import work as _ops
 from pykernels.work import Model, Op
 
+from . import calibration
+
 FORMAT = "pykernels-profile"
 SCHEMA = 1
-
-QUICK_BUDGET_S = 25.0
-FULL_BUDGET_S = 600.0
 
 
 class ProfileWarning(UserWarning):
@@ -136,7 +81,6 @@ def cache_dir() -> Path:
 
 def current_key() -> dict:
     """What a profile must have been measured on to be valid here."""
-    import pykernels
     try:
         info = pykernels.cpu_info()
         vendor, model, isa, cores = info.vendor, info.model, info.isa, int(info.cores)
@@ -176,43 +120,6 @@ def _key_mismatch(found: dict, want: dict) -> Optional[str]:
                         f"since it was measured)")
             return f"it was measured with {label} {found.get(field_)!r}, this machine has {want.get(field_)!r}"
     return None
-
-
-class _Progress:
-    """A one-line text progress bar on stderr."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "calibrating"):
-        self.total = max(1, total)
-        self.enabled = enabled
-        self.label = label
-        self.done = 0
-        self.t0 = time.perf_counter()
-        self.tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self._last_pct = -1
-
-    def step(self, what: str = "") -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        pct = int(100 * self.done / self.total)
-        if not self.tty and pct // 10 == self._last_pct // 10 and self.done != self.total:
-            return
-        self._last_pct = pct
-        width = 30
-        filled = int(width * self.done / self.total)
-        bar = "#" * filled + "-" * (width - filled)
-        line = (f"{self.label} [{bar}] {pct:3d}% {self.done}/{self.total} "
-                f"{time.perf_counter() - self.t0:5.1f}s {what}")
-        if self.tty:
-            sys.stderr.write("\r" + line[:118].ljust(118))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 class Profile:
@@ -431,141 +338,16 @@ class Profile:
         heldout: measure the registered held-out shapes instead (for
             ``cost.heldout_error``).
         """
-        import pykernels
-        table = _ops.kernel_table()
-        budget = float(budget_s if budget_s is not None else (QUICK_BUDGET_S if quick else FULL_BUDGET_S))
-        lo = int(min_reps if min_reps is not None else (9 if quick else 40))
-        hi = int(max_reps if max_reps is not None else (300 if quick else 3000))
-        if lo < 1 or hi < lo:
-            raise ValueError(f"need 1 <= min_reps <= max_reps, got {lo}, {hi}")
-        nthreads = pykernels.get_num_threads()
-        thread_list = sorted({int(t) for t in (threads or (1, nthreads))})
-
-        # (base op, units list) work items
-        work: List[Tuple[Op, List[int]]] = []
-
-        def add_work(op: Op, items: Sequence[int]):
-            for part in op.parts():
-                units = sorted({part.units(b) for b in items})
-                work.append((part.base(), units))
-
-        if ops is None:
-            for kind in sorted(_ops.op_types()):
-                d = _ops.calibration_defaults(kind)
-                if d is None or not _ops.candidates(kind, table):
-                    continue
-                shapes = d["heldout_shapes"] if heldout else d["quick_shapes" if quick else "full_shapes"]
-                bl = batches or (d["heldout_batches"] if heldout else d["quick_batches" if quick else "full_batches"])
-                for s in shapes:
-                    add_work(s, bl)
-        else:
-            for item in ops:
-                op, own = (item if isinstance(item, tuple) and len(item) == 2 else (item, None))
-                if not isinstance(op, Op):
-                    raise TypeError(f"ops must be pykernels.policy.ops objects or (op, batches) "
-                                    f"pairs, got {item!r}")
-                d = _ops.calibration_defaults(op.parts()[0].kind) or {}
-                bl = own or batches or d.get("quick_batches" if quick else "full_batches") or (1, 8, 64)
-                add_work(op, bl)
-
-        cells = []
-        for base, units in work:
-            cands = _ops.candidates(base.kind, table)
-            for (variant, precision), backend in cands.items():
-                if variants is not None and variant not in variants:
-                    continue
-                if precisions is not None and precision not in precisions:
-                    continue
-                for t in thread_list:
-                    for u in units:
-                        cells.append((base, variant, precision, t, u, backend))
-        # Deduplicate (a shape listed twice) keeping order.
-        seen = set()
-        cells = [c for c in cells if not ((c[0].key,) + c[1:5] in seen or seen.add((c[0].key,) + c[1:5]))]
-
-        prof = cls(key=current_key(), source=("calibrate(quick)" if quick else "calibrate(full)")
-                   + (" heldout" if heldout else ""), created=time.time())
-        # Interleaved passes: every cell runs a slice of its repetitions in each
-        # pass, so a burst of interference from other processes on a shared
-        # machine spreads over many cells' tails instead of shifting one cell's
-        # median.
-        passes = 3 if quick else 5
-        bar = _Progress(len(cells) * (passes + 1), progress)
-        cache: dict = {}
-        failures = []
-        prepared = []  # [cell, fn, reps_per_pass, samples list]
-        try:
-            t_start = time.perf_counter()
-            for c in cells:
-                base, variant, precision, t, u, backend = c
-                if time.perf_counter() - t_start > 2 * budget:
-                    failures.append(f"{base.key} {variant}/{precision} t={t} b={u}: "
-                                    "not measured, the time budget ran out during warm-up")
-                    bar.step()
-                    continue
-                try:
-                    fn = backend.prepare(base, variant, precision, t, u, cache)
-                    fn()
-                    t0 = time.perf_counter_ns()
-                    fn()
-                    est = max(time.perf_counter_ns() - t0, 1)
-                except Exception as e:  # a kernel that rejects a shape: skip the cell
-                    failures.append(f"{base.key} {variant}/{precision} t={t} b={u}: {e}")
-                    bar.step()
-                    continue
-                prepared.append([c, fn, est, []])
-                bar.step("warm-up")
-            # Each pass gets an equal share of what is left of the budget and
-            # re-estimates run times from the samples so far (a busy machine
-            # makes the warm-up estimate optimistic). Past 1.5x the budget,
-            # remaining passes are dropped (at least one always runs).
-            lo_pass, hi_pass = -(-lo // passes), -(-hi // passes)
-            done_passes = 0
-            for i in range(passes):
-                elapsed = time.perf_counter() - t_start
-                if i > 0 and elapsed > 1.5 * budget:
-                    break
-                share = max(0.0, budget - elapsed) / (passes - i)
-                est = [float(np.median(np.concatenate(e[3]))) / 1e3 if e[3] else e[2] / 1e9
-                       for e in prepared]
-                reps = _allocate(est, share, lo_pass, hi_pass, 1)
-                order = list(zip(prepared, reps))
-                if i % 2:
-                    order.reverse()
-                for (c, fn, _, samples), r in order:
-                    try:
-                        samples.append(_measure(fn, r))
-                    except Exception as e:
-                        failures.append(f"{c[0].key} {c[1]}/{c[2]} t={c[3]} b={c[4]}: {e}")
-                    bar.step(f"pass {i + 1}/{passes} {c[0].key} {c[1]}/{c[2]} t={c[3]} b={c[4]}")
-                done_passes += 1
-            if done_passes < passes:
-                bar.done = bar.total - 1
-                bar.step(f"time budget reached after {done_passes} of {passes} passes")
-            for c, fn, _, samples in prepared:
-                if len(samples) != done_passes:
-                    continue
-                base, variant, precision, t, u, _ = c
-                ms = np.concatenate(samples)
-                prof.ops.setdefault(base.key, base)
-                p50 = float(np.median(ms))
-                p99 = float(np.percentile(ms, 99))
-                prof._put(Measurement(base.key, variant, precision, t, u, max(p50, 1e-6),
-                                      max(p99, p50, 1e-6), len(ms)))
-            del prepared
-            # Accuracy actually spent by each precision (output error on random data).
-            for base in {b.key: b for b, *_ in cells}.values():
-                for (variant, precision), backend in _ops.candidates(base.kind, table).items():
-                    if backend.rel_error is None or precision in prof.precision_error:
-                        continue
-                    if precisions is not None and precision not in precisions:
-                        continue
-                    try:
-                        prof.precision_error[precision] = backend.rel_error(base, precision, cache)
-                    except Exception:
-                        pass
-        finally:
-            bar.close()
+        ops_seen, cells, errors, failures = calibration.measure(
+            quick, progress, ops, batches=batches, threads=threads, variants=variants,
+            precisions=precisions, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps,
+            heldout=heldout)
+        prof = cls(ops=ops_seen, key=current_key(),
+                   source=("calibrate(quick)" if quick else "calibrate(full)")
+                   + (" heldout" if heldout else ""), created=time.time(),
+                   precision_error=errors)
+        for cell in cells:
+            prof._put(Measurement(*cell))
         if failures:
             warnings.warn(f"{len(failures)} calibration cells failed and were skipped, e.g. "
                           + "; ".join(failures[:3]), ProfileWarning, stacklevel=2)
@@ -575,7 +357,7 @@ class Profile:
     @classmethod
     def from_pytest_benchmark(cls, json_path, base: Optional["Profile"] = None) -> "Profile":
         """Build a profile (or refresh ``base``: same cells are replaced) from
-        a pytest-benchmark JSON file; see the module docstring for the
+        a pytest-benchmark JSON file; see docs/policy.md for the
         ``extra_info`` convention. Raises ValueError if the file is not
         pytest-benchmark JSON; skips (with one warning) benchmarks it cannot use."""
         try:
@@ -629,48 +411,6 @@ class Profile:
                           + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
                           ProfileWarning, stacklevel=2)
         return prof
-
-
-def _allocate(est_s: List[float], budget_s: float, lo: int, hi: int, passes: int) -> List[int]:
-    """Repetitions per cell, each in [lo, hi], that fill ``budget_s`` given each
-    cell's estimated run time: every cell gets the same time share x (reps =
-    x / est, clamped), x found by bisection. On a slow or busy machine the
-    floor ``lo`` gives way (down to one run per pass) rather than overrun."""
-    est = np.maximum(np.asarray(est_s, dtype=float), 1e-7)
-    if est.size == 0:
-        return []
-
-    def total(x, floor):
-        return float(np.sum(np.clip(np.floor(x / est), floor, hi) * est))
-    floor = lo
-    if total(0.0, floor) > budget_s:
-        floor = max(passes, int(lo * budget_s / max(total(0.0, lo), 1e-12)))
-    a, b = 0.0, float(hi * est.max())
-    for _ in range(50):
-        mid = (a + b) / 2
-        if total(mid, floor) > budget_s:
-            b = mid
-        else:
-            a = mid
-    return [int(r) for r in np.clip(np.floor(a / est), floor, hi)]
-
-
-def _measure(fn, reps: int) -> np.ndarray:
-    """Service times (ms) of ``reps`` back-to-back runs of fn, GC paused."""
-    out = np.empty(reps, dtype=np.float64)
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        clock = time.perf_counter_ns
-        for i in range(reps):
-            t0 = clock()
-            fn()
-            out[i] = clock() - t0
-    finally:
-        if gc_was:
-            gc.enable()
-    return out / 1e6
-
 
 __all__ = ["FORMAT", "Measurement", "Profile", "ProfileWarning", "SCHEMA", "cache_dir",
            "current_key", "default_path"]

@@ -1,28 +1,10 @@
-"""Ops: descriptions of work the policy plans for, and the registry that runs them.
+"""Work descriptions: what the policy plans for, as pure data, and the registry that runs it.
 
-An op is a frozen, hashable description of one kernel call per batch item
-(``Linear(k, n)``: one row of ``x @ w``; ``Attention``: one sequence;
-``Decode``: one sequence's new token) or of a whole forward (``Model``). It
-knows its FLOPs and bytes for a batch, its profile key, and how to serialize
-itself (``spec()`` / ``from_spec()``).
-
-How an op is *run* lives in a registry keyed by op kind, not in the op classes
-and not in the planner: a backend says which entry of ``pykernels.kernels()``
-it serves (``kernel_op``) and builds a zero-argument callable for one
-(variant, precision, threads, batch) cell. A new kernel joins by registering a
-backend (or a new op type with ``@register_op``); the profile, cost model and
-planner pick it up from ``pykernels.kernels()`` with no change of their own.
-
-Backends registered here:
-
-* ``linear`` via ``pykernels.linear`` on a ``PackedWeight`` of any precision the
-  registry lists for op ``"linear"`` (preferred when present), else via
-  ``pykernels.gemm`` on an fp32 ``PackedWeight`` (op ``"gemm"``, fp32 only).
-* ``attention`` via ``pykernels.attention`` (op ``"attention"``).
-* ``decode`` via ``pykernels.decode_attention`` (op ``"decode_attention"``).
-
-A precision whose kernel is missing from ``pykernels.kernels()`` is simply not a
-candidate.
+An op (``Linear``, ``Attention``, ``Decode``, or a ``Model`` of parts) is a
+frozen, hashable description of the work per batch item: its FLOPs, bytes,
+profile key and spec. How an op kind runs is a backend in a registry keyed by
+kind, built on the kernels ``pykernels.kernels()`` lists; ``op_for_call`` maps
+a ``variant="auto"`` kernel call to (op, batch). Imports only the kernel layer.
 """
 from __future__ import annotations
 

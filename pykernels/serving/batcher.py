@@ -28,10 +28,10 @@ Design (all times on the injected ``clock``, seconds, like ``time.monotonic``):
   oldest request has waited ``plan.max_wait_ms``, at its latest start time
   (deadline - predicted service of the batch - the chunk bound), or while
   draining at close. Plans come from ``policy.plan(op, queued=, arrival_rate=)``
-  with the class's queue length and its recent arrival rate (accepted requests
-  over the last second; None below two arrivals or when they came at once);
-  they are cached per (queue-length bucket, rate bucket) for
-  ``replan_interval_s`` because a plan costs milliseconds.
+  with the class's queue length (exact up to 4, then a power of two) and its
+  recent arrival rate (accepted requests over the last second, to a quarter
+  octave; None below two arrivals or when they came at once), so the policy's
+  own plan cache serves repeated queue states.
 * **Chunk bound.** ``B = chunk_fraction * (tightest p99 target)`` (a quarter by
   default; ``chunk_bound_ms`` sets it directly). Every batch of a class whose
   p99 target is looser than the tightest one (or absent) is cut to the largest
@@ -39,15 +39,12 @@ Design (all times on the injected ``clock``, seconds, like ``time.monotonic``):
   request of the tightest class runs before the next one. So a tight request
   waits behind other classes' work for at most one chunk: <= B as predicted
   (a single item predicted above B cannot be split and runs alone).
-* **Service-time predictions** (chunks, admission, latest start), per class
-  and kernel choice (variant, precision, threads): until 3 batches have been
-  observed, the plan's batch service time (``plan.service_p99_ms``, else
-  ``plan.predicted_p99_ms``) scaled linearly to n items; then a line
-  ``t(n) = a + c n`` fitted to the last 32 observed (n, service time) pairs
-  (its slope pulled toward the plan's per-item time while the sizes vary
-  little), which learns the fixed cost of a batch, plus the 90th percentile
-  of the residuals, so chunks are sized on a recent tail: about one chunk in
-  ten may overrun B by the service-time jitter.
+* **Service-time predictions** (chunks, admission, latest start) are the
+  policy's: ``policy.predict_service_ms(plan, n, tail=)``, learned from what
+  ``observe`` feeds it. A policy without that method (only ``plan`` and
+  ``observe``) is wrapped in ``pykernels.policy.adapter.PlanObserveAdapter``,
+  which fits the service time of n items to its observations and caches its
+  plans for ``replan_interval_s``.
 * **Admission** (in ``submit``, under the lock): for a class with a p99 target,
   the predicted completion is now + the remaining predicted time of the batch
   in flight + the predicted time to drain every queued request whose deadline
@@ -62,17 +59,13 @@ Design (all times on the injected ``clock``, seconds, like ``time.monotonic``):
 * **Failures.** An exception from ``fn`` (or a result of the wrong length)
   fails that batch's futures only; the worker goes on. A future cancelled
   while queued is skipped (counted as cancelled).
-* **Feedback.** ``policy.observe(plan, service_seconds, batch=n)`` (without
-  ``batch=`` if the policy's observe does not take it) after each successful
-  batch, with the measured time of the ``fn`` call only (queue time never),
-  after its futures are resolved; an error in observe is logged and counted.
-  ``policy.plan`` and ``policy.observe`` can take milliseconds (the planner
-  measured here: 0.5-3 ms per plan, 0.05-1 ms per observe, depending on the
-  profile and the machine's load), which would rival small batches, so each
-  class spends at most ``policy_duty`` (5%) of the time in them: after a call
-  that took d, the next waits 19 d (the latest plan is kept; the batch goes
-  unobserved and is counted in ``observe_skipped``). A cheap policy is called
-  for every batch.
+* **Feedback.** ``policy.observe(plan, service_seconds, batch=n)`` after each
+  successful batch, with the measured time of the ``fn`` call only (queue time
+  never), after its futures are resolved; an error in observe is logged and
+  counted. ``policy.plan`` (and a wrapped policy's ``observe``) get at most
+  ``policy_duty`` (5%) of the time: after a call that took d, the next waits
+  19 d (the latest plan is kept; an observation is not forwarded and is
+  counted in ``observe_skipped``). ``Policy.observe`` is a buffered append.
 * **Close.** ``close(drain=True)`` stops accepting (``submit`` then raises
   ``RuntimeError``), serves every accepted request without waiting for batches
   to fill and joins the worker; ``close(drain=False)`` fails every queued
@@ -89,13 +82,14 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
-import inspect
 import logging
 import math
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from pykernels.policy.adapter import PlanObserveAdapter
 
 from .metrics import ClassStats, render_prometheus
 
@@ -169,63 +163,6 @@ class _Queue:
         return bisect.bisect_right(self._items, deadline, lo=self._head, key=_deadline) - self._head
 
 
-class _ServiceModel:
-    """Service time of a batch of n items learned from observations:
-    ``t(n) = a + c n + r``. (a, c): least squares over the last ``window``
-    batches, the slope pulled toward the plan's per-item time ``c_plan`` with
-    the weight of a spread of sizes equal to their mean (so batches of one size
-    only, which cannot tell a fixed cost from a per-item cost, keep the plan's
-    slope and learn the fixed cost; varied sizes let the data decide); through
-    the origin if the intercept comes out negative. r: the 90th percentile of
-    the residuals (>= 0), the recent tail."""
-
-    __slots__ = ("obs", "fit", "min_obs")
-
-    def __init__(self, window: int = 32, min_obs: int = 3):
-        self.obs: collections.deque = collections.deque(maxlen=window)
-        self.fit: Optional[tuple] = None
-        self.min_obs = min_obs
-
-    def add(self, n: int, t: float, c_plan: float) -> None:
-        self.obs.append((n, t))
-        if len(self.obs) >= self.min_obs:
-            self._refit(c_plan)
-
-    def _refit(self, c_plan: float) -> None:
-        obs = self.obs
-        k = len(obs)
-        mn = sum(n for n, _ in obs) / k
-        mt = sum(t for _, t in obs) / k
-        sxx = sum((n - mn) ** 2 for n, _ in obs)
-        sxy = sum((n - mn) * (t - mt) for n, t in obs)
-        lam = mn * mn if c_plan > 0 else 0.0
-        c = (sxy + lam * c_plan) / (sxx + lam) if sxx + lam > 0 else mt / mn
-        c = max(c, 0.0)
-        a = mt - c * mn
-        if a < 0:
-            a = 0.0
-            c = sum(t * n for n, t in obs) / sum(n * n for n, _ in obs)
-        res = sorted(t - (a + c * n) for n, t in obs)
-        r = max(0.0, res[min(k - 1, int(0.9 * k))])
-        self.fit = (a, c, r)
-
-    def est(self, n: int, tail: bool = True) -> float:
-        a, c, r = self.fit
-        return a + c * n + (r if tail else 0.0)
-
-    def limit(self, bound: float, cap: int) -> int:
-        """The largest n <= cap with est(n) <= bound (at least 1)."""
-        a, c, r = self.fit
-        if c <= 0:
-            return cap if a + r <= bound else 1
-        return max(1, min(cap, int((bound - a - r) / c)))
-
-
-def _kernel_key(plan) -> tuple:
-    return (getattr(plan, "variant", None), getattr(plan, "precision", None),
-            getattr(plan, "threads", None))
-
-
 def _queued_bucket(n: int) -> int:
     """Queue length as the planner sees it: exact up to 4, then rounded down to a
     power of two, so plans can be cached (never more than is queued)."""
@@ -239,31 +176,9 @@ def _rate_bucket(rate: Optional[float]) -> Optional[float]:
     return 2.0 ** (round(math.log2(rate) * 4) / 4)
 
 
-def _batch_service_s(plan) -> Optional[float]:
-    """Predicted service time of a full batch of ``plan.batch_size``, seconds."""
-    for attr in ("service_p99_ms", "predicted_p99_ms"):
-        v = getattr(plan, attr, None)
-        if v is not None:
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(v) and v > 0:
-                return v / 1e3
-    return None
-
-
-def _accepts_batch_kw(observe) -> bool:
-    try:
-        params = inspect.signature(observe).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "batch" or p.kind is p.VAR_KEYWORD for p in params)
-
-
 class _Class:
-    """State of one SLO class (guarded by the batcher's lock except the plan
-    cache, whose races are benign: two threads may both compute a plan)."""
+    """State of one SLO class (guarded by the batcher's lock). ``policy``
+    answers plans and service-time predictions and takes the observations."""
 
     def __init__(self, name, slo, policy, op, relaxed_deadline_s, stats_kw):
         self.name = name
@@ -279,12 +194,7 @@ class _Class:
         self.arrivals: collections.deque = collections.deque(maxlen=512)
         self.in_flight = 0
         self.plan = None        # the latest plan (admission and metrics read it)
-        self.plans: Dict[Any, tuple] = {}  # key -> (plan, time planned)
-        self.models: Dict[tuple, _ServiceModel] = {}  # kernel choice -> learned service time
-        self.observe_batch_kw = _accepts_batch_kw(getattr(policy, "observe", None))
         self.observe_errors = 0
-        self.observe_skipped = 0
-        self.observe_after = -math.inf  # feedback budget: no observe() before this time
         self.plan_after = -math.inf     # planning budget: no new plan() before this time
         self.stats = ClassStats(name, self.p99_s, **stats_kw)
 
@@ -318,7 +228,8 @@ class DynamicBatcher:
     max_queue: requests waiting (all classes) beyond which submit refuses.
     chunk_fraction / chunk_bound_ms: the chunk bound (see the module doc).
     relaxed_deadline_s: deadline offset of classes without a p99 target.
-    replan_interval_s: how long a cached plan is reused for the same queue state.
+    replan_interval_s: how long a wrapped policy's plan is reused for the same
+        queue state (a ``Policy`` caches its own plans until feedback changes them).
     policy_duty: the largest fraction of time spent in ``policy.plan`` and
         ``policy.observe`` per class (1.0: plan on every new queue state and
         observe every batch).
@@ -362,6 +273,9 @@ class DynamicBatcher:
             if not isinstance(cname, str):
                 raise TypeError(f"class names must be strings, got {cname!r}")
             pol = self._policy_for(policy, cname, slo)
+            if not callable(getattr(pol, "predict_service_ms", None)):
+                pol = PlanObserveAdapter(pol, clock=clock, max_age_s=replan_interval_s,
+                                         duty=policy_duty)
             cop = op.get(cname) if isinstance(op, Mapping) else op
             self._classes[cname] = _Class(cname, slo, pol, cop, relaxed_deadline_s, stats_kw)
 
@@ -411,39 +325,30 @@ class DynamicBatcher:
 
     # --- predictions (under the lock unless noted) ---------------------------
     @staticmethod
-    def _model(c: _Class, plan) -> Optional[_ServiceModel]:
-        m = c.models.get(_kernel_key(plan))
-        return m if m is not None and m.fit is not None else None
-
-    def _est(self, c: _Class, plan, n: int, tail: bool = True) -> float:
-        """Predicted service time (s) of one batch of n items under ``plan``
-        (tail=False: without the learned tail allowance)."""
+    def _est(c: _Class, plan, n: int, tail: bool = True) -> float:
+        """Predicted service time (s) of one batch of n items under ``plan``,
+        the policy's (tail=False: its p50 rather than its tail)."""
         if n <= 0 or plan is None:
             return 0.0
-        m = self._model(c, plan)
-        if m is not None:
-            return m.est(n, tail)
-        return self._est_prior(plan, n)
-
-    @staticmethod
-    def _est_prior(plan, n: int) -> float:
-        """The plan's prediction for a full batch, scaled linearly to n items."""
-        full = _batch_service_s(plan)
-        if full is None:
-            return 0.0
-        return full * n / max(1, int(getattr(plan, "batch_size", 1) or 1))
+        return c.policy.predict_service_ms(plan, n, tail=tail) / 1e3
 
     def _limit(self, c: _Class, plan) -> int:
-        """Items per batch: the plan's batch size, cut to the chunk bound."""
+        """Items per batch: the plan's batch size, cut to the chunk bound (the
+        largest batch predicted to fit in it, at least one item)."""
         bs = max(1, int(getattr(plan, "batch_size", 1) or 1)) if plan is not None else 1
         if not c.chunked:
             return bs
         bound = self.chunk_bound_s * (1 + 1e-6)  # clock rounding must not cost an item
-        m = self._model(c, plan)
-        if m is not None:
-            return m.limit(bound, bs)
-        per_item = self._est_prior(plan, 1)
-        return bs if per_item <= 0 else max(1, min(bs, int(bound / per_item)))
+        if self._est(c, plan, bs) <= bound:
+            return bs
+        lo, hi = 1, bs  # predictions grow with the batch: bisect
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._est(c, plan, mid) <= bound:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def _drain_s(self, c: _Class, plan, n: int) -> float:
         """Predicted time to serve n queued items of class c in batches of its
@@ -470,20 +375,14 @@ class DynamicBatcher:
         return (n - 1) / span if span > 0 else None
 
     def _plan_for(self, c: _Class, queued: int, rate: Optional[float], now: float):
-        key = (_queued_bucket(queued), _rate_bucket(rate))
-        hit = c.plans.get(key)
-        if hit is not None and now - hit[1] < self.replan_interval_s:
-            c.plan = hit[0]
-            return hit[0]
+        """The policy's plan for the class's queue state, bucketed so that the
+        policy's plan cache serves repeated states."""
         if c.plan is not None and now < c.plan_after:
             return c.plan  # over the planning budget: keep the latest plan a little longer
         t0 = self._clock()
-        plan = c.policy.plan(c.op, queued=key[0], arrival_rate=key[1])
+        plan = c.policy.plan(c.op, queued=_queued_bucket(queued), arrival_rate=_rate_bucket(rate))
         t1 = self._clock()
         c.plan_after = t1 + (t1 - t0) * self._duty_gap
-        if len(c.plans) > 256:
-            c.plans.clear()
-        c.plans[key] = (plan, now)
         c.plan = plan
         return plan
 
@@ -734,34 +633,20 @@ class DynamicBatcher:
             self._in_flight = None
             if err is None:
                 k.stats.record_batch(t0, t1, [r.arrival for r in reqs], chunked=job.cut)
-                key = _kernel_key(plan)
-                m = k.models.get(key)
-                if m is None:
-                    m = k.models[key] = _ServiceModel()
-                m.add(n, service, self._est_prior(plan, 1))
             else:
                 k.stats.record_failed_batch(n)
             self._cond.notify_all()
         if err is None:
             for r, res in zip(reqs, results):
                 r.future.set_result(res)
-            if self._clock() >= k.observe_after:
-                t2 = self._clock()
-                self._observe(k, plan, service, n)
-                t3 = self._clock()
-                k.observe_after = t3 + (t3 - t2) * self._duty_gap
-            else:
-                k.observe_skipped += 1
+            self._observe(k, plan, service, n)
         else:
             for r in reqs:
                 r.future.set_exception(err)
 
     def _observe(self, k: _Class, plan, seconds: float, n: int) -> None:
         try:
-            if k.observe_batch_kw:
-                k.policy.observe(plan, seconds, batch=n)
-            else:
-                k.policy.observe(plan, seconds)
+            k.policy.observe(plan, seconds, batch=n)
         except Exception:  # noqa: BLE001 - feedback must not break serving
             k.observe_errors += 1
             if k.observe_errors == 1:
@@ -839,12 +724,10 @@ class DynamicBatcher:
                 for a in ("variant", "precision", "threads", "batch_size", "max_wait_ms",
                           "predicted_p99_ms", "feasible")}
             snap["chunk_limit"] = self._limit(k, plan) if (k.chunked and plan is not None) else None
-            m = self._model(k, plan) if plan is not None else None
-            snap["service_fit"] = None if m is None else {
-                "fixed_ms": m.fit[0] * 1e3, "per_item_ms": m.fit[1] * 1e3, "tail_ms": m.fit[2] * 1e3,
-                "batches": len(m.obs)}
+            fit = getattr(k.policy, "service_fit", None)
+            snap["service_fit"] = fit(plan) if (fit is not None and plan is not None) else None
             snap["observe_errors"] = k.observe_errors
-            snap["observe_skipped"] = k.observe_skipped
+            snap["observe_skipped"] = getattr(k.policy, "observe_skipped", 0)
             out[k.name] = snap
         return out
 
@@ -859,7 +742,8 @@ class DynamicBatcher:
         the target / count), the current plan, chunk_limit (batch cap from the
         chunk bound, None for the tightest class), service_fit (the learned
         service time of a batch of n: fixed_ms + per_item_ms * n + tail_ms;
-        None before 3 batches of the current kernel choice), observe_errors,
+        None before 3 batches of the current kernel choice, and for a
+        policy that predicts service times itself), observe_errors,
         observe_skipped (batches not fed back to stay within policy_duty)."""
         with self._lock:
             return self._snapshots()
