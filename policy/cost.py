@@ -353,17 +353,21 @@ def heldout_error(train: Profile, heldout: Profile) -> ErrorReport:
     """Error of predictions from ``train`` on the cells of ``heldout`` (measured
     separately, e.g. ``Profile.calibrate(heldout=True)``: shapes and batches the
     training profile does not contain)."""
-    model = CostModel(train)
+    rows, skipped = _error_rows(CostModel(train), heldout, heldout.measurements)
+    return ErrorReport(tuple(rows), skipped)
+
+
+def _error_rows(model: "CostModel", profile: Profile, measurements) -> Tuple[List["ErrorRow"], int]:
+    """(rows of measured vs predicted, count the model could not predict)."""
     rows, skipped = [], 0
-    for m in heldout.measurements:
-        op = heldout.ops[m.op]
-        pred = model.predict(op, m.variant, m.precision, m.threads, m.batch)
+    for m in measurements:
+        pred = model.predict(profile.ops[m.op], m.variant, m.precision, m.threads, m.batch)
         if pred is None:
             skipped += 1
             continue
         rows.append(ErrorRow(m.op, m.variant, m.precision, m.threads, m.batch, m.p50_ms,
                              pred.p50_ms, m.p99_ms, pred.p99_ms, pred.source))
-    return ErrorReport(tuple(rows), skipped)
+    return rows, skipped
 
 
 def cross_validate(profile: Profile) -> ErrorReport:
@@ -374,16 +378,10 @@ def cross_validate(profile: Profile) -> ErrorReport:
         kind = profile.ops[key].kind
         if sum(1 for o in profile.ops.values() if o.kind == kind) < 2:
             continue
-        model = CostModel(profile, exclude_ops=(key,))
-        for m in profile.measurements:
-            if m.op != key:
-                continue
-            pred = model.predict(profile.ops[key], m.variant, m.precision, m.threads, m.batch)
-            if pred is None:
-                skipped += 1
-                continue
-            rows.append(ErrorRow(m.op, m.variant, m.precision, m.threads, m.batch, m.p50_ms,
-                                 pred.p50_ms, m.p99_ms, pred.p99_ms, pred.source))
+        r, s = _error_rows(CostModel(profile, exclude_ops=(key,)), profile,
+                           [m for m in profile.measurements if m.op == key])
+        rows += r
+        skipped += s
     return ErrorReport(tuple(rows), skipped)
 
 
