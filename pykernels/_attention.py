@@ -1,10 +1,8 @@
 """Attention (prefill) and decode attention: one call into C++.
 
-Dtype, shape, stride, head-count, ``kv_lens`` and block-table checks run in the
-binding (``csrc/bindings/module.cc``), before any kernel reads memory; their
-messages follow the SPEC. This layer parses ``variant`` and ``threads``,
-normalizes the small integer arrays (``kv_lens``, ``block_table``) and handles
-an ``out`` that overlaps an input.
+This layer parses ``variant`` and ``threads``, normalizes the small integer
+arrays (``kv_lens``, ``block_table``) and handles an ``out`` that overlaps an
+input; the array checks run in the binding (docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import numpy as np
 
 from . import _core
 from . import _chooser
-from ._gemm import _AUTO, _VARIANT_CODE, VARIANTS, _check_threads, policy_variant
+from ._gemm import _AUTO, _VARIANT, VARIANTS, _bad_choice, _check_threads, policy_variant
 
 try:  # a declared dependency; without it only float32 inputs are accepted
     import ml_dtypes
@@ -30,10 +28,10 @@ def _precision(arr) -> str:
     return "bf16" if BFLOAT16 is not None and getattr(arr, "dtype", None) == BFLOAT16 else "fp32"
 
 
-def _variant_code(variant: str) -> int:
-    code = _VARIANT_CODE.get(variant)
+def _variant_code(variant: str):
+    code = _VARIANT.get(variant)
     if code is None:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise _bad_choice("variant", variant, VARIANTS)
     return code
 
 
@@ -85,7 +83,7 @@ def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=No
     """
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
-    if code == _AUTO and _chooser.active is not None:
+    if code is _AUTO and _chooser.active is not None:
         code, threads = _auto_attention(q, k, causal, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
@@ -117,7 +115,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
     """
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
-    if code == _AUTO and _chooser.active is not None:
+    if code is _AUTO and _chooser.active is not None:
         code, threads = _auto_decode(q, k_cache, kv_lens, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)

@@ -1,8 +1,9 @@
-"""fp32 GEMM and weight packing: argument checks, then one call into C++.
+"""GEMM, linear and weight packing: argument checks, then one call into C++.
 
-Validation happens here, once; the C++ kernels trust their contract. The small
-call path (32x32x32) is kept lean: identity checks on dtype objects, no
-``np.asarray`` conversions, no copies.
+Strings of the public API (variant, precision, activation) become the
+binding's enums here, once; the array checks of the hot path run in C++. See
+docs/kernels.md for the binding boundary and why the small-call path is kept
+this way.
 """
 from __future__ import annotations
 
@@ -15,15 +16,29 @@ import numpy as np
 
 from . import _chooser, _core
 from ._chooser import KernelCall
+from ._core import Activation, Precision, Variant
 from ._runtime import get_num_threads
 
 _F32 = np.dtype(np.float32)
-PANEL_COLS = 16  # csrc/include/pykernels/gemm.h: kPanelCols
+PANEL_COLS = _core.PANEL_COLS    # columns per packed panel
+MAX_THREADS = _core.MAX_THREADS  # the thread pool's limit per call
 
-VARIANTS = ("auto", "latency", "throughput")
-# Codes understood by the binding; _AUTO lets C++ pick by size (no policy).
-_AUTO = 2
-_VARIANT_CODE = {"latency": 0, "throughput": 1, "auto": _AUTO}
+# The public strings -> the binding's enums, by the enums' own names.
+_VARIANT = dict(Variant.__members__)      # latency, throughput, auto
+_PRECISION = dict(Precision.__members__)  # fp32, bf16, int8
+# activation=None is the public spelling of Activation.none
+_ACTIVATION = {None: Activation.none,
+               **{k: v for k, v in Activation.__members__.items() if v != Activation.none}}
+VARIANTS = tuple(_VARIANT)
+PRECISIONS = tuple(_PRECISION)
+ACTIVATIONS = tuple(_ACTIVATION)
+_AUTO = Variant.auto  # C++ picks by size (no policy)
+# Compare members with `is`: they are singletons (from __members__), while a
+# pybind11 enum's __eq__ is a call into C++ that costs ~0.3 us per call.
+
+
+def _bad_choice(what: str, value, choices: tuple) -> ValueError:
+    return ValueError(f"{what} must be one of {choices}, got {value!r}")
 
 
 def _type_error(name: str, arr) -> TypeError:
@@ -47,7 +62,7 @@ def _check_matrix(name: str, arr) -> None:
 
 
 def policy_variant(call_fields: dict, threads: int):
-    """(variant code, threads) for a variant="auto" call under the installed
+    """(Variant, threads) for a variant="auto" call under the installed
     chooser (pykernels._chooser), given the call's KernelCall fields.
     ``threads``: the caller's count, 0 when it passed None; only then may the
     chooser's thread count replace it. Without a chooser, or when it has no
@@ -58,26 +73,19 @@ def policy_variant(call_fields: dict, threads: int):
     variant, th = chooser(KernelCall(threads=threads or None, **call_fields))
     if threads == 0 and th is not None:
         threads = min(int(th), MAX_THREADS) if th >= 1 else 0
-    return (_AUTO if variant is None else _VARIANT_CODE[variant]), threads
+    return (_AUTO if variant is None else _VARIANT[variant]), threads
 
 
 _SAVE_FORMAT = "pykernels.PackedWeight"
 _SAVE_VERSION = 1
 
-PRECISIONS = ("fp32", "bf16", "int8")
-_PRECISION_CODE = {"fp32": 0, "bf16": 1, "int8": 2}
-# k-group of the packed layout (csrc/include/pykernels/gemm.h): every precision
-# stores 64 bytes per 16-column panel per group.
-_K_STEP = {"fp32": 1, "bf16": 2, "int8": 4}
 _PACKED_DTYPE = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16),
                  "int8": np.dtype(np.int8)}
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
-_ACTIVATION_CODE = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
-
 
 def _packed_shape(k: int, n: int, precision: str) -> tuple:
-    step = _K_STEP[precision]
+    # k-group of the packed layout: every precision stores 64 bytes per panel per group
+    step = _core.k_step(_PRECISION[precision])
     k_padded = -(-k // step) * step
     return (-(-n // PANEL_COLS), k_padded * PANEL_COLS)
 
@@ -101,7 +109,7 @@ class PackedWeight:
     def __init__(self, shape, precision, data, rel_error, scale=None):
         self._shape = (int(shape[0]), int(shape[1]))
         self._precision = precision
-        self._code = _PRECISION_CODE[precision]
+        self._code = _PRECISION[precision]  # the binding's Precision
         self._data = data
         self._scale = scale
         self._rel_error = float(rel_error)
@@ -172,7 +180,7 @@ class PackedWeight:
         shape = header.get("shape")
         # isinstance first: a JSON list or object is unhashable, and the dict
         # lookup would raise TypeError instead of the ValueError promised above.
-        if not isinstance(precision, str) or precision not in _PRECISION_CODE:
+        if not isinstance(precision, str) or precision not in _PRECISION:
             raise ValueError(f"{path}: unknown precision {precision!r}")
         if (not isinstance(shape, list) or len(shape) != 2
                 or not all(type(v) is int and 0 < v < 2**40 for v in shape)):
@@ -215,7 +223,7 @@ def _unpickle_packed(version, shape, precision, payload, rel_error, scale=None):
     # TypeError / OverflowError that hashing a list or int(inf) would give.
     if type(version) is not int or version != 2:
         raise ValueError(f"PackedWeight pickle version {version!r} is not supported")
-    if not isinstance(precision, str) or precision not in _PRECISION_CODE:
+    if not isinstance(precision, str) or precision not in _PRECISION:
         raise ValueError(f"corrupted PackedWeight pickle: unknown precision {precision!r}")
     try:
         k, n = (operator.index(v) for v in shape)  # integers only: no int(1e300), int(inf)
@@ -256,8 +264,8 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
     """
     if layout not in ("kn", "nk"):
         raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
-    if precision not in _PRECISION_CODE:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(precision, str) or precision not in _PRECISION:
+        raise _bad_choice("precision", precision, PRECISIONS)
     _check_matrix("w", w)
     wk = w if layout == "kn" else w.T
     k, n = wk.shape
@@ -265,14 +273,14 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
         raise ValueError(f"cannot pack an empty weight of shape {w.shape}")
     data = np.empty(_packed_shape(k, n, precision), dtype=_PACKED_DTYPE[precision])
     if precision == "fp32":
-        _core.pack_f32(wk, data.reshape(-1, k, PANEL_COLS), get_num_threads())
+        _core.pack_f32(w=wk, out=data.reshape(-1, k, PANEL_COLS), threads=get_num_threads())
         return PackedWeight((k, n), "fp32", data, 0.0)
     scale = None
     if precision == "int8":
         if not np.isfinite(wk).all():
             raise ValueError("int8 packing needs finite weights (found NaN or Inf)")
         scale = np.empty(n, dtype=_F32)
-    err2, ref2 = _core.pack_lowp(wk, _PRECISION_CODE[precision], data, scale)
+    err2, ref2 = _core.pack_lowp(w=wk, precision=_PRECISION[precision], out=data, scale=scale)
     # NaN/Inf weights make the sums NaN: report NaN (IEEE), never "exact".
     rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else (0.0 if ref2 == 0 else float("nan"))
     return PackedWeight((k, n), precision, data, rel, scale)
@@ -290,13 +298,13 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
     (scale max|row| / 127); a row holding Inf or NaN yields NaN in that row.
     """
     if activation is not None and not isinstance(activation, str):
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    act = _ACTIVATION_CODE.get(activation)
+        raise _bad_choice("activation", activation, ACTIVATIONS)
+    act = _ACTIVATION.get(activation)
     if act is None:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    code = _VARIANT_CODE.get(variant)
+        raise _bad_choice("activation", activation, ACTIVATIONS)
+    code = _VARIANT.get(variant)
     if code is None:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise _bad_choice("variant", variant, VARIANTS)
     threads = 0 if threads is None else _check_threads(threads)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}; "
@@ -326,13 +334,17 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
         out2 = out if out.ndim == 2 else out.reshape(m, n)
-    if code == _AUTO and _chooser.active is not None:
+    if code is _AUTO and _chooser.active is not None:
         code, threads = policy_variant(dict(op="linear", precision=precision, m=m, k=k, n=n), threads)
+    # Positional on purpose: keyword arguments cost more in pybind11's dispatcher
+    # than a small product (docs/kernels.md). The order is the binding's:
+    # a, b, out, alpha, beta, variant, threads, bias, activation, packed,
+    # precision, col_scale, k, n.
     if type(w) is PackedWeight:
-        res = _core.matmul(x2, None, w._data, w._code, w._scale, k, n, out2, 1.0, 0.0, code,
-                           threads, bias, act)
+        res = _core.matmul(x2, None, out2, 1.0, 0.0, code, threads, bias, act,
+                           w._data, w._code, w._scale, k, n)
     else:
-        res = _core.matmul(x2, w, None, 0, None, 0, 0, out2, 1.0, 0.0, code, threads, bias, act)
+        res = _core.matmul(x2, w, out2, 1.0, 0.0, code, threads, bias, act)
     if res is None:  # out overlaps x or w: compute into a temporary
         tmp = np.empty((m, n), dtype=_F32)
         linear(x2, w, bias, activation=activation, out=tmp, variant=variant,
@@ -359,23 +371,23 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     Shape, dtype and ``out`` checks run in the C++ binding (they cost ~2 us in
     Python, more than a 32x32x32 product); their messages follow the SPEC.
     """
-    code = _VARIANT_CODE.get(variant)
+    code = _VARIANT.get(variant)
     if code is None:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise _bad_choice("variant", variant, VARIANTS)
     if threads is not None:
         threads = _check_threads(threads)
     else:
         threads = 0
-    if code == _AUTO and _chooser.active is not None:
+    if code is _AUTO and _chooser.active is not None:
         code, threads = _auto_variant(a, b, threads)
     if type(b) is PackedWeight:
         if b.precision != "fp32":
             raise ValueError(f"gemm takes an fp32 PackedWeight, got {b.precision!r}; use linear()")
         k, n = b.shape
-        res = _core.matmul(a, None, b._data, 0, None, k, n, out, alpha, beta, code, threads,
-                           None, 0)
-    else:
-        res = _core.matmul(a, b, None, 0, None, 0, 0, out, alpha, beta, code, threads, None, 0)
+        res = _core.matmul(a, None, out, alpha, beta, code, threads, None, Activation.none,
+                           b._data, Precision.fp32, None, k, n)
+    else:  # positional, as in linear
+        res = _core.matmul(a, b, out, alpha, beta, code, threads)
     if res is None:  # out overlaps a or b: compute into a copy, then write back
         tmp = out.copy()
         gemm(a, b, out=tmp, alpha=alpha, beta=beta, variant=variant,
@@ -383,9 +395,6 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
         out[...] = tmp
         return out
     return res
-
-
-MAX_THREADS = 256  # the pool's limit (csrc/runtime/threadpool.cc: kMaxWorkers + 1)
 
 
 def _check_threads(threads) -> int:

@@ -53,7 +53,7 @@ def set_num_threads(n: int) -> None:
     """Set the default thread count; ``threads=`` on a call overrides it."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"set_num_threads expects an int >= 1, got {n!r}")
-    _core.set_num_threads(min(n, 256))  # the pool's limit
+    _core.set_num_threads(min(n, _core.MAX_THREADS))
 
 
 _DTYPE_TAG = {"fp32": "f32", "bf16": "bf16", "int8": "i8"}
@@ -112,4 +112,5 @@ def fork_join_us(threads: int = 2, spin: bool = True, reps: int = 2000) -> float
     for name, v in (("threads", threads), ("reps", reps)):
         if type(v) is not int or not 1 <= v <= 1_000_000:
             raise ValueError(f"{name} must be an int in [1, 1000000], got {v!r}")
-    return _core.fork_join_ns(min(threads, 256), bool(spin), reps) / 1000.0
+    return _core.fork_join_ns(threads=min(threads, _core.MAX_THREADS), spin=bool(spin),
+                              reps=reps) / 1000.0

@@ -280,9 +280,11 @@ def test_active_auto_calls_follow_the_policys_threads(monkeypatch):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def matmul(self, *a):
-            seen.append((a[10], a[11]))  # (variant code, threads)
-            return real.matmul(*a)
+        # the binding's named signature, so positional and keyword calls both land here
+        def matmul(self, a, b, out=None, alpha=1.0, beta=0.0, variant=None, threads=0, *rest,
+                   **kw):
+            seen.append((variant, threads))
+            return real.matmul(a, b, out, alpha, beta, variant, threads, *rest, **kw)
     monkeypatch.setattr(_gemm, "_core", Core())
     x = np.ones((4, 64), np.float32)
     w = np.ones((64, 64), np.float32)
@@ -290,7 +292,7 @@ def test_active_auto_calls_follow_the_policys_threads(monkeypatch):
         pykernels.gemm(x, w)
         pykernels.gemm(x, w, threads=1)
         pykernels.linear(x, pykernels.pack(w))
-    lat, thr = _gemm._VARIANT_CODE["latency"], _gemm._VARIANT_CODE["throughput"]
+    lat, thr = _gemm.Variant.latency, _gemm.Variant.throughput
     assert seen == [(lat, 2), (thr, 1), (lat, 2)]
     assert policy.choose(KernelCall("linear", "fp32", None, m=4, k=64, n=64)) == ("latency", 2)
     assert policy.choose(KernelCall("linear", "fp32", 1, m=4, k=64, n=64)) == ("throughput", None)

@@ -373,3 +373,27 @@ def test_set_num_threads_while_gemm_runs(restore_num_threads):
 
 def rand(rng, *shape):
     return rng.standard_normal(shape, dtype=F32)
+
+
+def test_binding_vocabulary_comes_from_cpp():
+    """Variant, Precision and Activation are the C++ enums; the public strings
+    are their member names; the layout constants are the C++ ones, and
+    MAX_THREADS is the limit the thread pool really applies."""
+    from pykernels import _core, _gemm
+    assert list(_core.Variant.__members__) == ["latency", "throughput", "auto"]
+    assert list(_core.Precision.__members__) == ["fp32", "bf16", "int8"]
+    assert list(_core.Activation.__members__) == ["none", "relu", "gelu", "gelu_tanh", "silu"]
+    assert _gemm.VARIANTS == ("latency", "throughput", "auto")
+    assert _gemm.ACTIVATIONS == (None, "relu", "gelu", "gelu_tanh", "silu")
+    assert {p: _core.k_step(v) for p, v in _core.Precision.__members__.items()} == _K_STEP
+    assert _core.PANEL_COLS == 16
+    prev = pk.get_num_threads()
+    try:
+        _core.set_num_threads(n=10**6)
+        assert pk.get_num_threads() == _core.MAX_THREADS
+    finally:
+        pk.set_num_threads(prev)
+    # a code where an enum belongs is refused, and the error names the arguments
+    a = np.ones((2, 2), np.float32)
+    with pytest.raises(TypeError, match="variant: pykernels._core.Variant"):
+        _core.matmul(a, a, variant=1)

@@ -1,6 +1,9 @@
-// The only file that includes pybind11. Each binding takes NumPy views that the
-// Python layer has already validated (dtype, shape, layout), reads pointers and
-// strides, releases the GIL and runs the kernel: no conversion, no copy.
+// The only file that includes pybind11. Each function checks the NumPy views
+// it is given (dtype, shape, strides, overlap), reads pointers and strides,
+// releases the GIL and runs the kernel: no conversion (arrays arrive as
+// py::handle or noconvert), no copy except of a misaligned input. Arguments are
+// named, and variant / precision / activation are the C++ enums exported below.
+// The boundary and the reasons for it: docs/kernels.md.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -135,12 +139,15 @@ Matrix as_out(py::handle h, int64_t m, int64_t n) {
   return o;
 }
 
-// 0 latency, 1 throughput, 2 auto without a policy: the latency kernels (A
-// read in place, B streamed once) win up to 32 rows here, blocking beyond.
-int parse_variant(int variant, int64_t m) {
-  if (variant == 2) return m <= 32 ? 0 : 1;
-  if (variant != 0 && variant != 1) throw py::value_error("internal: bad variant code");
-  return variant;
+// The table index (0 latency, 1 throughput) of a requested variant. auto
+// without a policy: the latency kernels (A read in place, B streamed once) win
+// up to 32 rows here, blocking beyond. (A py::enum_ can be built from any int,
+// so the range is still checked.)
+int parse_variant(pk::Variant variant, int64_t m) {
+  if (variant == pk::Variant::kAuto) return m <= 32 ? 0 : 1;
+  if (variant != pk::Variant::kLatency && variant != pk::Variant::kThroughput)
+    throw py::value_error("internal: bad variant code");
+  return static_cast<int>(variant);
 }
 
 // The product of sizes, saturating at INT64_MAX: a work estimate is only
@@ -264,21 +271,21 @@ const float* checked_scales(py::handle h, int64_t n) {
   return static_cast<const float*>(a.data());
 }
 
-// matmul(a, b, packed, precision, col_scale, k, n, out, alpha, beta, variant,
-//        threads, bias, act)
+// matmul(a, b, out, alpha, beta, variant, threads, bias, activation,
+//        packed, precision, col_scale, k, n)   (names and defaults: m.def below)
 //   a (M, K) float32, any strides. Either b (K, N) float32 any strides, or b
-//   is None and `packed` is a PackedWeight's panel array of `precision` (0
-//   fp32, 1 bf16, 2 int8) for shape (k, n), with col_scale (n,) for int8.
-//   out None -> a new (M, N) array (beta ignored). variant 0 latency,
-//   1 throughput, 2 auto; threads < 1 -> decide by size. bias None or (N,)
-//   float32 contiguous; act an Activation code.
+//   is None and `packed` is a PackedWeight's panel array of `precision` for
+//   shape (k, n), with col_scale (n,) for int8. out None -> a new (M, N)
+//   array (beta ignored). threads < 1 -> decide by size. bias None or (N,)
+//   float32 contiguous.
 // Returns the result array, or None when `out` overlaps an input or is not
 // 4-byte aligned: the caller then computes into a temporary (NumPy's
 // semantics for overlapping out=) and copies it over. Misaligned inputs are
 // copied here (aligned_input).
-py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int precision,
-                  py::handle scale_h, int64_t pk_k, int64_t pk_n, py::handle out_h, float alpha,
-                  float beta, int variant, int threads, py::handle bias_h, int act) {
+py::object matmul(py::handle a_h, py::handle b_h, py::handle out_h, float alpha, float beta,
+                  pk::Variant variant, int threads, py::handle bias_h, pk::Activation act,
+                  py::handle packed_h, pk::Precision precision, py::handle scale_h,
+                  int64_t pk_k, int64_t pk_n) {
   py::object a_keep, b_keep, bias_keep;  // aligned copies of misaligned inputs
   const Matrix a = as_matrix(a_h, "a", &a_keep);
   pk::GemmArgs g;
@@ -302,8 +309,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
                             shape_str(pk_k, pk_n) + " are not aligned: a has " +
                             std::to_string(a.cols) + " columns but the packed weight has " +
                             std::to_string(pk_k) + " rows");
-    if (precision < 0 || precision > 2) throw py::value_error("internal: bad precision code");
-    g.precision = static_cast<pk::Precision>(precision);
+    if (static_cast<int>(precision) < 0 || static_cast<int>(precision) >= pk::kNumPrecisions)
+      throw py::value_error("internal: bad precision code");
+    g.precision = precision;
     g.b_packed = checked_packed(packed_h, g.precision, pk_k, pk_n);
     if (g.precision == pk::Precision::kI8) {
       g.col_scale = checked_scales(scale_h, pk_n);
@@ -316,8 +324,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
   g.m = a.rows;
   g.k = a.cols;
   check_bias(bias_h, g, bias_keep);
-  if (act < 0 || act > 4) throw py::value_error("internal: bad activation code");
-  g.act = static_cast<pk::Activation>(act);
+  if (static_cast<int>(act) < 0 || act > pk::Activation::kSilu)
+    throw py::value_error("internal: bad activation code");
+  g.act = act;
   py::object result;
   Matrix c;
   if (out_h.is_none()) {
@@ -367,21 +376,24 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle packed_h, int preci
   return result;
 }
 
-// Packs w (K, N) float32 into bf16 (precision 1) or int8 (2) panels in `out`;
-// int8 also fills scale (N,). Returns (sum of squared errors, sum of squares).
-py::tuple pack_lowp(const py::array& w_in, int precision, py::array out, py::handle scale_h) {
+// Packs w (K, N) float32 into bf16 or int8 panels in `out`; int8 also fills
+// scale (N,). Returns (sum of squared errors, sum of squares).
+py::tuple pack_lowp(const py::array& w_in, pk::Precision precision, py::array out,
+                    py::handle scale_h) {
+  if (precision != pk::Precision::kBF16 && precision != pk::Precision::kI8)
+    throw py::value_error("internal: pack_lowp takes bf16 or int8");
   py::object keep;  // pack reads w through float*: a misaligned w is copied first
   const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
   const float* src = static_cast<const float*>(w.data());
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
   double err2 = 0, ref2 = 0;
-  float* scale = precision == 2
+  float* scale = precision == pk::Precision::kI8
       ? static_cast<float*>(py::reinterpret_borrow<py::array>(scale_h).mutable_data())
       : nullptr;
   {
     py::gil_scoped_release nogil;
-    if (precision == 1) {
+    if (precision == pk::Precision::kBF16) {
       pk::pack_b_bf16(src, k, n, rs, cs, static_cast<uint16_t*>(out.mutable_data()), &err2, &ref2);
     } else {
       pk::pack_b_i8(src, k, n, rs, cs, static_cast<int8_t*>(out.mutable_data()), scale, &err2, &ref2);
@@ -585,12 +597,11 @@ Tensor check_attention_out(py::handle h, const Tensor& like, int ndim, const cha
   return as_tensor(h, "out", ndim, layout);
 }
 
-int attention_variant(int variant, int64_t rows_per_kv_head) {
+int attention_variant(pk::Variant variant, int64_t rows_per_kv_head) {
   // auto without a policy: split-KV when one KV head serves few query rows
   // (decode, speculative, short prompts): the rows alone cannot fill the cores.
-  if (variant == 2) return rows_per_kv_head <= 16 ? 0 : 1;
-  if (variant != 0 && variant != 1) throw py::value_error("internal: bad variant code");
-  return variant;
+  if (variant == pk::Variant::kAuto) return rows_per_kv_head <= 16 ? 0 : 1;
+  return parse_variant(variant, 0);
 }
 
 void run_attention(const pk::AttentionArgs& g, int variant, int threads) {
@@ -621,8 +632,8 @@ float resolve_scale(py::handle scale, int64_t d) {
 //   along D. Returns out, or None when `out` overlaps an input (the caller then
 //   computes into a temporary).
 py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::handle lens_h,
-                         py::handle out_h, py::handle scale_h, bool causal, int variant,
-                         int threads) {
+                         py::handle out_h, py::handle scale_h, bool causal,
+                         pk::Variant variant, int threads) {
   py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
   const Tensor q = as_tensor(q_h, "q", 4, "(B, Hq, Sq, D)", &q_keep);
   const Tensor k = as_tensor(k_h, "k", 4, "(B, Hkv, Skv, D)", &k_keep);
@@ -689,7 +700,7 @@ py::object attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h, py::han
 //   (num_blocks, Hkv, block_size, D) with block_table (B, max_blocks) int32.
 py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
                                 py::handle lens_h, py::handle table_h, py::handle out_h,
-                                py::handle scale_h, int variant, int threads) {
+                                py::handle scale_h, pk::Variant variant, int threads) {
   py::object q_keep, k_keep, v_keep;  // aligned copies of misaligned inputs
   const Tensor q = as_tensor(q_h, "q", 3, "(B, Hq, D)", &q_keep);
   const bool paged = !table_h.is_none();
@@ -803,7 +814,8 @@ py::object decode_attention_fwd(py::handle q_h, py::handle k_h, py::handle v_h,
 }
 
 // The active ISA's vectorized 2^x (x <= 0) on a float32 array, for the tests.
-py::array_t<float> attention_exp2(py::array_t<float, py::array::c_style | py::array::forcecast> x) {
+// C-contiguous float32 only (noconvert in m.def): no silent copy.
+py::array_t<float> attention_exp2(py::array_t<float, py::array::c_style> x) {
   py::array_t<float> y(x.size());
   const float* src = x.data();
   float* dst = y.mutable_data();
@@ -813,10 +825,20 @@ py::array_t<float> attention_exp2(py::array_t<float, py::array::c_style | py::ar
   return y;
 }
 
+// The Python names of the enums, indexed by value: the public API's strings
+// (variant="auto", precision="int8", activation="gelu") and the registry's.
+constexpr const char* kVariantNames[] = {"latency", "throughput", "auto"};
+constexpr const char* kPrecisionNames[pk::kNumPrecisions] = {"fp32", "bf16", "int8"};
+constexpr const char* kActivationNames[] = {"none", "relu", "gelu", "gelu_tanh", "silu"};
+
+template <class E, size_t N>
+void bind_enum(py::module_& m, const char* name, const char* const (&names)[N], const char* doc) {
+  py::enum_<E> e(m, name, doc);
+  for (size_t i = 0; i < N; ++i) e.value(names[i], static_cast<E>(i));
+}
+
 py::list kernel_table() {
   const pk::Dispatch& d = pk::dispatch();
-  static const char* kPrecisions[pk::kNumPrecisions] = {"fp32", "bf16", "int8"};
-  static const char* kVariants[2] = {"latency", "throughput"};
   py::list out;
   // One structured entry per (op, variant, precision); the Python layer derives
   // the printed name from these fields. mr / nr / k_step are None where the
@@ -842,7 +864,7 @@ py::list kernel_table() {
       // bias/activation epilogue. Same kernel, two public entry points.
       for (const char* op : {"gemm", "linear"}) {
         if (p != 0 && op[0] == 'g') continue;
-        add(op, "gemm", kVariants[v], kPrecisions[p], m.scheme, py::int_(m.mr), py::int_(m.nr),
+        add(op, "gemm", kVariantNames[v], kPrecisionNames[p], m.scheme, py::int_(m.mr), py::int_(m.nr),
             py::int_(m.k_step));
       }
     }
@@ -874,17 +896,47 @@ PYBIND11_MODULE(_core, m) {
   }
   m.attr("init_error") = init_error;
   g_f32_descr = py::dtype::of<float>().release().ptr();  // immortal singleton
-  m.def("matmul", &matmul);
-  m.def("pack_lowp", &pack_lowp);
-  m.def("pack_f32", &pack_f32);
-  m.def("set_bf16_dtype", &set_bf16_dtype);
-  m.def("attention", &attention_fwd);
-  m.def("decode_attention", &decode_attention_fwd);
-  m.def("attention_exp2", &attention_exp2);
+
+  // The argument vocabulary, from the C++ enums (the Python layer maps its
+  // strings through each enum's __members__) and the layout constants.
+  bind_enum<pk::Variant>(m, "Variant", kVariantNames,
+                         "Kernel variant; auto is resolved by size in the binding");
+  bind_enum<pk::Precision>(m, "Precision", kPrecisionNames, "Packed weight precision");
+  bind_enum<pk::Activation>(m, "Activation", kActivationNames, "Fused epilogue activation");
+  static_assert(std::size(kVariantNames) == static_cast<size_t>(pk::Variant::kAuto) + 1);
+  static_assert(std::size(kActivationNames) == static_cast<size_t>(pk::Activation::kSilu) + 1);
+  m.attr("PANEL_COLS") = pk::kPanelCols;
+  m.attr("MAX_THREADS") = pk::kMaxThreads;
+  m.def("k_step", [](pk::Precision p) { return pk::k_step(p); }, py::arg("precision"),
+        "Consecutive k per packed group (1 fp32, 2 bf16, 4 int8)");
+
+  // Arrays are py::handle (checked in the functions, never converted); `out`,
+  // `bias` and the packed fields default to None / unused.
+  const auto none = py::none();
+  m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("out") = none,
+        py::arg("alpha") = 1.0f, py::arg("beta") = 0.0f, py::arg("variant") = pk::Variant::kAuto,
+        py::arg("threads") = 0, py::arg("bias") = none,
+        py::arg("activation") = pk::Activation::kNone, py::arg("packed") = none,
+        py::arg("precision") = pk::Precision::kF32, py::arg("col_scale") = none,
+        py::arg("k") = 0, py::arg("n") = 0);
+  m.def("pack_lowp", &pack_lowp, py::arg("w").noconvert(), py::arg("precision"),
+        py::arg("out").noconvert(), py::arg("scale") = none);
+  m.def("pack_f32", &pack_f32, py::arg("w").noconvert(), py::arg("out").noconvert(),
+        py::arg("threads"));
+  m.def("set_bf16_dtype", &set_bf16_dtype, py::arg("dtype"));
+  m.def("attention", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("kv_lens") = none, py::arg("out") = none, py::arg("scale") = none,
+        py::arg("causal") = false, py::arg("variant") = pk::Variant::kAuto,
+        py::arg("threads") = 0);
+  m.def("decode_attention", &decode_attention_fwd, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("kv_lens") = none, py::arg("block_table") = none,
+        py::arg("out") = none, py::arg("scale") = none, py::arg("variant") = pk::Variant::kAuto,
+        py::arg("threads") = 0);
+  m.def("attention_exp2", &attention_exp2, py::arg("x").noconvert());
   m.def("cpu_info", &cpu_info);
   m.def("kernel_table", &kernel_table);
   m.def("get_num_threads", &pk::default_num_threads);
-  m.def("set_num_threads", &pk::set_default_num_threads);
+  m.def("set_num_threads", &pk::set_default_num_threads, py::arg("n"));
   // Scratch the calling thread holds between calls (tests: nothing oversized is kept).
   m.def("workspace_held_bytes", &pk::workspace_held_bytes);
   m.def("fork_join_ns", &pk::measure_fork_join_ns, py::arg("threads"), py::arg("spin"),

@@ -69,7 +69,10 @@ struct Blocking {
   int64_t l2_bytes = 512 * 1024;  // per-core L2, for buffers that should stay in it
 };
 
-enum class Variant : int { kLatency = 0, kThroughput = 1 };
+// A kernel table holds kLatency and kThroughput (run[p][variant]); kAuto is a
+// request only: the binding resolves it to one of the two by size before any
+// table is indexed.
+enum class Variant : int { kLatency = 0, kThroughput = 1, kAuto = 2 };
 
 using GemmFn = void (*)(const GemmArgs&, const ParallelPolicy&, const Blocking&);
 

@@ -42,6 +42,9 @@ void parallel_for(int64_t ntasks, int threads, bool spin, F& f) {
                [](void* c, int64_t t, int s) { (*static_cast<F*>(c))(t, s); }, &f);
 }
 
+// Most threads one call may use, the caller included: the pool's limit
+// (runtime/threadpool.cc clamps to kMaxWorkers + 1 = 256).
+constexpr int kMaxThreads = 256;
 int default_num_threads();
 void set_default_num_threads(int n);
 // Measures the median fork/join cost (ns) of an empty parallel region.
