@@ -401,3 +401,39 @@ def test_empty_batch():
     assert enc.varlen_attention(np.zeros((0, 1152), np.float32), [0, 0], 12).shape == (0, 384)
     g, b = np.ones(384, np.float32), np.zeros(384, np.float32)
     assert enc.add_layer_norm(x, x, g, b).shape == (0, 384)
+
+
+# ---------------------------------------------------------------------------
+# The AVX-512 units under SIMDe: the real encoder_avx512.cc and the varlen
+# attention of attention_avx512.cc, on any x86-64, against the generic units
+# ---------------------------------------------------------------------------
+
+SIMDE_SOURCES = ["tests/native/encoder_avx512_simde.cc", "csrc/kernels/avx512/encoder_avx512.cc",
+                 "csrc/kernels/avx512/attention_avx512.cc",
+                 "csrc/kernels/reference/encoder_generic.cc",
+                 "csrc/kernels/reference/attention_generic.cc",
+                 "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
+SIMDE_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/encoder_impl.inc",
+              "csrc/kernels/common/attention_impl.inc", "csrc/kernels/common/attention_varlen.inc",
+              "csrc/kernels/avx512/vec_avx512.inc", "csrc/kernels/reference/vec_generic.inc",
+              "csrc/kernels/avx512/attention_avx512_tiles.h", "csrc/include/pykernels/encoder.h",
+              "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
+
+
+def test_avx512_encoder_unit_under_simde():
+    import os
+    import subprocess
+
+    from conftest import REPO_ROOT, build_native_driver
+
+    simde_py = pytest.importorskip("simde_py", reason="simde-py (the test extra) provides SIMDe")
+    exe = build_native_driver(
+        "encoder_avx512_simde", SIMDE_SOURCES, SIMDE_DEPS, flags=("-O0", "-w"),
+        include_dirs=(os.path.join(REPO_ROOT, "tests", "native", "simde_shim"),
+                      simde_py.get_include()))
+    proc = subprocess.run([exe], capture_output=True, text=True, timeout=900)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert summary.endswith(" 0 failures"), summary
+    # 3 length sets x 2 thread counts x (3 widths x (LN + embed + 6 pools) + 3 attention shapes)
+    assert int(summary.split()[1]) == 3 * 2 * (3 * 8 + 3), summary
