@@ -156,14 +156,28 @@ def mismatch(got, ref, tol):
             f"expected {ref[i]!r}, |err| {err[i]:.3g} > tol {tol[i]:.3g}")
 
 
+_SNAPSHOTS: list = []
+
+
 def frozen(*arrays):
-    """Read-only copies: a kernel that writes an input raises instead."""
+    """Read-only copies, remembered with a snapshot: NumPy's writeable flag stops
+    only NumPy writes (C++ writes through the pointer), so assert_unchanged()
+    compares each input with its snapshot after the kernels ran."""
     out = []
     for a in arrays:
         a = a.copy()
         a.flags.writeable = False
+        _SNAPSHOTS.append((a, a.copy()))
         out.append(a)
     return out
+
+
+def assert_unchanged():
+    try:
+        for a, snap in _SNAPSHOTS:
+            assert np.array_equal(a, snap, equal_nan=True), "a kernel modified an input"
+    finally:
+        _SNAPSHOTS.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +211,7 @@ def check_add_layer_norm(isa, lens_name, n, threads):
     tol0 = ln_tolerance(np.abs(x.astype(np.float64)), xhat0, rstd0, mabs0, gamma, beta, n, isa)
     got0 = enc.add_layer_norm(x, None, gamma, beta, 1e-12, threads=threads)
     assert (msg := mismatch(got0, ref0, tol0)) is None, "no residual: " + msg
+    assert_unchanged()
 
 
 def check_embed(isa, lens_name, n, threads):
@@ -213,6 +228,7 @@ def check_embed(isa, lens_name, n, threads):
     tt = rng.integers(0, 2, tokens)
     cu = enc.cu_seqlens(lens)
     ids.flags.writeable = False
+    _SNAPSHOTS.append((ids, ids.copy()))
     positions = np.concatenate([np.arange(ln) for ln in lens]).astype(np.int64) if tokens else \
         np.zeros(0, dtype=np.int64)
     for types in (None, tt):
@@ -228,6 +244,7 @@ def check_embed(isa, lens_name, n, threads):
         got = enc.embed_layer_norm(ids, cu, word, pos, typ, gamma, beta, 1e-12,
                                    token_type_ids=types, threads=threads)
         assert (msg := mismatch(got, ref, tol)) is None, f"types={types is not None}: {msg}"
+    assert_unchanged()
 
 
 def check_attention(isa, lens_name, heads, d, threads):
@@ -257,6 +274,7 @@ def check_pool(isa, lens_name, n, threads):
                 tol = np.zeros_like(tol)  # a copy or a max: exact
             got = enc.pool(x, cu, mode, normalize, threads=threads)
             assert (msg := mismatch(got, ref, tol)) is None, f"{mode} {normalize}: {msg}"
+    assert_unchanged()
 
 
 def isa_checks():
