@@ -455,3 +455,31 @@ def test_avx512_encoder_unit_under_simde():
     assert summary.endswith(" 0 failures"), summary
     # 3 length sets x 2 thread counts x (3 widths x (LN + embed + 6 pools) + 3 attention shapes)
     assert int(summary.split()[1]) == 3 * 2 * (3 * 8 + 3), summary
+
+
+def test_kernels_release_the_gil():
+    """Python code runs in another thread while a kernel call is in progress:
+    with the GIL held the main loop below could not advance until the call
+    returned (it would count ~0); released, it counts throughout the call."""
+    import threading
+
+    rng = np.random.default_rng(4)
+    lens = [200] * 48
+    qkv = rng.standard_normal((sum(lens), 1152)).astype(np.float32)
+    cu = enc.cu_seqlens(lens)
+    started, done = threading.Event(), threading.Event()
+
+    def work():
+        started.set()
+        for _ in range(3):
+            enc.varlen_attention(qkv, cu, 12, threads=1)
+        done.set()
+
+    t = threading.Thread(target=work)
+    t.start()
+    started.wait()
+    count = 0
+    while not done.is_set():
+        count += 1
+    t.join()
+    assert count > 1000, count
