@@ -66,17 +66,20 @@ void init_dispatch(const std::string& requested) {
       if (f.avx512_vnni) use_int8(d.gemm_table, avx512::kI8Vnni);
       d.gemm_blocking = blocking_for(f, 6, 64);
       d.attention = &avx512::kAttention;
+      d.encoder = &avx512::kEncoder;
       break;
     case Isa::kAvx2:
       d.gemm_table = avx2::kGemm;
       if (f.avx_vnni) use_int8(d.gemm_table, avx2::kI8AvxVnni);
       d.gemm_blocking = blocking_for(f, 6, 16);
       d.attention = &avx2::kAttention;
+      d.encoder = &avx2::kEncoder;
       break;
     default:
       d.gemm_table = generic::kGemm;
       d.gemm_blocking = blocking_for(f, 4, 16);
       d.attention = &generic::kAttention;
+      d.encoder = &generic::kEncoder;
       break;
   }
   // Tuning override for experiments: PYKERNELS_BLOCKING="kc,mc,nc".

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "pykernels/attention.h"
+#include "pykernels/encoder.h"
 #include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
 
@@ -19,6 +20,7 @@ struct Dispatch {
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;
+  const EncoderKernels* encoder = nullptr;  // shares attention_tiling
 };
 
 // Resolves the table. `requested` is the PYKERNELS_ISA value ("" = best);

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "pykernels/attention.h"
+#include "pykernels/encoder.h"
 #include "pykernels/runtime.h"
 
 namespace pk {
@@ -29,6 +30,7 @@ constexpr int kPvMR = 6;
 constexpr int kPvDC[kPvMR + 1] = {8, 8, 4, 3, 3, 2, 2};
 
 #include "../common/attention_impl.inc"
+#include "../common/attention_varlen.inc"  // varlen_attention (encoder.h)
 
 const AttentionKernels kAttention = {"avx2", &attention_latency, &attention_throughput,
                                      &exp2_array};

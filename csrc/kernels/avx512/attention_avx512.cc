@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "pykernels/attention.h"
+#include "pykernels/encoder.h"
 #include "pykernels/runtime.h"
 
 namespace pk {
@@ -27,6 +28,7 @@ namespace avx512 {
 #include "attention_avx512_tiles.h"
 
 #include "../common/attention_impl.inc"
+#include "../common/attention_varlen.inc"  // varlen_attention (encoder.h)
 
 const AttentionKernels kAttention = {"avx512", &attention_latency, &attention_throughput,
                                      &exp2_array};

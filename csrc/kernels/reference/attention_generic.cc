@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "pykernels/attention.h"
+#include "pykernels/encoder.h"
 #include "pykernels/runtime.h"
 
 namespace pk {
@@ -23,6 +24,7 @@ constexpr int kPvMR = 4;
 constexpr int kPvDC[kPvMR + 1] = {4, 4, 2, 2, 2};
 
 #include "../common/attention_impl.inc"
+#include "../common/attention_varlen.inc"  // varlen_attention (encoder.h)
 
 const AttentionKernels kAttention = {"generic", &attention_latency, &attention_throughput,
                                      &exp2_array};

@@ -1,0 +1,80 @@
+"""The MiniLM (BERT) encoder on a packed ragged batch: no padding anywhere.
+
+The tokens of all texts are packed densely, text b in rows ``cu[b]:cu[b+1]``
+(``cu_seqlens``), so every projection runs on the real tokens only and
+attention runs per sequence inside the packed buffer. Per layer: the fused
+QKV projection (``linear``, bias fused), ``varlen_attention`` reading Q, K, V
+from its output by strides and writing the context as (tokens, hidden), the
+output projection, ``add_layer_norm`` in place on the residual stream, the FFN
+up projection with GELU fused, the down projection and another in-place
+``add_layer_norm``; then mean pooling + L2 normalization. Five buffers of the
+batch's token count are allocated once per forward and reused by every layer.
+
+Weights come from a loaded ``MiniLM`` (its packed projections, biases,
+LayerNorm parameters and embedding tables); the numerics are those of
+``MiniLM.forward`` up to fp32 summation order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .. import _encoder, _gemm
+
+
+def tokenize_ragged(model, texts: Sequence[str]) -> tuple:
+    """Packed token ids (total_tokens,) int64 and offsets (len(texts) + 1,) int64."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+    encodings = model.tokenizer.encode_batch(list(texts))
+    lens = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    cu = _encoder.cu_seqlens(lens)
+    ids = np.empty(int(cu[-1]), dtype=np.int64)
+    for b, e in enumerate(encodings):
+        ids[cu[b]:cu[b + 1]] = e.ids
+    return ids, cu
+
+
+def ragged_forward(model, ids: np.ndarray, cu: np.ndarray, *, pooling: str = "mean",
+                   normalize: bool = True, variant: str = "auto", threads=None) -> np.ndarray:
+    """Sentence embeddings (batch, hidden) float32 of a packed ragged batch.
+
+    ids: (total_tokens,) token ids; cu: (batch + 1,) offsets (``cu_seqlens``).
+    pooling: "mean" (sentence-transformers' default), "cls" or "max".
+    """
+    h, f = model.hidden, int(model.config["intermediate_size"])
+    ids = np.asarray(ids)
+    t = ids.shape[0]
+    x = _encoder.embed_layer_norm(ids, cu, model.word_emb, model.pos_emb, model.type_emb,
+                                  *model.emb_ln, model.eps, threads=threads)
+    qkv = np.empty((t, 3 * h), dtype=np.float32)
+    ctx = np.empty((t, h), dtype=np.float32)
+    proj = np.empty((t, h), dtype=np.float32)  # attention output and FFN down
+    up = np.empty((t, f), dtype=np.float32)
+    for L in model.layers:
+        _gemm.linear(x, L.qkv, L.qkv_bias, out=qkv, variant=variant, threads=threads)
+        _encoder.varlen_attention(qkv, cu, model.heads, out=ctx, threads=threads)
+        _gemm.linear(ctx, L.out, L.out_bias, out=proj, variant=variant, threads=threads)
+        _encoder.add_layer_norm(proj, x, *L.ln1, model.eps, out=x, threads=threads)
+        _gemm.linear(x, L.up, L.up_bias, activation="gelu", out=up, variant=variant,
+                     threads=threads)
+        _gemm.linear(up, L.down, L.down_bias, out=proj, variant=variant, threads=threads)
+        _encoder.add_layer_norm(proj, x, *L.ln2, model.eps, out=x, threads=threads)
+    return _encoder.pool(x, cu, pooling, normalize, threads=threads)
+
+
+def encode_ragged(model, texts: Sequence[str], *, batch_size: int = 64, variant: str = "auto",
+                  threads=None) -> np.ndarray:
+    """(n, hidden) float32 embeddings, mean-pooled and L2-normalized, in the
+    order of ``texts``; batches of ``batch_size`` texts in their given order
+    (a ragged batch pays for its real tokens, so no sorting by length)."""
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    texts = list(texts)
+    out = np.empty((len(texts), model.hidden), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        ids, cu = tokenize_ragged(model, texts[start:start + batch_size])
+        out[start:start + batch_size] = ragged_forward(model, ids, cu, variant=variant,
+                                                       threads=threads)
+    return out
