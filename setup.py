@@ -19,7 +19,7 @@ import os
 
 from Cython.Build import cythonize
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 ISA_UNITS = {
     "avx2": (
@@ -92,8 +92,8 @@ class BuildExtPerIsa(build_ext):
 ParallelCompile("PYKERNELS_BUILD_JOBS", default=0).install()
 
 setup(
-    packages=["pykernels", "pykernels.policy", "pykernels.models", "pykernels.serving",
-              "pykernels.harness"],
+    # every package under pykernels/, plus policy/ installed as pykernels.policy
+    packages=find_packages(include=["pykernels", "pykernels.*"]) + ["pykernels.policy"],
     package_dir={"pykernels": "pykernels", "pykernels.policy": "policy"},
     ext_modules=[
         Pybind11Extension(
