@@ -11,13 +11,16 @@ if _core.init_error:  # e.g. PYKERNELS_ISA=bogus, or a path this CPU lacks
 
 from ._attention import attention, decode_attention
 from ._gemm import PackedWeight, gemm, linear, pack
+from ._peaks import Peaks, measure_peaks
 from ._runtime import (
     CpuInfo,
     KernelEntry,
     cpu_info,
     fork_join_us,
+    get_int8_scheme,
     get_num_threads,
     kernels,
+    set_int8_scheme,
     set_num_threads,
 )
 
@@ -27,14 +30,18 @@ __all__ = [
     "CpuInfo",
     "KernelEntry",
     "PackedWeight",
+    "Peaks",
     "attention",
     "cpu_info",
     "decode_attention",
     "fork_join_us",
     "gemm",
+    "get_int8_scheme",
     "get_num_threads",
     "kernels",
     "linear",
+    "measure_peaks",
     "pack",
+    "set_int8_scheme",
     "set_num_threads",
 ]

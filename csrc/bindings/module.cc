@@ -15,6 +15,7 @@
 
 #include "pykernels/dispatch.h"
 #include "pykernels/gemm.h"
+#include "pykernels/peaks.h"
 #include "pykernels/runtime.h"
 
 namespace py = pybind11;
@@ -858,6 +859,25 @@ py::list kernel_table() {
   return out;
 }
 
+// measure_peaks(seconds) -> {"isa", "threads", "ops": [(name, one, all)],
+// "read": [(level, one, all)]}: rates per second (see pykernels/_peaks.py).
+py::dict measure_peaks_py(double seconds) {
+  pk::PeakReport r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::measure_peaks(seconds);
+  }
+  py::list ops, read;
+  for (const auto& o : r.ops) ops.append(py::make_tuple(o.name, o.one, o.all));
+  for (const auto& o : r.read) read.append(py::make_tuple(o.name, o.one, o.all));
+  py::dict d;
+  d["isa"] = r.isa;
+  d["threads"] = r.threads;
+  d["ops"] = ops;
+  d["read"] = read;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -889,4 +909,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("workspace_held_bytes", &pk::workspace_held_bytes);
   m.def("fork_join_ns", &pk::measure_fork_join_ns, py::arg("threads"), py::arg("spin"),
         py::arg("reps") = 2000, py::call_guard<py::gil_scoped_release>());
+  // std::invalid_argument reaches Python as ValueError.
+  m.def("set_int8_scheme", &pk::set_int8_scheme, py::arg("scheme"));
+  m.def("measure_peaks", &measure_peaks_py, py::arg("seconds"));
 }
