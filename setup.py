@@ -25,7 +25,8 @@ ISA_UNITS = {
     "avx2": (
         ["csrc/kernels/avx2/gemm_avx2.cc",
          "csrc/kernels/avx2/attention_avx2.cc",
-         "csrc/kernels/avx2/encoder_avx2.cc"],
+         "csrc/kernels/avx2/encoder_avx2.cc",
+         "csrc/kernels/avx2/peaks_avx2.cc"],
         ["-mavx2", "-mfma", "-mf16c"],
     ),
     # int8 entry points only, swapped in when CPUID reports AVX-VNNI
@@ -36,7 +37,8 @@ ISA_UNITS = {
     "avx512": (
         ["csrc/kernels/avx512/gemm_avx512.cc",
          "csrc/kernels/avx512/attention_avx512.cc",
-         "csrc/kernels/avx512/encoder_avx512.cc"],
+         "csrc/kernels/avx512/encoder_avx512.cc",
+         "csrc/kernels/avx512/peaks_avx512.cc"],
         ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
          "-mavx512vnni", "-mfma", "-mf16c",
          "-Wno-maybe-uninitialized"]  # GCC 12 false positive in avx512fintrin.h,
@@ -48,11 +50,13 @@ BASELINE_SOURCES = [
     "csrc/runtime/cpu.cc",
     "csrc/runtime/dispatch.cc",
     "csrc/runtime/pack.cc",
+    "csrc/runtime/peaks.cc",
     "csrc/runtime/threadpool.cc",
     "csrc/runtime/workspace.cc",
     "csrc/kernels/reference/gemm_generic.cc",
     "csrc/kernels/reference/attention_generic.cc",
     "csrc/kernels/reference/encoder_generic.cc",
+    "csrc/kernels/reference/peaks_generic.cc",
 ]
 
 HEADERS = [

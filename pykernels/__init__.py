@@ -12,13 +12,16 @@ if _core.init_error:  # e.g. PYKERNELS_ISA=bogus, or a path this CPU lacks
 from ._attention import attention, decode_attention
 from ._chooser import KernelCall, get_variant_chooser, set_variant_chooser
 from ._gemm import PackedWeight, gemm, linear, pack
+from ._peaks import Peaks, measure_peaks
 from ._runtime import (
     CpuInfo,
     KernelEntry,
     cpu_info,
     fork_join_us,
+    get_int8_scheme,
     get_num_threads,
     kernels,
+    set_int8_scheme,
     set_num_threads,
 )
 
@@ -29,16 +32,20 @@ __all__ = [
     "KernelCall",
     "KernelEntry",
     "PackedWeight",
+    "Peaks",
     "attention",
     "cpu_info",
     "decode_attention",
     "fork_join_us",
     "gemm",
+    "get_int8_scheme",
     "get_num_threads",
     "get_variant_chooser",
     "kernels",
     "linear",
+    "measure_peaks",
     "pack",
+    "set_int8_scheme",
     "set_num_threads",
     "set_variant_chooser",
 ]

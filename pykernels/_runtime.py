@@ -104,6 +104,38 @@ def kernels() -> list:
     return [KernelEntry(**e) for e in _core.kernel_table()]
 
 
+INT8_SCHEMES = ("default", "vpmaddubsw")
+
+
+def set_int8_scheme(scheme: str) -> str:
+    """Choose how ``linear`` multiplies int8 weights; returns the previous
+    scheme's name (pass it back to restore).
+
+    ``scheme``: ``"default"``, ``"vpmaddubsw"``, or a name this function
+    returned (the default scheme's own name). ``"default"``: the exact scheme the CPU was given at import (``vpmaddwd``
+    on AVX2, ``vpdpbusd`` on VNNI CPUs): activations quantized per row to 8
+    bits (step max|row| / 127). ``"vpmaddubsw"`` (AVX2 and generic paths, for
+    CPUs without VNNI): activations quantized to 7 bits (step max|row| / 63, so
+    about twice the activation rounding error) so that ``vpmaddubsw``'s int16
+    pair sums cannot saturate (2 * 255 * 63 = 32130 < 32767); the int32 sums
+    are exact and the speed is about twice ``vpmaddwd``'s at compute-bound
+    sizes. The packed weights are the same for both: no repacking.
+    Process-wide, like ``set_num_threads``; call it between kernel calls, not
+    while another thread runs one. ``kernels()`` reports the scheme in use.
+    """
+    if not isinstance(scheme, str):
+        raise ValueError(f"scheme must be one of {INT8_SCHEMES}, got {scheme!r}")
+    return _core.set_int8_scheme(scheme)  # ValueError naming the choices if unavailable
+
+
+def get_int8_scheme() -> str:
+    """The instruction scheme int8 ``linear`` calls use now (e.g. ``"vpmaddwd"``)."""
+    for e in _core.kernel_table():
+        if e["op"] == "linear" and e["precision"] == "int8":
+            return e["scheme"]
+    raise RuntimeError("no int8 kernel in the registry")
+
+
 def fork_join_us(threads: int = 2, spin: bool = True, reps: int = 2000) -> float:
     """Median cost in microseconds of one parallel region in which ``threads``
     threads all take part (each task waits for the others, so the fork really

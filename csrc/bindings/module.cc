@@ -19,6 +19,7 @@
 
 #include "pykernels/dispatch.h"
 #include "pykernels/gemm.h"
+#include "pykernels/peaks.h"
 #include "pykernels/runtime.h"
 
 namespace py = pybind11;
@@ -1087,6 +1088,25 @@ void pool_fwd(py::handle x_h, py::handle cu_h, int mode, bool normalize, py::han
   pk::dispatch().encoder->pool(g, par);
 }
 
+// measure_peaks(seconds) -> {"isa", "threads", "ops": [(name, one, all)],
+// "read": [(level, one, all)]}: rates per second (see pykernels/_peaks.py).
+py::dict measure_peaks_py(double seconds) {
+  pk::PeakReport r;
+  {
+    py::gil_scoped_release nogil;
+    r = pk::measure_peaks(seconds);
+  }
+  py::list ops, read;
+  for (const auto& o : r.ops) ops.append(py::make_tuple(o.name, o.one, o.all));
+  for (const auto& o : r.read) read.append(py::make_tuple(o.name, o.one, o.all));
+  py::dict d;
+  d["isa"] = r.isa;
+  d["threads"] = r.threads;
+  d["ops"] = ops;
+  d["read"] = read;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -1157,4 +1177,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("heads"), py::arg("scale"), py::arg("out"), py::arg("threads"));
   m.def("pool", &pool_fwd, py::arg("x"), py::arg("cu_seqlens"), py::arg("mode"),
         py::arg("normalize"), py::arg("out"), py::arg("threads"));
+  // std::invalid_argument reaches Python as ValueError.
+  m.def("set_int8_scheme", &pk::set_int8_scheme, py::arg("scheme"));
+  m.def("measure_peaks", &measure_peaks_py, py::arg("seconds"));
 }

@@ -91,6 +91,11 @@ void init_dispatch(const std::string& requested) {
       d.gemm_blocking.nc = nc;
     }
   }
+  {
+    const int p = static_cast<int>(Precision::kI8);
+    d.int8_default.meta = d.gemm_table.meta[p];
+    for (int v = 0; v < 2; ++v) d.int8_default.run[v] = d.gemm_table.run[p][v];
+  }
   d.attention_tiling.l1d_bytes = f.l1d_bytes;
   d.attention_tiling.l2_bytes = f.l2_bytes;
   g_dispatch = d;
@@ -98,5 +103,22 @@ void init_dispatch(const std::string& requested) {
 }
 
 const Dispatch& dispatch() { return g_dispatch; }
+
+std::string set_int8_scheme(const std::string& scheme) {
+  const int p = static_cast<int>(Precision::kI8);
+  const std::string previous = g_dispatch.gemm_table.meta[p].scheme;
+  if (scheme == "default" || scheme == g_dispatch.int8_default.meta.scheme) {
+    use_int8(g_dispatch.gemm_table, g_dispatch.int8_default);
+  } else if (scheme == "vpmaddubsw" && g_dispatch.isa == Isa::kAvx2) {
+    use_int8(g_dispatch.gemm_table, avx2::kI8Maddubs);
+  } else if (scheme == "vpmaddubsw" && g_dispatch.isa == Isa::kGeneric) {
+    use_int8(g_dispatch.gemm_table, generic::kI8Maddubs);
+  } else {
+    throw std::invalid_argument("int8 scheme '" + scheme + "' is not available on isa " +
+                                isa_name(g_dispatch.isa) + " (choose 'default'" +
+                                (g_dispatch.isa == Isa::kAvx512 ? "" : " or 'vpmaddubsw'") + ")");
+  }
+  return previous;
+}
 
 }  // namespace pk

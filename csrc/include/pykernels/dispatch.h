@@ -17,6 +17,7 @@ struct Dispatch {
   const GemmKernels* gemm = nullptr;  // points at gemm_table
   GemmKernels gemm_table;             // the ISA's table, int8 entries swapped for
                                       // the VNNI ones when the CPU has them
+  GemmPair int8_default;              // the table's int8 entries at init
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;
@@ -28,5 +29,13 @@ struct Dispatch {
 // std::invalid_argument with the reason.
 void init_dispatch(const std::string& requested);
 const Dispatch& dispatch();
+
+// Swaps the int8 entries of the table: "default" (what init chose: vpmaddwd,
+// or vpdpbusd on VNNI CPUs) or "vpmaddubsw" (AVX2 and generic paths: 7-bit
+// activations, ~2x the activation rounding error, no VNNI needed). Returns the
+// previous scheme's name; an unknown or unavailable name throws
+// std::invalid_argument. Not synchronized with running kernels: call it before
+// kernel calls start, or between them.
+std::string set_int8_scheme(const std::string& scheme);
 
 }  // namespace pk

@@ -80,7 +80,8 @@ using GemmFn = void (*)(const GemmArgs&, const ParallelPolicy&, const Blocking&)
 // printed name from them, and nothing parses a name). Filled from the same
 // constants the tiles are compiled from (meta_of in common/gemm_impl.inc).
 struct KernelMeta {
-  const char* scheme;  // the instruction scheme: "fma", "widen_fma", "vpmaddwd", "vpdpbusd"
+  const char* scheme;  // the instruction scheme: "fma", "widen_fma", "vpmaddwd", "vpdpbusd",
+                       // "vpmaddubsw" (7-bit activations, opt-in: set_int8_scheme)
   int mr, nr;          // register tile of the throughput kernel, rows x columns
   int k_step;          // consecutive k per packed group (1 fp32, 2 bf16, 4 int8)
 };
@@ -102,10 +103,14 @@ struct GemmPair {
   GemmFn run[2];
 };
 
-namespace generic { extern const GemmKernels kGemm; }
+namespace generic {
+extern const GemmKernels kGemm;
+extern const GemmPair kI8Maddubs;  // scalar model of avx2::kI8Maddubs (7-bit activations)
+}
 namespace avx2 {
 extern const GemmKernels kGemm;    // int8 by vpmaddwd
 extern const GemmPair kI8AvxVnni;  // int8 by VEX vpdpbusd (AVX-VNNI)
+extern const GemmPair kI8Maddubs;  // int8 by vpmaddubsw, 7-bit activations (opt-in)
 }
 namespace avx512 {
 extern const GemmKernels kGemm;    // int8 by vpmaddwd (AVX-512F/BW)

@@ -16,6 +16,51 @@ namespace avx2 {
 
 #include "gemm_avx2_traits.inc"
 
+// int8 by vpmaddubsw (AVX2 without VNNI): the vpdpbusd layout and epilogue
+// (VIVnni in gemm_avx2_vnni.cc) with the 4-product sum done in two steps:
+// vpmaddubsw multiplies the u8 weights (w + 128, in [1, 255]) by the s8
+// activations and sums adjacent pairs into int16 with saturation, then
+// vpmaddwd by ones sums adjacent int16 pairs into int32. The pair sums never
+// saturate because the activations are quantized to 7 bits: |a| <= 63, so
+// |w_u8 * a0 + w_u8 * a1| <= 2 * 255 * 63 = 32130 < 32767; the int32 sums are
+// then exact (as for vpmaddwd), and the epilogue removes 128 * sum_k a[k].
+// The price is the activation rounding: a step of max|x| / 63 instead of
+// max|x| / 127, twice the quantization error of the exact vpmaddwd scheme
+// (relative error per activation <= 1 / 126 of the row's max instead of
+// 1 / 254). 32 multiply-adds per 3 instructions (vpmaddubsw, vpmaddwd, vpaddd)
+// against 16 per 3 (vpmovsxbw, vpmaddwd, vpaddd).
+// Registers (16 ymm): 3 rows x 2 panels x 2 = 12 accumulators + 3 activation
+// broadcasts + 1 weight; the ones constant is folded into vpmaddwd's memory
+// operand or rematerialized.
+struct VIMaddubs {
+  using act_t = int8_t;
+  using reg = __m256i;
+  using wreg = __m256i;
+  using areg = __m256i;
+  static constexpr int kRegsPerPanel = 2;  // 32 bytes (8 columns x 4 k) each
+  static constexpr int kLanesPerCol = 1;
+  static constexpr int kWeightBias = 128;
+  static constexpr int kActMax = 63;
+  static constexpr int kMR = 3;
+  static constexpr int kMaxAcc = 12;
+  static constexpr int kLatNP[kMR + 1] = {1, 6, 3, 2};
+  static reg zero() { return _mm256_setzero_si256(); }
+  static areg bcast_a4(const int8_t* a) {
+    int32_t x;
+    std::memcpy(&x, a, sizeof(x));
+    return _mm256_set1_epi32(x);
+  }
+  static wreg widen(const int8_t* group_row, int g) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_row + 32 * g));
+    return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
+  }
+  static reg madd(reg acc, wreg w, areg a) {
+    const __m256i pairs = _mm256_maddubs_epi16(w, a);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static void store(int32_t* p, reg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+
 #include "../common/gemm_impl.inc"
 
 const GemmKernels kGemm = {
@@ -25,6 +70,9 @@ const GemmKernels kGemm = {
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};
+
+const GemmPair kI8Maddubs = {meta_of<Int8Format<VIMaddubs>>("vpmaddubsw"),
+                             {&i8_latency<VIMaddubs>, &i8_throughput<VIMaddubs>}};
 
 }  // namespace avx2
 }  // namespace pk

@@ -52,6 +52,14 @@ struct VI {
   static void store(int32_t* p, const reg& v) { for (int i = 0; i < 4; ++i) p[i] = v.v[i]; }
 };
 
+// The executable model of the AVX2 vpmaddubsw scheme (VIMaddubs in
+// gemm_avx2.cc): with activations limited to 7 bits its int16 pair sums never
+// saturate, so it computes exactly the u8 x s8 sums above on 7-bit
+// activations; same integers, bit for bit.
+struct VI7 : VI {
+  static constexpr int kActMax = 63;
+};
+
 constexpr int kTputMR = 4;
 constexpr int kTputNP = 1;
 constexpr int kMaxAcc = 16;  // 4x16: 16 xmm accumulators (the compiler spills a few)
@@ -66,6 +74,9 @@ const GemmKernels kGemm = {
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
      {&i8_latency<VI>, &i8_throughput<VI>}}};
+
+const GemmPair kI8Maddubs = {meta_of<Int8Format<VI7>>("vpmaddubsw"),
+                             {&i8_latency<VI7>, &i8_throughput<VI7>}};
 
 }  // namespace generic
 }  // namespace pk

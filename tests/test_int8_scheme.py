@@ -1,0 +1,88 @@
+"""The opt-in int8 scheme "vpmaddubsw" (7-bit activations, AVX2 without VNNI).
+
+Checked on every ISA path (the generic path runs its scalar model, AVX2 the
+vpmaddubsw kernels; AVX-512 does not offer it): the results are bit-identical
+to a float64 model of the scheme (7-bit per-row activation quantization, exact
+integer sums, the kernels' float32 dequantization order), and within the stated
+error bound of the float64 product.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import run_json_under_isa
+
+SHAPES = [(1, 64, 48), (3, 100, 33), (7, 257, 70), (33, 128, 40), (64, 512, 256)]
+
+_CHILD = r"""
+import json
+import numpy as np
+import pykernels as pk
+
+def unpack_i8(pw):
+    k, n = pw.shape
+    data = pw._data.reshape(-1, (k + 3) // 4, 16, 4)       # [panel][k/4][col][k mod 4]
+    wq = data.transpose(1, 3, 0, 2).reshape(-1, data.shape[0] * 16)[:k, :n]
+    return wq.astype(np.float64)
+
+out = {"available": True, "cases": []}
+rng = np.random.default_rng(7)
+for (m, k, n) in SHAPES_PLACEHOLDER:
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x[0, :] *= 50.0                                      # rows of different scales
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    pw = pk.pack(w, precision="int8")
+    default = pk.get_int8_scheme()
+    try:
+        prev = pk.set_int8_scheme("vpmaddubsw")
+    except ValueError:
+        out["available"] = False
+        break
+    try:
+        assert pk.get_int8_scheme() == "vpmaddubsw"
+        assert all(e.scheme == "vpmaddubsw" for e in pk.kernels() if e.precision == "int8")
+        res = {}
+        for variant in ("latency", "throughput"):
+            for threads in (1, 2):
+                res[(variant, threads)] = pk.linear(x, pw, variant=variant, threads=threads)
+    finally:
+        pk.set_int8_scheme(prev)
+    assert pk.get_int8_scheme() == default
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    xq = np.round(x.astype(np.float64) * (63.0 / amax.astype(np.float64)))
+    assert np.abs(xq).max() <= 63
+    sa = (amax / np.float32(63)).astype(np.float32)
+    model = (xq @ unpack_i8(pw)).astype(np.float32) * pw._scale * sa
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    # error bound: per element sum_k |a_k - a~_k| |w_k| + |a~_k| |w_k - w~_k|, with
+    # |a - a~| <= amax / 126 and |w - w~| <= scale / 2 (plus float32 rounding)
+    bound = (amax / 126.0) @ np.abs(w).sum(0, keepdims=True) \
+        + (np.abs(x) @ np.full((k, n), 0.5) + amax / 126.0 * k * 0.5) * pw._scale \
+        + 1e-5 * np.abs(exact) + 1e-30
+    case = {"shape": [m, k, n], "bitexact": True, "within_bound": True}
+    for key, y in res.items():
+        case["bitexact"] &= bool(np.array_equal(y, model))
+        case["within_bound"] &= bool(np.all(np.abs(y - exact) <= bound))
+    out["cases"].append(case)
+print(json.dumps(out))
+"""
+
+
+def test_vpmaddubsw_matches_its_model(isa):
+    r = run_json_under_isa(isa, _CHILD.replace("SHAPES_PLACEHOLDER", repr(SHAPES)))
+    if isa == "avx512":
+        assert not r["available"]  # not offered there: VNNI or vpmaddwd instead
+        return
+    assert r["available"], isa
+    assert len(r["cases"]) == len(SHAPES)
+    for c in r["cases"]:
+        assert c["bitexact"], c
+        assert c["within_bound"], c
+
+
+def test_unknown_scheme_is_a_value_error():
+    import pykernels as pk
+    with pytest.raises(ValueError, match="not available"):
+        pk.set_int8_scheme("vnni9000")
+    assert pk.get_int8_scheme() in ("vpmaddwd", "vpdpbusd", "scalar_u8s8")
