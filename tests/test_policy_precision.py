@@ -67,3 +67,29 @@ def test_under_a_burst_queries_drop_precision_only_within_their_budget():
     assert loose.precision == "int8" and loose.feasible, loose.explain()
     assert tight.precision == "fp32", tight.explain()
     assert calm.feasible
+
+
+# --- admission prediction: a queue drains in means, not medians -----------------
+def test_predicted_drain_time_follows_the_mean_of_skewed_service_times():
+    from pykernels.policy.simulate import synthetic_profile as sp
+    fp32 = sp({k: v for k, v in SYNTHETIC_GROUPS.items() if k[1] == "fp32"})
+    policy = Policy(SLO(p99_ms=3.0), fp32, window=20, min_observations=5)
+    plan = policy.plan(OP, arrival_rate=20_000)
+    p50 = plan.service_p50_ms
+    # 15 batches at the predicted median, 5 preempted ones at 5x: median 1x, mean 2x
+    for i in range(20):
+        policy.observe(plan, (5 if i % 4 == 3 else 1) * p50 / 1e3)
+    assert policy.correction(OP, plan.variant, plan.precision, plan.threads)[0] == pytest.approx(1.0)
+    assert policy.predict_service_ms(plan, tail=False) == pytest.approx(2 * p50, rel=0.03)
+    assert policy.predict_service_ms(plan) >= policy.predict_service_ms(plan, tail=False)
+
+
+def test_steady_service_times_keep_the_median():
+    from pykernels.policy.simulate import synthetic_profile as sp
+    fp32 = sp({k: v for k, v in SYNTHETIC_GROUPS.items() if k[1] == "fp32"})
+    policy = Policy(SLO(p99_ms=3.0), fp32, min_observations=5)
+    plan = policy.plan(OP, arrival_rate=20_000)
+    for _ in range(10):
+        policy.observe(plan, 1.5 * plan.service_p50_ms / 1e3)
+    assert policy.predict_service_ms(plan, tail=False) == pytest.approx(1.5 * plan.service_p50_ms,
+                                                                        rel=0.02)
