@@ -88,3 +88,26 @@ class SLO:
         else:
             parts.append(f"relative error <= {self.max_rel_error:g}")
         return ", ".join(parts)
+
+
+def parse_min_cosines(text: str, classes) -> dict:
+    """``"interactive=0.999,bulk=0.99"`` -> {class: least cosine to fp32}, for
+    the classes named in ``classes``; ValueError names the bad part."""
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        cls, sep, val = part.partition("=")
+        cls = cls.strip()
+        if not sep:
+            raise ValueError(f"accuracy: {part!r} is not class=cosine (e.g. bulk=0.99)")
+        if cls not in classes:
+            raise ValueError(f"accuracy: unknown class {cls!r}; classes are {', '.join(classes)}")
+        try:
+            c = float(val)
+        except ValueError:
+            raise ValueError(f"accuracy: {part!r} is not class=cosine (e.g. bulk=0.99)") from None
+        if not 0.0 < c <= 1.0:
+            raise ValueError(f"accuracy: the cosine of {cls!r} must be in (0, 1], got {c}")
+        out[cls] = c
+    return out

@@ -93,3 +93,14 @@ def test_steady_service_times_keep_the_median():
         policy.observe(plan, 1.5 * plan.service_p50_ms / 1e3)
     assert policy.predict_service_ms(plan, tail=False) == pytest.approx(1.5 * plan.service_p50_ms,
                                                                         rel=0.02)
+
+
+# --- the accuracy flag's parser (pykernels serve --accuracy, pykernels demo --accuracy) ---
+def test_parse_min_cosines():
+    from pykernels.policy.slo import parse_min_cosines
+    assert parse_min_cosines("interactive=0.999,bulk=0.99", ("interactive", "bulk")) == \
+        {"interactive": 0.999, "bulk": 0.99}
+    assert parse_min_cosines("bulk=1", ("interactive", "bulk")) == {"bulk": 1.0}
+    for bad in ("batch=0.9", "bulk", "bulk=x", "bulk=0", "bulk=1.01"):
+        with pytest.raises(ValueError, match="accuracy"):
+            parse_min_cosines(bad, ("interactive", "bulk"))

@@ -30,7 +30,7 @@ marked.
 """
 from .main import add_demo_arguments, parse_accuracy, run_demo, run_demo_cli
 from .report import best_static, mark_best, print_phases, print_table, print_targets
-from .run import RunResult, measure_cosines, measure_profile, run_policy
+from .run import RunResult, measure_profile, run_policy
 from .servers import FifoServer, PolicyServer, StaticServer
 from .workload import (ATTAIN, BATCHES, BULK_BATCH, DEFAULT_ACCURACY, POLICIES, REFERENCE, WORDS,
                        Phase, make_phases, make_texts, phase_bounds, priority_name, query_arrivals,
@@ -39,7 +39,7 @@ from .workload import (ATTAIN, BATCHES, BULK_BATCH, DEFAULT_ACCURACY, POLICIES, 
 __all__ = [
     "ATTAIN", "BATCHES", "BULK_BATCH", "DEFAULT_ACCURACY", "FifoServer", "POLICIES", "Phase",
     "PolicyServer", "REFERENCE", "RunResult", "StaticServer", "WORDS", "add_demo_arguments",
-    "best_static", "make_phases", "make_texts", "mark_best", "measure_cosines", "measure_profile",
+    "best_static", "make_phases", "make_texts", "mark_best", "measure_profile",
     "parse_accuracy", "phase_bounds", "print_phases", "print_table", "print_targets",
     "priority_name", "query_arrivals", "run_demo", "run_demo_cli", "run_policy",
     "start_competitor", "static_configs",

@@ -11,33 +11,20 @@ import numpy as np
 
 from ..models import MiniLM
 from ..models.minilm import encoder_op
-from ..policy.slo import cosine_error
+from ..policy.slo import cosine_error, parse_min_cosines
 from .plot import plot_runs
 from .report import mark_best, print_phases, print_table, print_targets
-from .run import measure_cosines, measure_profile, run_policy
+from .run import measure_profile, run_policy
 from .servers import PolicyServer, StaticServer
 from .workload import (BULK_BATCH, DEFAULT_ACCURACY, POLICIES, REFERENCE, make_phases, make_texts,
                        static_configs)
 
 
 def parse_accuracy(text: Optional[str]) -> dict:
-    """"interactive=0.999,bulk=0.99" -> {class: least cosine to fp32}."""
+    """"interactive=0.999,bulk=0.99" -> {class: least cosine to fp32}, the
+    defaults for classes not named."""
     out = dict(DEFAULT_ACCURACY)
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        cls, _, val = part.partition("=")
-        cls = cls.strip()
-        if cls not in out:
-            raise ValueError(f"--accuracy: unknown class {cls!r}; the demo serves "
-                             f"{', '.join(out)}")
-        try:
-            c = float(val)
-        except ValueError:
-            raise ValueError(f"--accuracy: {part!r} is not class=cosine (e.g. bulk=0.99)") from None
-        if not 0.0 < c <= 1.0:
-            raise ValueError(f"--accuracy: the cosine of {cls!r} must be in (0, 1], got {c}")
-        out[cls] = c
+    out.update(parse_min_cosines(text or "", tuple(DEFAULT_ACCURACY)))
     return out
 
 
@@ -69,7 +56,7 @@ def run_demo(*, duration: float = 9.0, rate: float = 20.0, p99_ms: float = 100.0
           f"phases {', '.join(f'{p.name} {p.seconds:g} s' for p in sched)} per server", file=out)
     t0 = time.perf_counter()
     calib = queries[:16] + [d for docs in docs_by_phase for d in docs[:16]]
-    cosines = measure_cosines(model, calib)
+    cosines = model.min_cosines(calib)
     ops = {"interactive": encoder_op(model, 14, None), "bulk": encoder_op(model, 56, None)}
     all_docs = [d for docs in docs_by_phase for d in docs]
     order = np.random.default_rng(2).permutation(len(all_docs))

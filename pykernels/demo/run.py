@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
@@ -202,13 +202,3 @@ def measure_profile(model, texts_by_op: dict, precisions, configs, batches, reps
                     profile.add(op, variant, prec, threads, b, times[len(times) // 2],
                                 max(times[-1], times[len(times) // 2]), samples=reps)
     return profile
-
-
-def measure_cosines(model, texts: Sequence[str]) -> Dict[str, float]:
-    """The least cosine of each precision's embeddings to fp32's on ``texts``."""
-    ref = model.encode(texts, precision="fp32")
-    return {p: (1.0 if p == "fp32" else float(np.min(np.sum(model.encode(texts, precision=p) * ref,
-                                                             axis=1))))
-            for p in model.precisions}
-
-

@@ -248,16 +248,19 @@ class MiniLM:
         return out
 
     # ---- the forward as work, for the planner -------------------------------------
-    def describe(self, tokens: int, precision: str | None = None) -> work.Model:
+    def describe(self, tokens: int, precision: str | None = None, *,
+                 free: bool = False) -> work.Model:
         """The forward of one text of ``tokens`` tokens as work: per layer the
         fused QKV projection, self-attention, the output projection and the two
         FFN projections (the kernel calls of ``forward``), shapes from the
         config, the projections' precision fixed to ``precision`` (None: the
-        model's default). Embedding lookup, LayerNorm and pooling are NumPy
-        glue, not kernel calls."""
+        model's default); ``free``: left to the planner (None), for a model
+        holding several precisions. Embedding lookup, LayerNorm and pooling
+        are NumPy glue, not kernel calls."""
         cfg = self.config
         h, f = self.hidden, int(cfg["intermediate_size"])
-        nh, layers, p = self.heads, len(self.layers), self._check_precision(precision)
+        nh, layers = self.heads, len(self.layers)
+        p = None if free else self._check_precision(precision)
         tokens = int(tokens)
         layer = (work.Linear(h, 3 * h, p, rows_per_item=tokens),
                  work.Attention(nh, nh, self.head_dim, tokens, tokens, False),
@@ -265,8 +268,20 @@ class MiniLM:
                  work.Linear(h, f, p, rows_per_item=tokens),
                  work.Linear(f, h, p, rows_per_item=tokens))
         name = (f"minilm-l{layers}(h={h},heads={nh},ffn={f},vocab={cfg.get('vocab_size', '?')},"
-                f"s={tokens},{p})")
+                f"s={tokens},{p or 'any'})")
         return work.Model(ops=layer * layers, name=name)
+
+    def min_cosines(self, texts: Sequence[str]) -> dict:
+        """{precision: the least cosine of its embeddings of ``texts`` to
+        fp32's} for every precision this model holds (fp32: 1.0): the accuracy
+        a class budget (``SLO(min_cosine=)``) is checked against."""
+        ref = self.encode(texts, precision="fp32") if "fp32" in self._layers else None
+        if ref is None:
+            raise ValueError("min_cosines needs fp32 weights as the reference; load the model "
+                             "with precisions=[..., 'fp32']")
+        return {p: 1.0 if p == "fp32" else
+                float(np.min(np.sum(self.encode(texts, precision=p) * ref, axis=1)))
+                for p in self.precisions}
 
     # ---- float64 NumPy reference -----------------------------------------------------
     def reference_forward(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
