@@ -184,3 +184,32 @@ def test_int8_embeddings_within_the_bulk_budget(minilm2):
     # per-channel int8 weights: ~1e-2 relative error per projection; the
     # normalized embedding stays within the default bulk budget of 0.99
     assert demo.DEFAULT_ACCURACY["bulk"] <= cos["int8"] < 1.0
+
+
+def test_plot_shows_pykernels_and_the_closest_static():
+    from pykernels.demo.plot import shown
+    ph = demo.make_phases(False, 2.0)
+    runs = []
+    for name, kind, lat in [("priority-b1-aut-d0", "static", 50.0), ("priority-b8-aut-d0", "static", 500.0),
+                            ("pykernels", "pykernels", 20.0)]:
+        r = demo.RunResult(name, ph, 100.0, kind=kind)
+        r.queries = [(0.5, lat), (1.0, 150.0)]
+        runs.append(r)
+    assert [r.policy for r in shown(runs)] == ["priority-b1-aut-d0", "pykernels"]
+    assert [r.policy for r in shown(runs, best=["priority-b8-aut-d0"])] == ["priority-b8-aut-d0", "pykernels"]
+
+
+def test_plot_draws_phases_and_precision_mix(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pykernels.demo.plot import plot_runs
+    ph = demo.make_phases(True, 2.0)
+    runs = []
+    for name, kind in [("priority-b1-aut-d0", "static"), ("pykernels", "pykernels")]:
+        r = demo.RunResult(name, ph, 100.0, kind=kind)
+        r.queries = [(t, 30.0 + t) for t in np.arange(0.1, 8.0, 0.1)] + [(7.9, float("inf"))]
+        r.bulk = list(np.arange(0.05, 8.0, 0.05))
+        r.batches = [(t, "bulk", "int8" if t < 4 else "fp32", 2) for t in np.arange(0.1, 8.0, 0.2)]
+        runs.append(r)
+    out = tmp_path / "demo.png"
+    plot_runs(runs, ph, 100.0, str(out))
+    assert out.stat().st_size > 10_000
