@@ -61,6 +61,8 @@ class Feedback:
         self._corr: Dict[tuple, Tuple[float, float, int]] = {}  # group -> (p50 scale, tail, stamp)
         self._op_ratios: Dict[str, collections.deque] = {}
         self._op_corr: Dict[str, Tuple[float, float]] = {}
+        # mean of each window's ratios (keys: kernel-choice tuples and op keys)
+        self._means: Dict[object, float] = {}
         self.op_count: Dict[str, int] = {}
         self._last_seen: Dict[tuple, int] = {}
         self._cells: Dict[tuple, QuantileSketch] = {}
@@ -141,6 +143,7 @@ class Feedback:
         if w is None or len(w) < self.min_observations:
             return False
         srt = sorted(w)
+        self._means[k] = _snap(sum(srt) / len(srt))
         new = (_snap(_quantile(srt, 0.5)), _snap(_quantile(srt, 0.99)))
         old = corr.get(k)
         corr[k] = new if stamp is None else new + (stamp,)
@@ -189,6 +192,18 @@ class Feedback:
             return c[0], c[1]
         return self._op_corr.get(op_key)
 
+    def mean_scale(self, op_key: str, v, p, t) -> Optional[float]:
+        """Mean ratio of observed to predicted p50 over the recent window the
+        correction comes from (same freshness rule), None before
+        ``min_observations``. Service times are skewed (a preempted batch runs
+        several times its median), so a queue of n batches drains in about n
+        means, not n medians."""
+        gk = (op_key, v, p, t)
+        c = self._corr.get(gk)
+        if c is not None and self.op_count.get(op_key, 0) - c[2] <= 2 * self.window:
+            return self._means.get(gk)
+        return self._means.get(op_key)
+
     def corrected(self, cm: CostModel, op: Op, v, p, t, b) -> Optional[Tuple[float, float, float]]:
         """Corrected service (p50, p99) of a batch of b and the cost model's
         uncorrected p50, in ms; None when the cost model cannot predict it."""
@@ -214,7 +229,7 @@ class Feedback:
 
     def reset(self) -> None:
         for store in (self.pending, self._ratios, self._corr, self._op_ratios, self._op_corr,
-                      self.op_count, self._last_seen, self._cells, self._caps, self._streak):
+                      self._means, self.op_count, self._last_seen, self._cells, self._caps, self._streak):
             store.clear()
 
 

@@ -156,8 +156,10 @@ class Policy:
         """Predicted service time (ms) of one batch of ``batch`` items (default
         ``plan.batch_size``) run with ``plan``'s kernel choice: the cost model
         corrected by the observed service times (``tail``: the p99, else the
-        p50). The one service-time model a server should size batches on;
-        ``observe()`` is what teaches it."""
+        p50, raised to the recent *mean* when observed times run skewed: what
+        a server sums over the batches queued ahead, which drain in about n
+        means, not n medians). The one service-time model a server should size
+        batches and admit requests on; ``observe()`` is what teaches it."""
         b = plan.batch_size if batch is None else int(batch)
         if b <= 0:
             return 0.0
@@ -169,13 +171,16 @@ class Policy:
             got = self._service.get(key, self)
             if got is self:
                 got = self._feedback.corrected(cm, *key)
+                if got is not None:
+                    mean = self._feedback.mean_scale(plan.op.key, *key[1:4])
+                    got = got + (got[0] if mean is None else max(got[0], got[2] * mean),)
                 if len(self._service) > 4096:
                     self._service.clear()
                 self._service[key] = got
         if got is None:  # the cost model has no cell for it: scale the plan's own batch
             full = plan.service_p99_ms if tail else plan.service_p50_ms
             return full * b / max(1, plan.batch_size)
-        return got[1] if tail else got[0]
+        return got[1] if tail else got[3]
 
     def _invalidate(self, op_key: str) -> None:
         """Feedback for ``op_key`` changed: drop its tables and every cached plan."""

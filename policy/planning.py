@@ -18,7 +18,7 @@ from pykernels.work import Op, precision_error, precision_rank
 from . import scan as _scan
 from .cost import CostModel
 from .plan import ERROR_TOLERANCE, Plan, _Alternatives, _failure_texts, _fast
-from .slo import SLO
+from .slo import SLO, error_cosine
 
 VARIANT_ORDER = ("latency", "throughput")
 
@@ -97,7 +97,15 @@ class Planner:
         allowed = [c for c in cands if errs[c] <= limit]
         notes = []
         excluded = sorted({c[1] for c in cands if errs[c] > limit}, key=precision_rank)
-        if excluded:
+        if slo.min_cosine is not None:  # the budget as stated: cosine of the outputs to fp32's
+            worst = {}
+            for c in cands:
+                worst[c[1]] = max(worst.get(c[1], 0.0), errs[c])
+            notes.append("Accuracy budget: cosine to fp32 >= {:g}; measured cosine: {}.".format(
+                slo.min_cosine, ", ".join(
+                    f"{p} {error_cosine(e):.5g}" + (" (excluded)" if p in excluded else "")
+                    for p, e in sorted(worst.items(), key=lambda kv: precision_rank(kv[0])))))
+        elif excluded:
             notes.append("Excluded by the accuracy budget of {:g}: {}.".format(
                 slo.max_rel_error, ", ".join(f"{p} (error ~{min(errs[c] for c in cands if c[1] == p):.1g})"
                                              for p in excluded)))

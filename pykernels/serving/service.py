@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import collections
 import contextlib
 import hmac
@@ -31,6 +32,7 @@ import pykernels
 from ..policy import SLO, Policy, Profile, ProfileWarning
 from ..models.minilm import encoder_op
 from ..policy.profile import default_path
+from ..policy.slo import cosine_error
 from .batcher import DynamicBatcher, Overloaded
 from .metrics import prom_labels, prom_number
 
@@ -110,11 +112,16 @@ def make_encode_fn(model, *, sub_batch: int = SUB_BATCH) -> Callable[[List[str],
     (sub-batches of ``sub_batch`` sorted by length) with the plan's variant and
     threads, so results match ``model.encode(texts)`` to float rounding."""
 
+    held = tuple(getattr(model, "precisions", ()))
+
     def encode_batch(texts: List[str], plan) -> list:
         ids, lens = model.tokenize(texts)
+        # a model holding several precisions runs the one the plan chose
+        prec = getattr(plan, "precision", None)
+        kw = {"precision": prec} if len(held) > 1 and prec in held else {}
         out = model.encode_tokens(ids, lens, batch_size=sub_batch,
                                   variant=getattr(plan, "variant", None) or "auto",
-                                  threads=getattr(plan, "threads", None))
+                                  threads=getattr(plan, "threads", None), **kw)
         return [(out[i], int(lens[i])) for i in range(len(texts))]
 
     return encode_batch
@@ -181,25 +188,61 @@ def warm_up(model, threads: Optional[Sequence[int]] = None) -> None:
 def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
                  bulk_throughput: Optional[float] = None, max_queue: int = 4096,
                  profile_path=None, calibrate_budget_s: float = 8.0,
-                 name: str = "embeddings", warm: bool = True, **batcher_kw) -> DynamicBatcher:
+                 name: str = "embeddings", warm: bool = True,
+                 accuracy: Optional[dict] = None, **batcher_kw) -> DynamicBatcher:
     """A DynamicBatcher for ``model`` with two classes: ``interactive`` (p99
     target ``interactive_p99_ms``) and ``bulk`` (throughput floor
     ``bulk_throughput`` texts/s, or none), each planned by a ``Policy`` on
     ``profile`` (default: ``serving_profile``). ``warm``: ``warm_up(model)``
-    first."""
+    first. ``accuracy``: {class: least cosine to fp32's embeddings}, see
+    ``_with_accuracy``."""
     prec = getattr(model, "precision", "fp32")
     op_i, op_b = served_ops(model)
+    if accuracy:
+        op_i, op_b = (model.describe(s, free=True) for s in (INTERACTIVE_SEQ_LEN, BULK_SEQ_LEN))
     if profile is None:
-        profile = serving_profile([op_i, op_b], path=profile_path, budget_s=calibrate_budget_s)
+        profile = serving_profile([op_i, op_b], path=profile_path, budget_s=calibrate_budget_s,
+                                  precisions=list(model.precisions) if accuracy else None)
     if warm:
         warm_up(model, sorted({m.threads for m in profile.measurements}) or None)
     err = _MAX_REL_ERROR.get(prec, 1e-4)
     classes = {"interactive": SLO(p99_ms=float(interactive_p99_ms), max_rel_error=err),
                "bulk": SLO(min_throughput=bulk_throughput, max_rel_error=err)}
+    if accuracy:
+        classes, profile = _with_accuracy(model, classes, profile, accuracy)
     return DynamicBatcher(make_encode_fn(model),
                           policy=lambda slo: Policy(slo, profile, progress=False),
                           classes=classes, op={"interactive": op_i, "bulk": op_b},
                           max_queue=max_queue, name=name, **batcher_kw)
+
+
+# --- accuracy budgets in cosine (pykernels serve --accuracy) ----------------
+_CALIBRATION_TEXTS = [
+    "what is the capital of france",
+    "how do i reset my password",
+    "cheap flights to tokyo in march",
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Sentence embeddings map a text to a vector so that similar texts land close together; "
+    "the cosine between two vectors measures how alike the texts are.",
+    "A kernel library runs matrix products and attention on the CPU. It chooses tile sizes, "
+    "thread counts and precisions so that small interactive requests stay fast while large "
+    "batches of documents are indexed at the highest throughput the machine allows, and it "
+    "learns from the service times it observes while serving.",
+]
+
+
+def _with_accuracy(model, classes: dict, profile, accuracy: dict):
+    """Classes whose accuracy budget is a least cosine to fp32's embeddings
+    (``accuracy``: {class: cosine}; classes not named keep theirs), and a copy
+    of ``profile`` whose precision errors are the distances at the cosines
+    ``model.min_cosines`` measures now on calibration texts."""
+    cos = model.min_cosines(_CALIBRATION_TEXTS)
+    profile = profile.copy()
+    profile.precision_error.update({p: cosine_error(c) for p, c in cos.items()})
+    out = {k: dataclasses.replace(slo, min_cosine=accuracy[k]) if k in accuracy else slo
+           for k, slo in classes.items()}
+    log.info("accuracy budgets %s; measured cosines to fp32 %s", accuracy, cos)
+    return out, profile
 
 
 def measure_encoder(model, texts_by_tokens: dict, configs, batches, profile=None,
