@@ -97,7 +97,7 @@ def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The main job: MiniLM under mixed interactive + bulk traffic, five serving policies."""
+    """The main job: MiniLM under mixed interactive + bulk traffic, the serving policies and the baselines users configure."""
     from .demo import run_demo_cli
     return run_demo_cli(args)
 
