@@ -76,11 +76,17 @@ def _add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.add_argument("--no-fork-join", action="store_true",
                    help="skip measuring the thread pool's fork/join cost")
+    p.add_argument("--peak", action="store_true",
+                   help="the measured instruction peaks (fp32 FMA, int8/bf16 dot products where "
+                        "present) and read bandwidth at L2, L3 and DRAM sizes (cached per CPU)")
+    p.add_argument("--refresh-peak", action="store_true",
+                   help="with --peak: measure again instead of reading the cache")
 
 
 def run_info(args) -> int:
     """CPU features, the ISA in use, threads, the kernel registry and the pool's cost."""
-    rec = info_record(fork_join=not args.no_fork_join)
+    rec = info_record(fork_join=not args.no_fork_join, peak=args.peak,
+                      refresh_peak=args.refresh_peak)
     print(json.dumps(rec, indent=2) if args.json else format_info(rec))
     return 0
 

@@ -47,6 +47,19 @@ def test_info_json():
     assert doc["kernels"] and {"op", "variant", "precision", "isa", "name"} <= set(doc["kernels"][0])
 
 
+def test_info_peak_reports_measured_rates(tmp_path):
+    """`pykernels info --peak`: the fp32 FMA rate and read bandwidth measured on
+    this machine, on 1 and on all threads (cached in the user cache dir)."""
+    env = {"XDG_CACHE_HOME": str(tmp_path)}  # a fresh cache: this run measures
+    r = run("-m", "pykernels", "info", "--peak", "--json", "--no-fork-join", env_extra=env)
+    assert r.returncode == 0, r.stderr
+    peaks = json.loads(r.stdout)["peaks"]
+    assert peaks["ops"]["fp32_fma"]["one_thread"] > 0 and peaks["ops"]["fp32_fma"]["all_threads"] > 0
+    assert {"l2", "l3", "dram"} <= set(peaks["read_gbs"])
+    r = run("-m", "pykernels", "info", "--peak", "--no-fork-join", env_extra=env)
+    assert r.returncode == 0 and "fp32_fma" in r.stdout and "read dram" in r.stdout, r.stderr
+
+
 def test_info_respects_isa_cap():
     r = run("-m", "pykernels", "info", "--no-fork-join", env_extra={"PYKERNELS_ISA": "generic"})
     assert r.returncode == 0, r.stderr

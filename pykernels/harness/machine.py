@@ -87,11 +87,14 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def info_record(fork_join: bool = True) -> dict:
+def info_record(fork_join: bool = True, peak: bool = False, refresh_peak: bool = False) -> dict:
     """``machine_record()`` plus the kernel registry and, when ``fork_join``, the
     thread pool's fork/join cost (spinning and parked) at 2 and the default
-    thread count: what ``pykernels info`` prints."""
+    thread count; with ``peak``, the measured instruction peaks and read
+    bandwidth (``pykernels.measure_peaks``): what ``pykernels info`` prints."""
     rec = machine_record()
+    if peak:
+        rec["peaks"] = dataclasses.asdict(pk.measure_peaks(refresh=refresh_peak))
     rec["kernels"] = [dataclasses.asdict(e) for e in pk.kernels()]
     fj = []
     if fork_join:
@@ -133,6 +136,8 @@ def format_info(rec: dict) -> str:
         lines.append(f"numpy blas     {lib['internal_api']} {lib['version']} "
                      f"({lib['num_threads']} threads, {lib['threading_layer']}, "
                      f"{lib['architecture']})")
+    if rec.get("peaks"):
+        lines += _format_peaks(rec["peaks"])
     lines.append("kernels")
     ks = rec["kernels"]
     ks = [dict(k, tile="-" if k["mr"] is None else f"{k['mr']}x{k['nr']}") for k in ks]
@@ -142,3 +147,21 @@ def format_info(rec: dict) -> str:
     for k in ks:
         lines.append("  " + "  ".join(str(k[c]).ljust(w) for c, w in zip(cols, widths)))
     return "\n".join(lines)
+
+
+_PEAK_UNITS = {"fp32_fma": "GFLOP/s", "bf16_dpbf16ps": "GFLOP/s"}
+
+
+def _format_peaks(p: dict) -> List[str]:
+    """The measured-peaks lines of ``pykernels info --peak``."""
+    lines = [f"peaks          measured on 1 and {p['threads']} threads (best of 7; the roofline "
+             f"every bench table's %peak is taken against)"]
+    for name, r in p["ops"].items():
+        unit = _PEAK_UNITS.get(name, "GOP/s")
+        lines.append(f"  {name:<18} {r['one_thread']:8.1f} {unit} on 1 thread, "
+                     f"{r['all_threads']:8.1f} on {p['threads']}")
+    for level, r in p["read_gbs"].items():
+        size = _fmt_bytes(p["working_set"].get(level, 0))
+        lines.append(f"  read {level:<13} {r['one_thread']:8.1f} GB/s on 1 thread, "
+                     f"{r['all_threads']:8.1f} on {p['threads']} ({size} working set)")
+    return lines

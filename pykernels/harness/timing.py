@@ -16,6 +16,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+import pykernels as pk
+
 class Timing(NamedTuple):
     median_s: float
     min_s: float
@@ -197,7 +199,10 @@ ASSUMED_PEAK_PER_CORE = {"avx512": 176.0, "avx2": 100.0, "generic": 25.0}
 
 
 def peak_per_core(isa: str, override: Optional[float]) -> Tuple[float, str]:
-    """(GFLOP/s per core, where it came from)."""
+    """(GFLOP/s per core, where it came from): --peak-gflops, else
+    PYKERNELS_PEAK_GFLOPS, else this machine's measured fp32 FMA peak on one
+    thread (``pykernels.measure_peaks()``, cached per CPU after its first run),
+    else a figure assumed for the ISA."""
     if override is not None:
         return float(override), "--peak-gflops"
     env = os.environ.get("PYKERNELS_PEAK_GFLOPS")
@@ -207,5 +212,12 @@ def peak_per_core(isa: str, override: Optional[float]) -> Tuple[float, str]:
         except ValueError:
             print(f"warning: ignoring PYKERNELS_PEAK_GFLOPS={env!r} (not a number)",
                   file=sys.stderr)
+    try:
+        peaks = pk.measure_peaks()
+        if peaks.isa == isa and peaks.ops["fp32_fma"].one_thread > 0:
+            return peaks.ops["fp32_fma"].one_thread, "measured (pykernels info --peak)"
+    except Exception as e:  # noqa: BLE001 - a failed probe must not stop a benchmark
+        print(f"warning: measuring the peak failed ({e}); using the figure assumed for {isa}",
+              file=sys.stderr)
     return ASSUMED_PEAK_PER_CORE.get(isa, 25.0), "assumed"
 
