@@ -168,9 +168,14 @@ class EmbeddingReplica:
     # --- Python callers (DeploymentHandle) ------------------------------------------
     async def embed(self, texts: Sequence[str], slo_class: str = "interactive") -> np.ndarray:
         """(n, 384) float32 embeddings of ``texts`` through this replica's
-        batcher. Raises ``pykernels.serving.Overloaded`` when refused."""
-        futs = [self.service.batcher.submit(t, slo_class) for t in texts]
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        batcher (admitted as one unit). Raises ``pykernels.serving.Overloaded``
+        when refused."""
+        futs = self.service.batcher.submit_many(list(texts), slo_class)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        finally:
+            for f in futs:
+                f.cancel()  # no-op for the finished; takes the rest out of the queue
         return np.stack([r[0] for r in results]) if results else np.empty((0, 384), np.float32)
 
     def metrics(self) -> Dict[str, dict]:
