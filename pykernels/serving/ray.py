@@ -129,21 +129,7 @@ class EmbeddingReplica:
 
     # --- HTTP (the Serve proxy hands a starlette Request) -------------------------
     async def __call__(self, request):
-        from starlette.responses import Response
-
-        path = request.url.path
-        root = request.scope.get("root_path", "") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        try:
-            check_content_length(request.headers.get("content-length"), self.service.limits)
-            body = await request.body() if request.method == "POST" else b""
-        except ApiError as e:
-            status, headers, payload, media = _error(e)
-        else:
-            status, headers, payload, media = await self.http(request.method, path,
-                                                              dict(request.headers), body)
-        return Response(payload, status_code=status, headers=headers, media_type=media)
+        return await _answer(request, self.service.limits, self.http)
 
     async def http(self, method: str, path: str, headers: Dict[str, str],
                    body: bytes) -> Tuple[int, Dict[str, str], bytes, str]:
@@ -253,6 +239,25 @@ def _error(e: ApiError) -> Tuple[int, Dict[str, str], bytes, str]:
     return e.status, dict(e.headers), json.dumps(e.body()).encode("utf-8"), "application/json"
 
 
+async def _answer(request, limits: Limits, http):
+    """A starlette Response for the Serve proxy's ``request``: the body read
+    (size-checked), then ``await http(method, path, headers, body)``."""
+    from starlette.responses import Response
+
+    path = request.url.path
+    root = request.scope.get("root_path", "") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    try:
+        check_content_length(request.headers.get("content-length"), limits)
+        body = await request.body() if request.method == "POST" else b""
+        status, headers, payload, media = await http(request.method, path,
+                                                     dict(request.headers), body)
+    except ApiError as e:
+        status, headers, payload, media = _error(e)
+    return Response(payload, status_code=status, headers=headers, media_type=media)
+
+
 def _replica_gone_errors() -> tuple:
     ex = ray.exceptions
     return tuple(t for t in (getattr(ex, "RayActorError", None), getattr(ex, "ActorDiedError", None),
@@ -278,20 +283,7 @@ class EmbeddingIngress:
         self.gone = _replica_gone_errors()
 
     async def __call__(self, request):
-        from starlette.responses import Response
-
-        path = request.url.path
-        root = request.scope.get("root_path", "") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        try:
-            check_content_length(request.headers.get("content-length"), self.limits)
-            body = await request.body() if request.method == "POST" else b""
-            status, headers, payload, media = await self._forward(
-                request.method, path, dict(request.headers), body)
-        except ApiError as e:
-            status, headers, payload, media = _error(e)
-        return Response(payload, status_code=status, headers=headers, media_type=media)
+        return await _answer(request, self.limits, self._forward)
 
     async def _forward(self, *args):
         for attempt in range(self.retries + 1):
