@@ -382,14 +382,17 @@ class DynamicBatcher:
                 hi = mid
         return lo
 
-    def _drain_s(self, c: _Class, plan, n: int) -> float:
+    def _drain_s(self, c: _Class, plan, n: int, tail: bool = True) -> float:
         """Predicted time to serve n queued items of class c in batches of its
-        limit (the tail allowance counted once, not once per batch)."""
+        limit (the tail allowance counted once, not once per batch; none with
+        tail=False)."""
         if n <= 0:
             return 0.0
         lim = self._limit(c, plan)
         full, rest = divmod(n, lim)
         t = full * self._est(c, plan, lim, tail=False) + self._est(c, plan, rest, tail=False)
+        if not tail:
+            return t
         return t + self._est(c, plan, 1) - self._est(c, plan, 1, tail=False)
 
     # --- plans (outside the lock) --------------------------------------------
@@ -432,10 +435,11 @@ class DynamicBatcher:
                     ) -> List[concurrent.futures.Future]:
         """Queue ``items`` as one unit with one deadline (a request of several
         texts): all are admitted or none is. Returns one Future per item.
-        Raises ``TooLarge`` (an ``Overloaded`` with ``retry_after_s`` inf) when
-        even an idle batcher is predicted to miss the class's p99 target for
-        the group although one item alone would meet it, or when the group is
-        larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
+        An idle batcher (nothing queued or running) admits any group of a
+        latency class. Otherwise raises ``TooLarge`` (an ``Overloaded`` with
+        ``retry_after_s`` inf) when the group's typical (p50) service time on
+        an idle batcher misses the class's p99 target although one item alone
+        would meet it, or when the group is larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
         queue refuses it now (``retry_after_s``: the predicted time until it
         would be admitted); otherwise as ``submit``."""
         items = list(items)
@@ -463,9 +467,12 @@ class DynamicBatcher:
             st = c.stats
             if st.first_arrival is None:
                 st.first_arrival = now
-            if c.p99_s is not None and n > 1:
-                alone = self._drain_s(c, c.plan, 1)
-                idle = self._drain_s(c, c.plan, n)
+            idle_batcher = self._in_flight is None and self._queued == 0
+            if c.p99_s is not None and n > 1 and not idle_batcher:
+                # typical (p50) service times: a group is refused for good only
+                # when it misses even without the tail allowance
+                alone = self._drain_s(c, c.plan, 1, tail=False)
+                idle = self._drain_s(c, c.plan, n, tail=False)
                 if alone <= c.p99_s < idle:
                     st.rejected += n
                     raise TooLarge(
@@ -490,7 +497,9 @@ class DynamicBatcher:
                 # misses (e.g. after one slow outlier) could otherwise never be
                 # corrected, as refused requests produce no observations. With
                 # no observations yet, the plan's prior decides.
-                probe = self._in_flight is None and self._queued == 0 and st.batches > 0
+                # A group (n > 1) is always admitted by an idle batcher: its
+                # size alone must never refuse it forever on an idle server.
+                probe = idle_batcher and (st.batches > 0 or n > 1)
                 if finish > deadline and not probe:
                     st.rejected += n
                     raise Overloaded(
