@@ -94,8 +94,8 @@ def test_a_group_is_admitted_as_a_unit_or_told_to_use_bulk():
     # an idle batcher admits any group: its size alone never refuses it forever
     big = b.submit_many([f"t{i}" for i in range(64)], "interactive")
     b.submit(["busy"], "bulk")  # now the batcher is not idle
-    with pytest.raises(TooLarge, match="bulk") as e:  # 64 ms > 50 ms even when idle
-        b.submit_many([f"t{i}" for i in range(64)], "interactive")
+    with pytest.raises(TooLarge, match="bulk") as e:  # 101 ms > 2 x 50 ms even when idle
+        b.submit_many([f"t{i}" for i in range(101)], "interactive")
     while b.step():
         pass
     assert [f.result(0) for f in big] == [f"t{i}" for i in range(64)]
@@ -114,8 +114,11 @@ def test_a_group_refused_under_load_is_retryable_with_the_predicted_wait():
     assert e.value.retry_after_s == pytest.approx(0.010, rel=0.01)
     m = b.metrics()["interactive"]
     assert (m["queued"], m["rejected"]) == (30, 30)
-    with pytest.raises(TooLarge):                     # 51 ms > 50 ms even when idle
+    with pytest.raises(Overloaded) as e:              # 51 ms: may fit when idle: 429
         b.submit_many(["c"] * 51, "interactive")
+    assert not isinstance(e.value, TooLarge)
+    with pytest.raises(TooLarge):                     # 101 ms > 2 x 50 ms even when idle
+        b.submit_many(["c"] * 101, "interactive")
 
 
 def test_queue_full_refuses_the_whole_group_and_says_when_it_fits():

@@ -99,6 +99,11 @@ from .metrics import ClassStats, render_prometheus
 log = logging.getLogger("pykernels.serving")
 
 CLOSED_MESSAGE = "batcher closed before this request ran"
+# A group is refused for good (TooLarge) only when its typical service time on an
+# idle batcher is over twice its class's p99 target: learned service times grow
+# with the machine's load (x2.7 measured between load 2 and 11 on 2 cores), and
+# a group that misses by less may fit once it drops (429, retryable).
+GROUP_MARGIN = 2.0
 
 
 class Overloaded(Exception):
@@ -438,8 +443,8 @@ class DynamicBatcher:
         An idle batcher (nothing queued or running) admits any group of a
         latency class. Otherwise raises ``TooLarge`` (an ``Overloaded`` with
         ``retry_after_s`` inf) when the group's typical (p50) service time on
-        an idle batcher misses the class's p99 target although one item alone
-        would meet it, or when the group is larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
+        an idle batcher is over ``GROUP_MARGIN`` (2) times the class's p99
+        target although one item alone would meet it, or when the group is larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
         queue refuses it now (``retry_after_s``: the predicted time until it
         would be admitted); otherwise as ``submit``."""
         items = list(items)
@@ -473,7 +478,7 @@ class DynamicBatcher:
                 # when it misses even without the tail allowance
                 alone = self._drain_s(c, c.plan, 1, tail=False)
                 idle = self._drain_s(c, c.plan, n, tail=False)
-                if alone <= c.p99_s < idle:
+                if alone <= c.p99_s and idle > GROUP_MARGIN * c.p99_s:
                     st.rejected += n
                     raise TooLarge(
                         f"class {c.name!r}: {n} items are predicted to take {idle * 1e3:.3g} ms "
