@@ -441,7 +441,7 @@ class DynamicBatcher:
         """Queue ``items`` as one unit with one deadline (a request of several
         texts): all are admitted or none is. Returns one Future per item.
         An idle batcher (nothing queued or running) admits any group of a
-        latency class. Otherwise raises ``TooLarge`` (an ``Overloaded`` with
+        latency class whose single item fits the target. Otherwise raises ``TooLarge`` (an ``Overloaded`` with
         ``retry_after_s`` inf) when the group's typical (p50) service time on
         an idle batcher is over ``GROUP_MARGIN`` (2) times the class's p99
         target although one item alone would meet it, or when the group is larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
@@ -473,12 +473,13 @@ class DynamicBatcher:
             if st.first_arrival is None:
                 st.first_arrival = now
             idle_batcher = self._in_flight is None and self._queued == 0
-            if c.p99_s is not None and n > 1 and not idle_batcher:
-                # typical (p50) service times: a group is refused for good only
-                # when it misses even without the tail allowance
-                alone = self._drain_s(c, c.plan, 1, tail=False)
+            # typical (p50) service times: a group is refused for good only when
+            # one item fits the target and the group misses it even untailed
+            one_fits = (c.p99_s is not None and n > 1
+                        and self._drain_s(c, c.plan, 1, tail=False) <= c.p99_s)
+            if one_fits and not idle_batcher:
                 idle = self._drain_s(c, c.plan, n, tail=False)
-                if alone <= c.p99_s and idle > GROUP_MARGIN * c.p99_s:
+                if idle > GROUP_MARGIN * c.p99_s:
                     st.rejected += n
                     raise TooLarge(
                         f"class {c.name!r}: {n} items are predicted to take {idle * 1e3:.3g} ms "
@@ -502,9 +503,9 @@ class DynamicBatcher:
                 # misses (e.g. after one slow outlier) could otherwise never be
                 # corrected, as refused requests produce no observations. With
                 # no observations yet, the plan's prior decides.
-                # A group (n > 1) is always admitted by an idle batcher: its
-                # size alone must never refuse it forever on an idle server.
-                probe = idle_batcher and (st.batches > 0 or n > 1)
+                # A group of a class that can serve one item is admitted by an
+                # idle batcher: its size alone must never refuse it forever.
+                probe = idle_batcher and (st.batches > 0 or one_fits)
                 if finish > deadline and not probe:
                     st.rejected += n
                     raise Overloaded(
