@@ -2,7 +2,7 @@
 
     python bench/overload.py [--seconds 5] [--factor 5] [--p99-ms 50] [--json]
 
-Issue 8's load/fault figures. One SLO class ("interactive", p99 target
+The load/fault figures. One SLO class ("interactive", p99 target
 ``--p99-ms``) in front of a real kernel: each request is ``--rows`` rows of
 activations for ``pk.linear`` with a (K, N) fp32 weight, batched by
 ``DynamicBatcher`` under a ``Policy`` calibrated for that op on this machine

@@ -74,6 +74,9 @@ def _run(benchmark, p: AttnProblem, case: AttnCase, isa, **extra):
     benchmark.extra_info.update({
         "op": s.op, "kind": s.kind, "b": s.b, "hq": s.hq, "hkv": s.hkv, "sq": s.sq,
         "skv": s.skv, "d": s.d, "causal": s.causal, "padded": s.padded,
+        # the names pykernels.work's ops read (Attention: s_q/s_kv, Decode: kv_len,
+        # both: batch), so `pykernels calibrate --from-benchmark` ingests every case
+        "s_q": s.sq, "s_kv": s.skv, "kv_len": s.skv, "batch": s.b,
         "variant": case.variant, "precision": case.precision, "layout": case.layout,
         "threads": threads, "impl": case.impl, "isa": isa, "flops": p.flops,
         "kv_bytes": p.kv_bytes(case.precision), **extra,

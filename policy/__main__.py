@@ -49,7 +49,11 @@ def calibrate_main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.from_benchmark:
         base = Profile.load(a.path)
-        prof = Profile.from_pytest_benchmark(a.from_benchmark, base=base)
+        with warnings.catch_warnings(record=True) as caught:  # printed without the source line
+            warnings.simplefilter("always", ProfileWarning)
+            prof = Profile.from_pytest_benchmark(a.from_benchmark, base=base)
+        for w in caught:
+            print(f"pykernels calibrate: warning: {w.message}", file=sys.stderr)
     else:
         prof = Profile.calibrate(quick=a.quick, progress=a.progress, budget_s=a.budget)
     path = prof.save(a.path)

@@ -387,7 +387,8 @@ class Profile:
                     raise ValueError(f"isa {info['isa']!r} is not this profile's {isa!r}")
                 if info.get("variant") not in ("latency", "throughput"):
                     raise ValueError(f"variant {info.get('variant')!r} is not latency/throughput")
-                op = _ops.from_spec(info)
+                # "op" names the op; "kind" may be the benchmark's own (attention: causal)
+                op = _ops.from_spec({**info, "kind": info["op"]})
                 batch = info.get(op.batch_field, info.get("batch"))
                 if batch is None:
                     raise KeyError(op.batch_field)

@@ -109,3 +109,45 @@ def test_pykernels_calibrate_subcommand(bench_json):
     proc = run(["-m", "pykernels", "plan", "--op", "linear", "--k", "256", "--n", "256",
                 "--p99-ms", "1000", "--path", str(path), "--no-progress"], env)
     assert "feasible=True" in proc.stdout
+
+
+# A quick run of every bench module with one shape family each (attention:
+# decode, causal and padded; gemm/linear: the quick shapes' pykernels cases):
+# every pykernels benchmark the suite writes becomes a profile cell, none is
+# skipped, and the command prints its warnings without their source line.
+EVERY_KIND = "test_pykernels and (decode or causal or padded or (1x256x256 and packed))"
+
+
+def test_calibration_ingests_every_benchmark_the_suite_writes(tmp_path):
+    out = tmp_path / "all.json"
+    env = subprocess_env(PYKERNELS_BENCH_QUICK="1", PYKERNELS_CACHE=str(tmp_path / "cache"))
+    run(["-m", "pytest", "bench/test_bench_attention.py", "bench/test_bench_gemm.py", "-q",
+         "-p", "no:cacheprovider", "-k", EVERY_KIND, f"--benchmark-json={out}",
+         "--benchmark-min-rounds=3", "--benchmark-max-time=0.01", "--benchmark-warmup=off"], env)
+    data = json.loads(out.read_text())
+    ours = [b for b in data["benchmarks"] if b["extra_info"].get("impl", "pykernels") == "pykernels"
+            and b["extra_info"].get("b") != "raw"]
+    kinds = {b["extra_info"]["op"] for b in ours}
+    assert {"decode_attention", "attention", "gemm"} <= kinds, kinds
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped benchmark warns: fail on it
+        prof = Profile.from_pytest_benchmark(out)
+    assert len(prof.measurements) >= len({(b["extra_info"]["op"], b["name"]) for b in ours}) // 2
+    proc = run(["-m", "pykernels.policy", "calibrate", "--from-benchmark", str(out),
+                "--path", str(tmp_path / "p.json")], env)
+    assert "skipped" not in proc.stderr, proc.stderr
+    assert "warnings.warn" not in proc.stderr
+
+
+def test_calibrate_prints_a_warning_without_its_source_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"benchmarks": [
+        {"name": "x", "extra_info": {"op": "gemm", "variant": "sideways", "threads": 1},
+         "stats": {"median": 1e-3}}]}))
+    env = subprocess_env(PYKERNELS_CACHE=str(tmp_path / "cache"))
+    proc = run(["-m", "pykernels.policy", "calibrate", "--from-benchmark", str(bad),
+                "--path", str(tmp_path / "p.json")], env)
+    assert "1 benchmarks in" in proc.stderr and "skipped" in proc.stderr
+    assert "warnings.warn" not in proc.stderr and ".py:" not in proc.stderr, proc.stderr

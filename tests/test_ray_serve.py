@@ -161,3 +161,71 @@ def test_slo_autoscaling_policy_decisions():
                             capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
                             aggregated_metrics={})
     assert pol(empty)[0] == 2
+
+
+# --- a replica killed under load (runs last: it replaces the app above) -------------
+@pytest.fixture(scope="module")
+def fault_app(cluster, model, profile):
+    from pykernels.serving.ray import build_app
+
+    serve.delete("embeddings")  # 2 CPUs: one application of 2 replicas at a time
+    handle = serve.run(build_app(model, num_replicas=2, profile=profile, ingress=True,
+                                 interactive_p99_ms=5000.0),
+                       name="faults", route_prefix="/")
+    return SimpleNamespace(url=cluster.url, handle=handle)
+
+
+def _replica_actors():
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA::faults#" in a["name"] and "ingress" not in a["name"]]
+
+
+def test_a_replica_killed_under_load_loses_no_request(fault_app, model):
+    import threading
+    import time
+
+    url = fault_app.url + "/v1/embeddings"
+    answers, lock = [], threading.Lock()
+    stop = threading.Event()
+
+    def client(i):
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                texts = [f"client {i} text {k}" for k in range(4)]
+                try:
+                    r = c.post(url, json={"model": MODEL, "input": texts, "encoding_format": "base64"})
+                    ans = (r.status_code, r.headers.get("retry-after"),
+                           len(r.json()["data"]) if r.status_code == 200 else r.json()["error"]["code"])
+                except Exception as e:  # noqa: BLE001 - a lost request: counted, asserted below
+                    ans = (type(e).__name__, None, str(e))
+                with lock:
+                    answers.append(ans)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    (victim, *_) = _replica_actors()
+    ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=False)
+    killed = time.monotonic()
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join(180)
+        assert not t.is_alive(), "a request hung"
+    bad = [a for a in answers if a[0] != 200]
+    assert answers and all(a[0] in (200, 503) for a in answers), bad
+    assert all(a[2] == 4 for a in answers if a[0] == 200)
+    assert all(a[1] is not None for a in bad), "a 503 says when to retry"
+    # Serve brings the deployment back to 2 replicas; the new one serves
+    deadline = time.monotonic() + 120
+    while True:
+        dep = serve.status().applications["faults"].deployments["pykernels-embeddings"]
+        if dep.replica_states.get("RUNNING") == 2 and len(_replica_actors()) == 2:
+            break
+        assert time.monotonic() < deadline, dep.replica_states
+        time.sleep(0.5)
+    print(f"\nreplica killed under load: {len(answers)} answers, {len(bad)} non-200, "
+          f"back to 2 replicas {time.monotonic() - killed:.1f} s after the kill")
+    got = fault_app.handle.embed.remote(TEXTS[:2], "bulk").result(timeout_s=120)
+    np.testing.assert_allclose(got, model.encode(TEXTS[:2]), atol=1e-5, rtol=0)

@@ -404,12 +404,13 @@ def test_exception_in_fn_fails_only_that_batch():
     b = manual(fn, {"interactive": SLO(p99_ms=100)}, FakePolicy(batch_size=2), clock)
     futs = [b.submit(x) for x in ("a", "bad", "c", "d")]
     assert b.step() == 2 and b.step() == 2
-    for f in futs[:2]:
-        with pytest.raises(KeyError, match="bad item"):
-            f.result(0)
+    # the batch ("a", "bad") is bisected: "bad" fails alone, "a" completes
+    with pytest.raises(KeyError, match="bad item"):
+        futs[1].result(0)
+    assert futs[0].result(0) == "A"
     assert [f.result(0) for f in futs[2:]] == ["C", "D"]
     m = b.metrics()["interactive"]
-    assert (m["completed"], m["failed"]) == (2, 2)
+    assert (m["completed"], m["failed"]) == (3, 1)
 
 
 def test_wrong_number_of_results_fails_the_batch():

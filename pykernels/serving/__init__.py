@@ -8,7 +8,7 @@ refuses at submit what cannot meet its deadline (``Overloaded``), and reports
 per-class metrics (``metrics()``, ``prometheus()``). See ``batcher`` for the
 design and ``sketch`` for the quantile sketch behind the latency percentiles.
 """
-from .batcher import CLOSED_MESSAGE, DynamicBatcher, Overloaded
+from .batcher import CLOSED_MESSAGE, DynamicBatcher, Overloaded, TooLarge
 from .sketch import QuantileSketch
 
-__all__ = ["CLOSED_MESSAGE", "DynamicBatcher", "Overloaded", "QuantileSketch"]
+__all__ = ["CLOSED_MESSAGE", "DynamicBatcher", "Overloaded", "QuantileSketch", "TooLarge"]

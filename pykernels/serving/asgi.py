@@ -119,6 +119,18 @@ def create_app(model=None, batcher: Optional[DynamicBatcher] = None, *, api_key:
         except ApiError as e:
             status = e.status
             return error_response(e)
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running past --graceful-timeout:
+            # answer 503 (retry elsewhere or later), not the 500 it would send;
+            # the texts still queued left the queue with the cancellation
+            status = 503
+            return error_response(ApiError(
+                503, "the server is shutting down: this request did not finish within the "
+                     "graceful timeout; retry it", code="shutting_down",
+                headers={"Retry-After": "1", "Connection": "close"}))
+        except Exception as e:  # noqa: BLE001 - a bug: one line a minute per kind, 500
+            status = 500
+            return error_response(svc.internal_error("request failed", e))
         finally:
             svc.count("/v1/embeddings", status)
 
@@ -157,9 +169,13 @@ def create_app(model=None, batcher: Optional[DynamicBatcher] = None, *, api_key:
                                        code="not_found" if exc.status_code == 404 else None))
 
     async def server_error(request, exc: Exception) -> Response:
-        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        svc = holder.get("svc")
+        if svc is not None:
+            return error_response(svc.internal_error(
+                f"{request.method} {request.url.path} failed", exc))
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc)
         return error_response(ApiError(500, f"internal server error: {type(exc).__name__}",
-                                       code="internal_error"))
+                                       code="internal_error", headers={"Connection": "close"}))
 
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -57,8 +57,11 @@ Design (all times on the injected ``clock``, seconds, like ``time.monotonic``):
   when ``max_queue`` requests are already waiting. Every accepted request
   completes with its result or fails with an exception; nothing is dropped.
 * **Failures.** An exception from ``fn`` (or a result of the wrong length)
-  fails that batch's futures only; the worker goes on. A future cancelled
-  while queued is skipped (counted as cancelled).
+  fails only the items that cause it: the batch is bisected (``fn`` called on
+  halves) until each failing item is alone; the others get their results. A
+  ``BaseException`` that is not an ``Exception`` fails the whole batch. The
+  worker goes on. A future cancelled while queued leaves the queue at once
+  (counted as cancelled).
 * **Feedback.** ``policy.observe(plan, service_seconds, batch=n)`` after each
   successful batch, with the measured time of the ``fn`` call only (queue time
   never), after its futures are resolved; an error in observe is logged and
@@ -96,6 +99,11 @@ from .metrics import ClassStats, render_prometheus
 log = logging.getLogger("pykernels.serving")
 
 CLOSED_MESSAGE = "batcher closed before this request ran"
+# A group is refused for good (TooLarge) only when its typical service time on an
+# idle batcher is over twice its class's p99 target: learned service times grow
+# with the machine's load (x2.7 measured between load 2 and 11 on 2 cores), and
+# a group that misses by less may fit once it drops (429, retryable).
+GROUP_MARGIN = 2.0
 
 
 class Overloaded(Exception):
@@ -108,6 +116,22 @@ class Overloaded(Exception):
         super().__init__(message)
         self.retry_after_s = max(0.0, float(retry_after_s))
         self.cls = cls
+
+
+class _ResultCount(ValueError):
+    """fn broke its contract (one result per item): the whole batch fails, as
+    no item is to blame."""
+
+
+class TooLarge(Overloaded):
+    """A group of items (``submit_many``) that even an idle batcher is predicted
+    to serve past its class's p99 target, though one item alone fits: retrying
+    cannot help; send it in a class without a latency target (bulk) or split
+    it. ``retry_after_s`` is inf."""
+
+    def __init__(self, message: str, *, cls: Optional[str] = None):
+        super().__init__(message, retry_after_s=0.0, cls=cls)
+        self.retry_after_s = math.inf
 
 
 class _Request:
@@ -157,6 +181,19 @@ class _Queue:
 
     def pop_all(self) -> List[_Request]:
         return self.pop(len(self))
+
+    def remove(self, r: _Request) -> bool:
+        """Take ``r`` out of the queue (a cancelled request); False if it is not
+        queued (already taken by the worker). Bisects on its deadline, then
+        scans the requests that share it."""
+        items = self._items
+        i = bisect.bisect_left(items, r.deadline, lo=self._head, key=_deadline)
+        while i < len(items) and items[i].deadline == r.deadline:
+            if items[i] is r:
+                del items[i]
+                return True
+            i += 1
+        return False
 
     def count_due_by(self, deadline: float) -> int:
         """Queued requests whose deadline is <= ``deadline``."""
@@ -350,14 +387,17 @@ class DynamicBatcher:
                 hi = mid
         return lo
 
-    def _drain_s(self, c: _Class, plan, n: int) -> float:
+    def _drain_s(self, c: _Class, plan, n: int, tail: bool = True) -> float:
         """Predicted time to serve n queued items of class c in batches of its
-        limit (the tail allowance counted once, not once per batch)."""
+        limit (the tail allowance counted once, not once per batch; none with
+        tail=False)."""
         if n <= 0:
             return 0.0
         lim = self._limit(c, plan)
         full, rest = divmod(n, lim)
         t = full * self._est(c, plan, lim, tail=False) + self._est(c, plan, rest, tail=False)
+        if not tail:
+            return t
         return t + self._est(c, plan, 1) - self._est(c, plan, 1, tail=False)
 
     # --- plans (outside the lock) --------------------------------------------
@@ -392,16 +432,39 @@ class DynamicBatcher:
         such a class, else the first class). Returns a Future of its result.
         Raises ``Overloaded`` at once when the request's deadline cannot be met
         or the queue is full, ``RuntimeError`` after ``close()``, ``ValueError``
-        for an unknown class. Thread-safe."""
+        for an unknown class. Thread-safe. Cancelling the future while it is
+        queued takes it out of the queue at once."""
+        return self.submit_many([item], cls)[0]
+
+    def submit_many(self, items: Sequence[Any], cls: Optional[str] = None
+                    ) -> List[concurrent.futures.Future]:
+        """Queue ``items`` as one unit with one deadline (a request of several
+        texts): all are admitted or none is. Returns one Future per item.
+        An idle batcher (nothing queued or running) admits any group of a
+        latency class whose single item fits the target. Otherwise raises ``TooLarge`` (an ``Overloaded`` with
+        ``retry_after_s`` inf) when the group's typical (p50) service time on
+        an idle batcher is over ``GROUP_MARGIN`` (2) times the class's p99
+        target although one item alone would meet it, or when the group is larger than ``max_queue``; ``Overloaded`` when the work ahead or a full
+        queue refuses it now (``retry_after_s``: the predicted time until it
+        would be admitted); otherwise as ``submit``."""
+        items = list(items)
+        n = len(items)
+        if n == 0:
+            return []
         c = self._class(cls)
         if self._closed:
             raise RuntimeError(f"DynamicBatcher {self.name!r} is closed; it accepts no new requests")
+        if n > self.max_queue:
+            with self._lock:
+                c.stats.rejected += n
+            raise TooLarge(f"{n} items in one group exceed max_queue={self.max_queue}", cls=c.name)
         now = self._clock()
         if c.plan is None or c.p99_s is not None:
             with self._lock:
-                queued, rate = len(c.queue) + 1, self._rate(c, now)
+                queued, rate = len(c.queue) + n, self._rate(c, now)
             self._plan_for(c, queued, rate, now)  # cached; may call the policy
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+        futs = [concurrent.futures.Future() for _ in range(n)]
+        reqs = []
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"DynamicBatcher {self.name!r} is closed; it accepts no new requests")
@@ -409,39 +472,74 @@ class DynamicBatcher:
             st = c.stats
             if st.first_arrival is None:
                 st.first_arrival = now
-            if self._queued >= self.max_queue:
-                st.rejected += 1
+            idle_batcher = self._in_flight is None and self._queued == 0
+            # typical (p50) service times: a group is refused for good only when
+            # one item fits the target and the group misses it even untailed
+            one_fits = (c.p99_s is not None and n > 1
+                        and self._drain_s(c, c.plan, 1, tail=False) <= c.p99_s)
+            if one_fits and not idle_batcher:
+                idle = self._drain_s(c, c.plan, n, tail=False)
+                if idle > GROUP_MARGIN * c.p99_s:
+                    st.rejected += n
+                    raise TooLarge(
+                        f"class {c.name!r}: {n} items are predicted to take {idle * 1e3:.3g} ms "
+                        f"even on an idle server, over the p99 target of {c.p99_s * 1e3:.3g} ms; "
+                        "send them in a class without a latency target (bulk) or in smaller "
+                        "groups", cls=c.name)
+            if self._queued + n > self.max_queue:
+                st.rejected += n
                 backlog = self._backlog_s(now)
+                # the queue drains in deadline order: the group fits once the
+                # excess has been served, a share of the backlog
+                excess = self._queued + n - self.max_queue
                 raise Overloaded(
                     f"queue full: {self._queued} requests waiting (max_queue={self.max_queue})",
-                    retry_after_s=backlog * (self._queued - self.max_queue + 1) / max(1, self._queued),
-                    cls=c.name)
+                    retry_after_s=backlog * excess / max(1, self._queued), cls=c.name)
             deadline = now + c.offset_s
             if c.p99_s is not None:
-                finish = now + self._ahead_s(c, deadline, now)
+                finish = now + self._ahead_s(c, deadline, now, n)
                 # An idle batcher admits a probe once the class has observed
                 # batches: a learned prediction that says even an empty queue
                 # misses (e.g. after one slow outlier) could otherwise never be
                 # corrected, as refused requests produce no observations. With
                 # no observations yet, the plan's prior decides.
-                probe = self._in_flight is None and self._queued == 0 and st.batches > 0
+                # A group of a class that can serve one item is admitted by an
+                # idle batcher: its size alone must never refuse it forever.
+                probe = idle_batcher and (st.batches > 0 or one_fits)
                 if finish > deadline and not probe:
-                    st.rejected += 1
+                    st.rejected += n
                     raise Overloaded(
                         f"class {c.name!r}: predicted completion in {(finish - now) * 1e3:.3g} ms "
                         f"misses the p99 target of {c.p99_s * 1e3:.3g} ms "
                         f"({self._queued} requests queued)",
                         retry_after_s=finish - deadline, cls=c.name)
-            c.queue.append(_Request(item, fut, now, deadline, c.name))
-            c.arrivals.append(now)
-            self._queued += 1
-            st.accepted += 1
+            for item, fut in zip(items, futs):
+                r = _Request(item, fut, now, deadline, c.name)
+                c.queue.append(r)
+                c.arrivals.append(now)
+                reqs.append(r)
+            self._queued += n
+            st.accepted += n
             self._cond.notify()
-        return fut
+        for r in reqs:  # outside the lock: a future already cancelled calls back at once
+            r.future.add_done_callback(self._unqueue_if_cancelled(r))
+        return futs
 
-    def _ahead_s(self, c: _Class, deadline: float, now: float) -> float:
-        """Predicted time from now until a new request of class c with this
-        deadline has been served (see "Admission" in the module doc)."""
+    def _unqueue_if_cancelled(self, r: _Request):
+        def done(fut):
+            if not fut.cancelled():
+                return
+            with self._cond:
+                k = self._classes[r.cls]
+                if k.queue.remove(r):
+                    self._queued -= 1
+                    k.stats.cancelled += 1
+                    self._cond.notify_all()
+        return done
+
+    def _ahead_s(self, c: _Class, deadline: float, now: float, n: int = 1) -> float:
+        """Predicted time from now until n new requests of class c with this
+        deadline have been served (see "Admission" in the module doc)."""
         t = 0.0
         fl = self._in_flight
         if fl is not None:
@@ -454,10 +552,10 @@ class DynamicBatcher:
         chunk_in_flight = fl is not None and fl[0].chunked
         one_chunk = 0.0
         for k in self._classes.values():
-            n = len(k.queue)
+            q = len(k.queue)
             if k is c:
-                t += self._drain_s(k, k.plan, n + 1)
-            elif n:
+                t += self._drain_s(k, k.plan, q + n)
+            elif q:
                 due = k.queue.count_due_by(deadline)
                 if not due:
                     continue
@@ -619,30 +717,70 @@ class DynamicBatcher:
         err: Optional[BaseException] = None
         results: list = []
         try:
-            results = list(self._fn(items, plan))
-            if len(results) != len(items):
-                raise ValueError(f"fn returned {len(results)} results for a batch of {len(items)} "
-                                 "items; it must return one result per item, in order")
+            results = self._call(items, plan)
+        except Exception as e:  # noqa: BLE001 - isolated below: it fails its culprits only
+            err = e
         except BaseException as e:  # noqa: BLE001 - goes to this batch's futures only
             err = e
+        outcomes = None  # per item (ok, result or exception) when the batch failed
+        if isinstance(err, Exception) and not isinstance(err, _ResultCount) and len(items) > 1:
+            outcomes = self._isolate(items, plan)
         t1 = self._clock()
         service = max(0.0, t1 - t0)
         n = len(reqs)
+        if outcomes is not None:
+            ok = [r for r, o in zip(reqs, outcomes) if o[0]]
+        else:
+            ok = reqs if err is None else []
         with self._cond:
             k.in_flight -= n
             self._in_flight = None
-            if err is None:
-                k.stats.record_batch(t0, t1, [r.arrival for r in reqs], chunked=job.cut)
-            else:
-                k.stats.record_failed_batch(n)
+            if ok:
+                k.stats.record_batch(t0, t1, [r.arrival for r in ok], chunked=job.cut)
+            if len(ok) < n:
+                k.stats.record_failed_batch(n - len(ok))
+                if ok:
+                    k.stats.batches -= 1  # one batch, recorded by both calls
             self._cond.notify_all()
-        if err is None:
+        if outcomes is not None:
+            for r, (good, v) in zip(reqs, outcomes):
+                if good:
+                    r.future.set_result(v)
+                else:
+                    r.future.set_exception(v)
+        elif err is None:
             for r, res in zip(reqs, results):
                 r.future.set_result(res)
             self._observe(k, plan, service, n)
         else:
             for r in reqs:
                 r.future.set_exception(err)
+
+    def _call(self, items: list, plan) -> list:
+        results = list(self._fn(items, plan))
+        if len(results) != len(items):
+            raise _ResultCount(f"fn returned {len(results)} results for a batch of {len(items)} "
+                               "items; it must return one result per item, in order")
+        return results
+
+    def _isolate(self, items: list, plan) -> list:
+        """After ``fn`` raised on a batch: find the items that fail by bisection
+        (halves that succeed keep their results), so one bad item fails only
+        itself. A batch of n with one culprit costs about 2 log2(n) more calls;
+        their times are not fed back (they are not batches of the plan)."""
+        out: list = [None] * len(items)
+        stack = [(0, len(items) // 2), (len(items) // 2, len(items))]
+        while stack:
+            lo, hi = stack.pop()
+            try:
+                out[lo:hi] = [(True, r) for r in self._call(items[lo:hi], plan)]
+            except Exception as e:  # noqa: BLE001 - a culprit, or a half holding one
+                if hi - lo == 1:
+                    out[lo] = (False, e)
+                else:
+                    mid = (lo + hi) // 2
+                    stack += [(lo, mid), (mid, hi)]
+        return out
 
     def _observe(self, k: _Class, plan, seconds: float, n: int) -> None:
         try:

@@ -65,8 +65,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=positive_int, default=4096,
                    help="texts waiting in the batcher beyond which requests get 429 (default 4096)")
     p.add_argument("--max-connections", type=positive_int, default=512,
-                   help="concurrent connections and requests beyond which uvicorn answers 503 "
-                        "(default 512)")
+                   help="open connections beyond which a new connection's requests get 503 "
+                        "(/healthz excepted) (default 512)")
+    p.add_argument("--idle-timeout", type=finite_positive_float, default=10.0,
+                   help="seconds a connection may stay open without starting a request "
+                        "before it is closed (default 10)")
     p.add_argument("--graceful-timeout", type=finite_positive_float, default=30.0,
                    help="on SIGTERM, seconds to wait for requests in progress (default 30)")
     p.add_argument("--profile", default=None, metavar="PATH",
@@ -82,13 +85,82 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket. Created with ``proto=IPPROTO_TCP``: asyncio sets
+    TCP_NODELAY only on sockets whose ``proto`` says TCP, and accepted sockets
+    inherit it; with proto 0, Nagle plus the client's delayed ACK held every
+    keep-alive answer ~40 ms (p50 48 ms against 5.3 ms measured)."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(fam, socket.SOCK_STREAM)
+    sock = socket.socket(fam, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _over_capacity(app):
+    """The ASGI app of a connection past ``--max-connections``: /healthz as
+    usual (probes must see the server alive), 503 + Retry-After on the rest."""
+    body = (b'{"error":{"message":"too many open connections: retry shortly","type":'
+            b'"server_error","param":null,"code":"too_many_connections"}}')
+
+    async def over(scope, receive, send):
+        if scope.get("type") != "http" or scope.get("path") == "/healthz":
+            return await app(scope, receive, send)
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"retry-after", b"1"), (b"connection", b"close"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    return over
+
+
+def connection_protocol(max_connections: int, idle_timeout_s: float):
+    """uvicorn's HTTP protocol class with three changes per connection:
+    TCP_NODELAY set on the accepted socket; closed when no request starts
+    within ``idle_timeout_s`` (uvicorn times out only the gap after a
+    response, so a connection that never sends a request stayed forever);
+    and a cap that counts exactly: the connection that makes the open count
+    exceed ``max_connections`` gets ``_over_capacity`` (uvicorn's own
+    ``limit_concurrency`` counts the asking connection too, tripping at N-1,
+    and refuses /healthz)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):
+        _idle_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            if len(self.connections) > max_connections:
+                self.app = _over_capacity(self.app)
+            self._idle_cycle = self.cycle
+            self._idle_timer = self.loop.call_later(idle_timeout_s, self._idle_check)
+
+        def _idle_check(self):
+            self._idle_timer = None
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is self._idle_cycle and (cycle is None or cycle.response_complete):
+                self.transport.close()  # no request started in idle_timeout_s
+                return
+            self._idle_cycle = cycle
+            self._idle_timer = self.loop.call_later(idle_timeout_s, self._idle_check)
+
+        def connection_lost(self, exc):
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 def run_serve(args) -> int:
@@ -137,7 +209,8 @@ def run_serve(args) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             lifespan="on", timeout_keep_alive=5,
                             timeout_graceful_shutdown=args.graceful_timeout,
-                            limit_concurrency=args.max_connections, server_header=False)
+                            http=connection_protocol(args.max_connections, args.idle_timeout),
+                            server_header=False)
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

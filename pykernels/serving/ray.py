@@ -7,14 +7,17 @@ DynamicBatcher (not ``@serve.batch``) and serves the same HTTP API as ``pykernel
 serve``, plus ``embed(texts, slo_class)`` for ``DeploymentHandle`` callers. It
 plans with at most the CPUs Ray assigned it and publishes SLO attainment and
 predicted headroom for ``SLOAutoscalingPolicy`` (``slo_autoscaling_config()``).
-``build_app`` ships the packed model once through the object store. The reasons
-and the details: docs/serving.md.
+``build_app`` ships the packed model once through the object store; with
+``ingress=True`` an ``EmbeddingIngress`` in front sends a request whose replica
+died to another replica (or answers 503). The reasons and the details:
+docs/serving.md.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import copy
+import json
 import logging
 import math
 import time
@@ -126,14 +129,14 @@ class EmbeddingReplica:
 
     # --- HTTP (the Serve proxy hands a starlette Request) -------------------------
     async def __call__(self, request):
-        from starlette.responses import JSONResponse, PlainTextResponse, Response
+        return await _answer(request, self.service.limits, self.http)
 
+    async def http(self, method: str, path: str, headers: Dict[str, str],
+                   body: bytes) -> Tuple[int, Dict[str, str], bytes, str]:
+        """One HTTP request as plain data (``headers`` with lower-case names):
+        (status, headers, body, media type). ``__call__`` and
+        ``EmbeddingIngress`` both answer through it."""
         svc = self.service
-        path = request.url.path
-        root = request.scope.get("root_path", "") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        method = request.method
         routes = {"/v1/embeddings": "POST", "/v1/models": "GET", "/metrics": "GET",
                   "/healthz": "GET"}
         endpoint = "/v1/models/{id}" if path.startswith("/v1/models/") else path
@@ -144,33 +147,37 @@ class EmbeddingReplica:
             if method != want:
                 raise ApiError(405, f"Method Not Allowed: {method} {path}")
             if endpoint != "/healthz":
-                svc.check_auth(request.headers.get("authorization"))
+                svc.check_auth(headers.get("authorization"))
             if endpoint == "/v1/embeddings":
                 with svc.in_flight_request():
-                    check_content_length(request.headers.get("content-length"), svc.limits)
-                    req = svc.parse(await request.body(), request.headers.get(SLO_HEADER))
+                    req = svc.parse(body, headers.get(SLO_HEADER))
                     results = await svc.embed(req)
-                    resp = Response(svc.render(results, req), media_type="application/json")
+                    out = (200, {}, svc.render(results, req), "application/json")
             elif endpoint == "/v1/models":
-                resp = JSONResponse(svc.models())
+                out = _json(200, svc.models())
             elif endpoint == "/v1/models/{id}":
-                resp = JSONResponse(svc.model_card(path[len("/v1/models/"):]))
+                out = _json(200, svc.model_card(path[len("/v1/models/"):]))
             elif endpoint == "/metrics":
-                resp = PlainTextResponse(svc.metrics_text(),
-                                         media_type="text/plain; version=0.0.4; charset=utf-8")
+                out = (200, {}, svc.metrics_text().encode("utf-8"),
+                       "text/plain; version=0.0.4; charset=utf-8")
             else:
-                resp = JSONResponse(svc.health(), status_code=503 if svc.closing else 200)
+                out = _json(503 if svc.closing else 200, svc.health())
         except ApiError as e:
-            resp = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-        svc.count(endpoint if want else "other", resp.status_code)
-        return resp
+            out = _error(e)
+        svc.count(endpoint if want else "other", out[0])
+        return out
 
     # --- Python callers (DeploymentHandle) ------------------------------------------
     async def embed(self, texts: Sequence[str], slo_class: str = "interactive") -> np.ndarray:
         """(n, 384) float32 embeddings of ``texts`` through this replica's
-        batcher. Raises ``pykernels.serving.Overloaded`` when refused."""
-        futs = [self.service.batcher.submit(t, slo_class) for t in texts]
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        batcher (admitted as one unit). Raises ``pykernels.serving.Overloaded``
+        when refused."""
+        futs = self.service.batcher.submit_many(list(texts), slo_class)
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        finally:
+            for f in futs:
+                f.cancel()  # no-op for the finished; takes the rest out of the queue
         return np.stack([r[0] for r in results]) if results else np.empty((0, 384), np.float32)
 
     def metrics(self) -> Dict[str, dict]:
@@ -222,6 +229,85 @@ class EmbeddingReplica:
         svc = getattr(self, "service", None)
         if svc is not None and not svc.batcher.closed:
             svc.close(drain=True)  # Serve has waited for ongoing requests; finish the rest
+
+
+def _json(status: int, obj) -> Tuple[int, Dict[str, str], bytes, str]:
+    return status, {}, json.dumps(obj).encode("utf-8"), "application/json"
+
+
+def _error(e: ApiError) -> Tuple[int, Dict[str, str], bytes, str]:
+    return e.status, dict(e.headers), json.dumps(e.body()).encode("utf-8"), "application/json"
+
+
+async def _answer(request, limits: Limits, http):
+    """A starlette Response for the Serve proxy's ``request``: the body read
+    (size-checked), then ``await http(method, path, headers, body)``."""
+    from starlette.responses import Response
+
+    path = request.url.path
+    root = request.scope.get("root_path", "") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    try:
+        check_content_length(request.headers.get("content-length"), limits)
+        body = await request.body() if request.method == "POST" else b""
+        status, headers, payload, media = await http(request.method, path,
+                                                     dict(request.headers), body)
+    except ApiError as e:
+        status, headers, payload, media = _error(e)
+    return Response(payload, status_code=status, headers=headers, media_type=media)
+
+
+def _replica_gone_errors() -> tuple:
+    ex = ray.exceptions
+    return tuple(t for t in (getattr(ex, "RayActorError", None), getattr(ex, "ActorDiedError", None),
+                             getattr(ex, "ActorUnavailableError", None)) if t is not None)
+
+
+class EmbeddingIngress:
+    """The HTTP entry of ``build_app(..., ingress=True)``: forwards every
+    request to an ``EmbeddingReplica`` through a DeploymentHandle. When the
+    replica dies with the request (killed, its node lost) the request is sent
+    again, to the replica the handle picks next (an embedding is a pure
+    function of its text: repeating it is safe), up to ``retries`` times
+    ``backoff_s`` apart; then 503 with Retry-After. Without it, Ray's proxy
+    answers such a request with a plain-text 500."""
+
+    def __init__(self, replicas, *, retries: int = 3, backoff_s: float = 0.2,
+                 limits: Optional[Limits] = None):
+        self.replicas = replicas
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.limits = limits or Limits()
+        self.retried = 0
+        self.gone = _replica_gone_errors()
+
+    async def __call__(self, request):
+        return await _answer(request, self.limits, self._forward)
+
+    async def _forward(self, *args):
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.replicas.http.remote(*args)
+            except self.gone as e:
+                log.warning("a replica died with a request (%s); %s", type(e).__name__,
+                            "retrying" if attempt < self.retries else "answering 503")
+                if attempt < self.retries:
+                    self.retried += 1
+                    await asyncio.sleep(self.backoff_s * (attempt + 1))
+        raise ApiError(503, "no embeddings replica could serve this request (replicas died "
+                            "while serving it); retry shortly", code="replica_unavailable",
+                       headers={"Retry-After": "1"})
+
+    async def embed(self, texts: Sequence[str], slo_class: str = "interactive") -> np.ndarray:
+        """``EmbeddingReplica.embed`` with the same retries."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.replicas.embed.remote(list(texts), slo_class)
+            except self.gone:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(self.backoff_s * (attempt + 1))
 
 
 class SLOAutoscalingPolicy:
@@ -291,7 +377,7 @@ def slo_autoscaling_config(min_replicas: int = 1, max_replicas: int = 4, *,
 
 def build_app(model=None, *, num_replicas: Optional[int] = 2, num_cpus: float = 1.0,
               autoscaling_config=None, max_ongoing_requests: int = 512,
-              name: str = DEPLOYMENT_NAME, **replica_kwargs):
+              name: str = DEPLOYMENT_NAME, ingress: bool = False, **replica_kwargs):
     """A Serve application of ``EmbeddingReplica``s (pass it to ``serve.run``).
 
     model: a loaded MiniLM (shipped through the object store, see ``ship``), a
@@ -299,6 +385,9 @@ def build_app(model=None, *, num_replicas: Optional[int] = 2, num_cpus: float = 
     num_replicas / autoscaling_config: a fixed count, or an autoscaling config
         (``slo_autoscaling_config()``; num_replicas is then ignored).
     num_cpus: CPUs per replica (its thread budget).
+    ingress: put an ``EmbeddingIngress`` (no CPU) in front of the replicas, so
+        a request whose replica dies is served by another one or answered 503
+        (not Ray's plain 500); the application's handle is then the ingress's.
     replica_kwargs: for ``EmbeddingReplica`` (profile, interactive_p99_ms,
         bulk_throughput, api_key, limits, max_queue, precision, ...).
     """
@@ -310,8 +399,14 @@ def build_app(model=None, *, num_replicas: Optional[int] = 2, num_cpus: float = 
         opts["autoscaling_config"] = autoscaling_config
     else:
         opts["num_replicas"] = num_replicas
-    return serve.deployment(EmbeddingReplica).options(**opts).bind(model, **replica_kwargs)
+    replicas = serve.deployment(EmbeddingReplica).options(**opts).bind(model, **replica_kwargs)
+    if not ingress:
+        return replicas
+    return serve.deployment(EmbeddingIngress).options(
+        name=f"{name}-ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(max_ongoing_requests, 1) * 8).bind(
+        replicas, limits=replica_kwargs.get("limits"))
 
 
-__all__ = ["EmbeddingReplica", "SLOAutoscalingPolicy", "ShippedModel", "build_app", "ship",
+__all__ = ["EmbeddingIngress", "EmbeddingReplica", "SLOAutoscalingPolicy", "ShippedModel", "build_app", "ship",
            "slo_autoscaling_config"]

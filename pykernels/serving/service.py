@@ -33,7 +33,7 @@ from ..policy import SLO, Policy, Profile, ProfileWarning
 from ..models.minilm import encoder_op
 from ..policy.profile import default_path
 from ..policy.slo import cosine_error
-from .batcher import DynamicBatcher, Overloaded
+from .batcher import DynamicBatcher, Overloaded, TooLarge
 from .metrics import prom_labels, prom_number
 
 log = logging.getLogger("pykernels.serving.service")
@@ -347,6 +347,7 @@ def parse_embeddings_request(body: bytes, *, limits: Limits, classes: Sequence[s
             raise ApiError(400, f"input[{i}] has {len(t)} characters, over the limit "
                                 f"max_chars={limits.max_chars} (the model reads at most 256 "
                                 "tokens of it anyway)", param="input", code="input_too_long")
+        check_unicode(t, i)
     fmt = data.get("encoding_format")
     if fmt is None:
         fmt = "float"
@@ -376,6 +377,23 @@ def parse_embeddings_request(body: bytes, *, limits: Limits, classes: Sequence[s
                             f"{', '.join(repr(c) for c in classes)}", param="slo_class",
                        code="invalid_value")
     return EmbeddingRequest(texts, model, fmt, cls)
+
+
+def check_unicode(text: str, index: int) -> None:
+    """422 naming the position of the first code point of ``text`` that is not
+    Unicode a tokenizer can take: a lone surrogate (U+D800-U+DFFF), which JSON
+    allows as ``"\\ud800"`` and Python's ``json.loads`` also makes of the raw
+    UTF-8-like bytes ED A0 80. Refused rather than replaced: a replacement
+    character would silently change the embedding the client asked for."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(422, f"input[{index}] holds the lone surrogate U+{ord(text[e.start]):04X} "
+                            f"at character {e.start}, which is not valid Unicode text; send "
+                            "UTF-8 text (pair surrogates or drop them)",
+                       param="input", code="invalid_unicode") from None
 
 
 def check_content_length(value: Optional[str], limits: Limits) -> None:
@@ -413,6 +431,38 @@ def render_embeddings(results: Sequence, req: EmbeddingRequest, model_id: str) -
     tail = '"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (
         json.dumps(model_id), tokens, tokens)
     return (head + tail).encode("utf-8")
+
+
+class FailureLog:
+    """Logs failures at most one line per kind per ``interval_s`` (60 s): the
+    first of a kind at once, with its message and no traceback; later ones are
+    counted and the count rides on the next line of that kind. A client that
+    sends a failing request every 20 ms thus costs one log line a minute, not
+    ~94 lines per request. ``counts``: failures seen per kind."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.log = logger
+        self.interval_s = float(interval_s)
+        self.clock = clock
+        self.counts: collections.Counter = collections.Counter()
+        self._next: Dict[str, float] = {}
+        self._quiet: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def report(self, kind: str, message: str) -> bool:
+        """Count a failure of ``kind``; True if it was logged."""
+        now = self.clock()
+        with self._lock:
+            self.counts[kind] += 1
+            if now < self._next.get(kind, -math.inf):
+                self._quiet[kind] += 1
+                return False
+            self._next[kind] = now + self.interval_s
+            quiet, self._quiet[kind] = self._quiet[kind], 0
+        more = f" (+{quiet} more of this kind in the last {self.interval_s:g} s)" if quiet else ""
+        self.log.error("%s: %s%s", kind, message.replace("\n", " | ")[:500], more)
+        return True
 
 
 def _retry_after(seconds: float) -> str:
@@ -464,6 +514,7 @@ class EmbeddingService:
         self.in_flight = 0
         self.texts_total: collections.Counter = collections.Counter()   # class -> texts
         self.tokens_total: collections.Counter = collections.Counter()  # class -> tokens
+        self.failures = FailureLog(log)
 
     # --- auth -------------------------------------------------------------------
     def check_auth(self, authorization: Optional[str]) -> None:
@@ -500,34 +551,57 @@ class EmbeddingService:
             model_ids=self.model_ids, dimensions=self.dimensions, slo_header=slo_header)
 
     async def embed(self, req: EmbeddingRequest) -> list:
-        """Submit every text as one batcher item and wait for all; raises
-        ApiError(429) when the batcher refuses one (the others are cancelled)
-        or ApiError(503) when it is closed."""
+        """Submit the request's texts to the batcher as one unit
+        (``submit_many``: all admitted or none) and wait for all. Raises
+        ApiError 413 when its class cannot serve that many texts even when idle
+        (not retryable: use bulk), 429 when the batcher refuses it now
+        (Retry-After: the predicted wait), 503 when it is closed, 500 (with
+        Connection: close, logged once per kind a minute) when encoding fails.
+        Cancelling the caller cancels the texts still queued."""
         if self.closing:
             raise ApiError(503, "the server is shutting down", code="shutting_down",
                            headers={"Retry-After": "1"})
-        futs = []
+        n = len(req.texts)
         try:
-            for t in req.texts:
-                futs.append(self.batcher.submit(t, req.slo_class))
+            futs = self.batcher.submit_many(req.texts, req.slo_class)
+        except TooLarge as e:
+            raise ApiError(413, f"{n} texts are more than the {req.slo_class!r} class can serve "
+                                f"within its latency target ({e}); send them with "
+                                "'X-SLO-Class: bulk' (or \"slo_class\": \"bulk\") or in smaller "
+                                "requests", param="input", code="too_many_inputs_for_class") from None
         except Overloaded as e:
-            for f in futs:
-                f.cancel()
-            n = len(req.texts)
-            what = "the request" if n == 1 else f"text #{len(futs) + 1} of the {n} of the request"
+            what = "the request" if n == 1 else f"the request of {n} texts"
             raise ApiError(429, f"overloaded: {what} was refused ({e}); retry after "
                                 f"{e.retry_after_s:.3g} s", code="overloaded",
                            headers={"Retry-After": _retry_after(e.retry_after_s)}) from None
         except RuntimeError as e:  # closed between the check and the submit
-            for f in futs:
-                f.cancel()
             raise ApiError(503, f"the server is shutting down ({e})", code="shutting_down",
                            headers={"Retry-After": "1"}) from None
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        except (asyncio.CancelledError, ApiError):
+            raise
+        except RuntimeError as e:
+            if self.batcher.closed:  # close(drain=False) failed the queued texts
+                raise ApiError(503, f"the server is shutting down ({e})", code="shutting_down",
+                               headers={"Retry-After": "1"}) from None
+            raise self.internal_error("encoding failed", e) from None
+        except Exception as e:  # noqa: BLE001 - the batcher isolated it to this request
+            raise self.internal_error("encoding failed", e) from None
+        finally:
+            for f in futs:
+                f.cancel()  # no-op for the finished; takes the rest out of the queue
         with self._lock:
             self.texts_total[req.slo_class] += len(results)
             self.tokens_total[req.slo_class] += sum(int(r[1]) for r in results)
         return results
+
+    def internal_error(self, what: str, exc: BaseException) -> ApiError:
+        """A 500 for ``exc`` (logged once per kind a minute) that closes the
+        connection: the server's state for it is unknown."""
+        self.failures.report(f"{what} ({type(exc).__name__})", str(exc))
+        return ApiError(500, f"internal server error: {what} ({type(exc).__name__})",
+                        code="internal_error", headers={"Connection": "close"})
 
     def render(self, results: Sequence, req: EmbeddingRequest) -> bytes:
         return render_embeddings(results, req, self.model_id)
