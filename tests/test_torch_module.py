@@ -115,3 +115,20 @@ def test_optimize_bert():
     with torch.inference_mode():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_torch_command(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from pykernels.cli import main
+    cfg = transformers.BertConfig(vocab_size=1200, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    js = tmp_path / "bench.json"
+    rc = main(["bench", "torch", "--quick", "--model", str(tmp_path), "--batch", "2",
+               "--seq", "8", "--budget", "0.01", "--threads", "1", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for case in ("torch fp32", "torch bf16", "torch quantize_dynamic int8", "pykernels fp32",
+                 "pykernels bf16", "pykernels int8"):
+        assert case in out
+    assert js.exists()
