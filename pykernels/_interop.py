@@ -8,13 +8,16 @@ NumPy path costs one more type test). No framework is imported here: a
 tensor's own module (``type(x).__module__``, already imported by the caller)
 supplies ``from_dlpack`` for the way back.
 
-- float32 inputs map to NumPy float32 views without a copy (``np.from_dlpack``);
+- float32 inputs map to NumPy float32 views without a copy (``np.from_dlpack``;
+  a CPU torch tensor through ``Tensor.numpy()``, the same view at ~1 us
+  instead of ~6 us);
 - bfloat16 inputs map to ``ml_dtypes.bfloat16`` views: NumPy's DLPack import
   has no bfloat16, so a torch tensor is reinterpreted as int16 first
   (``x.view(torch.int16)``, no copy) and a JAX array through its
   ``__array__`` (no copy on CPU);
 - an input exporting DLPack makes the result come back through its module's
-  ``from_dlpack`` (torch in, torch out; jax in, jax out), zero-copy;
+  ``from_dlpack`` (torch in, torch out through ``torch.from_numpy``; jax in,
+  jax out), zero-copy;
 - ``out=`` may be a tensor: the kernel writes into its memory in place and the
   tensor itself is returned;
 - GPU tensors, tensors that require grad and other dtypes raise with the fix.
@@ -108,6 +111,23 @@ def _bf16_view(name: str, x) -> np.ndarray:
     return arr
 
 
+def _torch_view(name: str, x, torch):
+    """A CPU torch tensor as a NumPy view through ``Tensor.numpy()`` (~1 us,
+    against ~6 us for the DLPack round trip with its device query); None for
+    what ``numpy()`` cannot view (conjugate or negative bits, other devices),
+    which then goes the DLPack way and its checks."""
+    if not x.is_cpu:
+        return None
+    if x.requires_grad:
+        raise _grad_error(name)
+    try:
+        if x.dtype is torch.bfloat16:
+            return x.view(torch.int16).numpy().view(_BF16)
+        return x.numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
 def to_numpy(name: str, x, *, floats: bool = True, writable: bool = False):
     """``x`` as a NumPy array sharing its memory, and the way back.
 
@@ -121,6 +141,13 @@ def to_numpy(name: str, x, *, floats: bool = True, writable: bool = False):
     """
     if x is None or isinstance(x, _ND):
         return x, None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        arr = _torch_view(name, x, torch)
+        if arr is not None:
+            if floats and arr.dtype != _F32 and arr.dtype != _BF16:
+                raise _dtype_error(name, x, "float32 (or bfloat16 where stated)")
+            return arr, torch.from_numpy
     if hasattr(x, "__dlpack__"):
         _check_device(name, x)
         if getattr(x, "requires_grad", False):
