@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _core
-from . import _chooser
+from . import _chooser, _core, _interop
 from ._gemm import _AUTO, _VARIANT, VARIANTS, _bad_choice, _check_threads, policy_variant
 
 try:  # a declared dependency; without it only float32 inputs are accepted
@@ -20,6 +19,7 @@ try:  # a declared dependency; without it only float32 inputs are accepted
 except ImportError:  # pragma: no cover
     BFLOAT16 = None
 
+_ND = np.ndarray
 _I32 = np.dtype(np.int32)
 _I64 = np.dtype(np.int64)
 
@@ -81,6 +81,14 @@ def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=No
     16``). threads: an int >= 1, or None for the default (one thread for tiny
     problems).
     """
+    if (type(q) is not _ND or type(k) is not _ND or type(v) is not _ND
+            or (out is not None and type(out) is not _ND)
+            or (kv_lens is not None and type(kv_lens) is not _ND)):
+        (q2, k2, v2, l2), out2, finish = _interop.adapt(
+            ("q", "k", "v", "kv_lens"), (q, k, v, kv_lens), out, ints=("kv_lens",))
+        if q2 is not q or k2 is not k or v2 is not v or l2 is not kv_lens or out2 is not out:
+            return finish(attention(q2, k2, v2, causal=causal, kv_lens=l2, scale=scale,
+                                    out=out2, variant=variant, threads=threads))
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
     if code is _AUTO and _chooser.active is not None:
@@ -113,6 +121,17 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
     (flash-decoding), "throughput" runs one task per (batch item, KV head),
     "auto" asks the active policy, else latency when ``Hq / Hkv <= 16``.
     """
+    if (type(q) is not _ND or type(k_cache) is not _ND or type(v_cache) is not _ND
+            or (out is not None and type(out) is not _ND)
+            or (kv_lens is not None and type(kv_lens) is not _ND)
+            or (block_table is not None and type(block_table) is not _ND)):
+        (q2, k2, v2, l2, t2), out2, finish = _interop.adapt(
+            ("q", "k_cache", "v_cache", "kv_lens", "block_table"),
+            (q, k_cache, v_cache, kv_lens, block_table), out, ints=("kv_lens", "block_table"))
+        if (q2 is not q or k2 is not k_cache or v2 is not v_cache or l2 is not kv_lens
+                or t2 is not block_table or out2 is not out):
+            return finish(decode_attention(q2, k2, v2, l2, block_table=t2, scale=scale,
+                                           out=out2, variant=variant, threads=threads))
     code = _variant_code(variant)
     threads = 0 if threads is None else _check_threads(threads)
     if code is _AUTO and _chooser.active is not None:

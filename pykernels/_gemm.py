@@ -14,12 +14,13 @@ import operator
 
 import numpy as np
 
-from . import _chooser, _core
+from . import _chooser, _core, _interop
 from ._chooser import KernelCall
 from ._core import Activation, Precision, Variant
 from ._runtime import get_num_threads
 
 _F32 = np.dtype(np.float32)
+_ND = np.ndarray  # `type(x) is _ND` first: the NumPy path pays one type test for interop
 PANEL_COLS = _core.PANEL_COLS    # columns per packed panel
 MAX_THREADS = _core.MAX_THREADS  # the thread pool's limit per call
 
@@ -266,6 +267,8 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
         raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
     if not isinstance(precision, str) or precision not in _PRECISION:
         raise _bad_choice("precision", precision, PRECISIONS)
+    if type(w) is not _ND:
+        w, _ = _interop.to_numpy("w", w)
     _check_matrix("w", w)
     wk = w if layout == "kn" else w.T
     k, n = wk.shape
@@ -306,6 +309,13 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
     if code is None:
         raise _bad_choice("variant", variant, VARIANTS)
     threads = 0 if threads is None else _check_threads(threads)
+    if (type(x) is not _ND or (type(w) is not PackedWeight and type(w) is not _ND)
+            or (bias is not None and type(bias) is not _ND)
+            or (out is not None and type(out) is not _ND)):
+        (x2, w2, b2), out2, finish = _interop.adapt(("x", "w", "bias"), (x, w, bias), out)
+        if x2 is not x or w2 is not w or b2 is not bias or out2 is not out:
+            return finish(linear(x2, w2, b2, activation=activation, out=out2, variant=variant,
+                                 threads=None if threads == 0 else threads))
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x must be a numpy.ndarray of float32, got {type(x).__name__}; "
                         "use np.asarray(x, dtype=np.float32)")
@@ -371,6 +381,12 @@ def gemm(a, b, *, out=None, alpha: float = 1.0, beta: float = 0.0,
     Shape, dtype and ``out`` checks run in the C++ binding (they cost ~2 us in
     Python, more than a 32x32x32 product); their messages follow the SPEC.
     """
+    if (type(a) is not _ND or (type(b) is not _ND and type(b) is not PackedWeight)
+            or (out is not None and type(out) is not _ND)):
+        (a2, b2), out2, finish = _interop.adapt(("a", "b"), (a, b), out)
+        if a2 is not a or b2 is not b or out2 is not out:
+            return finish(gemm(a2, b2, out=out2, alpha=alpha, beta=beta, variant=variant,
+                               threads=threads))
     code = _VARIANT.get(variant)
     if code is None:
         raise _bad_choice("variant", variant, VARIANTS)

@@ -20,6 +20,7 @@ from .harness.attention import add_attention_arguments, run_bench_attention
 from .harness.gemm import add_gemm_arguments, run_bench_gemm
 from .harness.linear import add_linear_arguments, run_bench_linear
 from .harness.machine import format_info, info_record
+from .harness.torch import add_bench_torch_arguments, run_bench_torch
 from .harness.timing import ASSUMED_PEAK_PER_CORE
 
 # --------------------------------------------------------------------------
@@ -32,6 +33,7 @@ BENCH_SUITES: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "gemm": (add_gemm_arguments, run_bench_gemm),
     "linear": (add_linear_arguments, run_bench_linear),
     "attention": (add_attention_arguments, run_bench_attention),
+    "torch": (add_bench_torch_arguments, run_bench_torch),
 }
 
 

@@ -76,7 +76,7 @@ def test_low_precision_cosine(model, precision, min_cos):
 def test_empty_and_bad_input(model):
     assert model.encode([]).shape == (0, 384)
     with pytest.raises(TypeError):
-        model.encode("a single string")
+        model.encode(["a string", 3])
     with pytest.raises(ValueError):
         model.encode(["x"], batch_size=0)
     with pytest.raises(ValueError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -209,8 +210,79 @@ class MiniLM:
             x = layer_norm(down + x, *L.ln2, self.eps)
         return _pool(x.reshape(b, s, h), lens)
 
-    def encode(self, texts: Sequence[str], *, batch_size: int | None = None,
-               variant: str = "auto", threads=None, precision: str | None = None) -> np.ndarray:
+    def encode(self, sentences, *, batch_size: int | None = 32,
+               show_progress_bar: bool | None = None, output_value: str = "sentence_embedding",
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False, device=None,
+               normalize_embeddings: bool = True, prompt_name: str | None = None,
+               prompt: str | None = None, **kwargs):
+        """Embeddings as ``SentenceTransformer.encode`` returns them.
+
+        sentences: a str (-> a 1-D (384,) vector) or a sequence of str (-> an
+        (n, 384) array). batch_size: texts per forward (default 32).
+        show_progress_bar: a tqdm bar over the texts; None shows it on a
+        terminal when there are 8 batches or more. prompt: prepended to every
+        text. convert_to_tensor: a torch tensor (torch must be installed);
+        convert_to_numpy=False: a list of 1-D arrays. Embeddings are mean-pooled
+        and L2-normalized, as all-MiniLM-L6-v2's Normalize module makes them in
+        sentence-transformers, whatever ``normalize_embeddings`` says.
+        ``device`` may be None or "cpu"; ``output_value`` only
+        "sentence_embedding"; ``prompt_name`` needs a prompt table, which this
+        model has none of. Other keywords (``variant``, ``threads``, and the
+        model's own options) go to the batch loop. Every argument after
+        ``sentences`` is keyword-only (sentence-transformers' positional order
+        changed between versions). docs/models.md lists the differences.
+        """
+        if output_value != "sentence_embedding":
+            raise ValueError(f"output_value {output_value!r} is not supported; only "
+                             "'sentence_embedding'")
+        if device not in (None, "cpu") and str(device) != "cpu":
+            raise ValueError(f"device must be None or 'cpu' (pykernels runs on the CPU), "
+                             f"got {device!r}")
+        if prompt_name is not None:
+            raise ValueError(f"prompt_name={prompt_name!r}: this model has no prompts; "
+                             "pass the text as prompt=")
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        if not all(isinstance(t, str) for t in texts):
+            bad = next(t for t in texts if not isinstance(t, str))
+            raise TypeError(f"sentences must be a str or a sequence of str, found "
+                            f"{type(bad).__name__}")
+        if prompt:
+            texts = [prompt + t for t in texts]
+        _check_batch_size(batch_size)
+        bs = batch_size or 32
+        n_batches = -(-len(texts) // bs)
+        if show_progress_bar is None:
+            show_progress_bar = n_batches >= 8 and sys.stderr.isatty()
+        if show_progress_bar and texts:
+            from tqdm.auto import tqdm  # only when a bar shows
+
+            # longest first, as sentence-transformers batches them
+            order = np.argsort([-len(t) for t in texts], kind="stable")
+            emb = np.empty((len(texts), self.hidden), dtype=np.float32)
+            with tqdm(total=len(texts), desc="Batches", unit="text") as bar:
+                for start in range(0, len(texts), bs):
+                    sel = order[start:start + bs]
+                    emb[sel] = self._encode_texts([texts[i] for i in sel], batch_size=bs,
+                                                  **kwargs)
+                    bar.update(len(sel))
+        else:
+            emb = self._encode_texts(texts, batch_size=bs, **kwargs)
+        if single:
+            emb = emb[0]
+        if convert_to_tensor:
+            try:
+                import torch
+            except ImportError:
+                raise ImportError("convert_to_tensor=True needs torch; install it, or "
+                                  "use the NumPy array (convert_to_numpy=True)") from None
+            return torch.from_numpy(emb)
+        if not convert_to_numpy and not single:
+            return list(emb)
+        return emb
+
+    def _encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
+                      variant: str = "auto", threads=None, precision: str | None = None) -> np.ndarray:
         """(n, 384) float32 embeddings, mean-pooled and L2-normalized.
 
         Texts are sorted by length and batched (``batch_size``, default 32) so a
