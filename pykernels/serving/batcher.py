@@ -15,65 +15,7 @@
 is the class's plan (variant, precision, threads); the batch may hold fewer
 items than ``plan.batch_size``.
 
-Design (all times on the injected ``clock``, seconds, like ``time.monotonic``):
-
-* **Deadlines.** A request of a class with a p99 target gets
-  ``deadline = arrival + p99``; a class without one (bulk) gets a *relaxed*
-  deadline ``arrival + relaxed_deadline_s`` (10 s by default): it orders work
-  and ages bulk items so they are never starved, but nothing is refused for it.
-* **Batches.** One worker thread. Among the classes whose batch is *ready*, the
-  one whose oldest request has the earliest deadline runs (EDF; FIFO within a
-  class, whose deadlines share one offset). A class is ready when it holds a
-  full batch (``plan.batch_size``, capped by the chunk limit below), when its
-  oldest request has waited ``plan.max_wait_ms``, at its latest start time
-  (deadline - predicted service of the batch - the chunk bound), or while
-  draining at close. Plans come from ``policy.plan(op, queued=, arrival_rate=)``
-  with the class's queue length (exact up to 4, then a power of two) and its
-  recent arrival rate (accepted requests over the last second, to a quarter
-  octave; None below two arrivals or when they came at once), so the policy's
-  own plan cache serves repeated queue states.
-* **Chunk bound.** ``B = chunk_fraction * (tightest p99 target)`` (a quarter by
-  default; ``chunk_bound_ms`` sets it directly). Every batch of a class whose
-  p99 target is looser than the tightest one (or absent) is cut to the largest
-  size whose *predicted* service time is <= B, and after such a chunk a ready
-  request of the tightest class runs before the next one. So a tight request
-  waits behind other classes' work for at most one chunk: <= B as predicted
-  (a single item predicted above B cannot be split and runs alone).
-* **Service-time predictions** (chunks, admission, latest start) are the
-  policy's: ``policy.predict_service_ms(plan, n, tail=)``, learned from what
-  ``observe`` feeds it. A policy without that method (only ``plan`` and
-  ``observe``) is wrapped in ``pykernels.policy.adapter.PlanObserveAdapter``,
-  which fits the service time of n items to its observations and caches its
-  plans for ``replan_interval_s``.
-* **Admission** (in ``submit``, under the lock): for a class with a p99 target,
-  the predicted completion is now + the remaining predicted time of the batch
-  in flight + the predicted time to drain every queued request whose deadline
-  is not later (its own class's queue included, in batches of its plan) + the
-  new request's own batch; for the tightest class, looser classes' due work
-  counts as one chunk at most (none when a chunk is in flight), which is all
-  that can run ahead of it.
-  Past the deadline: ``Overloaded`` is *raised from submit* at once (no future
-  is returned), ``retry_after_s`` the predicted overshoot. Any class is refused
-  when ``max_queue`` requests are already waiting. Every accepted request
-  completes with its result or fails with an exception; nothing is dropped.
-* **Failures.** An exception from ``fn`` (or a result of the wrong length)
-  fails only the items that cause it: the batch is bisected (``fn`` called on
-  halves) until each failing item is alone; the others get their results. A
-  ``BaseException`` that is not an ``Exception`` fails the whole batch. The
-  worker goes on. A future cancelled while queued leaves the queue at once
-  (counted as cancelled).
-* **Feedback.** ``policy.observe(plan, service_seconds, batch=n)`` after each
-  successful batch, with the measured time of the ``fn`` call only (queue time
-  never), after its futures are resolved; an error in observe is logged and
-  counted. ``policy.plan`` (and a wrapped policy's ``observe``) get at most
-  ``policy_duty`` (5%) of the time: after a call that took d, the next waits
-  19 d (the latest plan is kept; an observation is not forwarded and is
-  counted in ``observe_skipped``). ``Policy.observe`` is a buffered append.
-* **Close.** ``close(drain=True)`` stops accepting (``submit`` then raises
-  ``RuntimeError``), serves every accepted request without waiting for batches
-  to fill and joins the worker; ``close(drain=False)`` fails every queued
-  request with ``RuntimeError("batcher closed before this request ran")`` (the
-  batch in flight completes). ``with DynamicBatcher(...)`` closes with drain.
+Design and reasoning: docs/serving.md, "The batcher".
 
 ``start=False`` creates no thread: the caller drives the batcher with
 ``step()`` (one batch at most, in the calling thread), which with a fake clock
@@ -82,7 +24,6 @@ makes every decision deterministic in tests.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import concurrent.futures
 import logging
@@ -94,7 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from pykernels.policy.adapter import PlanObserveAdapter
 
-from .metrics import ClassStats, render_prometheus
+from .metrics import render_prometheus
+from .queues import (ClassState, Job, Overloaded, Request, ResultCountError, TooLarge,
+                     queued_bucket, rate_bucket)
 
 log = logging.getLogger("pykernels.serving")
 
@@ -104,147 +47,6 @@ CLOSED_MESSAGE = "batcher closed before this request ran"
 # with the machine's load (x2.7 measured between load 2 and 11 on 2 cores), and
 # a group that misses by less may fit once it drops (429, retryable).
 GROUP_MARGIN = 2.0
-
-
-class Overloaded(Exception):
-    """The request was refused at submit: its deadline cannot be met given the
-    work ahead of it, or the queue is full. ``retry_after_s``: seconds after
-    which the backlog is predicted to have drained enough to accept it.
-    ``cls``: the request's class."""
-
-    def __init__(self, message: str, *, retry_after_s: float = 0.0, cls: Optional[str] = None):
-        super().__init__(message)
-        self.retry_after_s = max(0.0, float(retry_after_s))
-        self.cls = cls
-
-
-class _ResultCount(ValueError):
-    """fn broke its contract (one result per item): the whole batch fails, as
-    no item is to blame."""
-
-
-class TooLarge(Overloaded):
-    """A group of items (``submit_many``) that even an idle batcher is predicted
-    to serve past its class's p99 target, though one item alone fits: retrying
-    cannot help; send it in a class without a latency target (bulk) or split
-    it. ``retry_after_s`` is inf."""
-
-    def __init__(self, message: str, *, cls: Optional[str] = None):
-        super().__init__(message, retry_after_s=0.0, cls=cls)
-        self.retry_after_s = math.inf
-
-
-class _Request:
-    __slots__ = ("item", "future", "arrival", "deadline", "cls")
-
-    def __init__(self, item, future, arrival, deadline, cls):
-        self.cls = cls
-        self.item = item
-        self.future = future
-        self.arrival = arrival
-        self.deadline = deadline
-
-
-def _deadline(r: _Request) -> float:
-    return r.deadline
-
-
-class _Queue:
-    """FIFO with O(1) pops from the front and bisection on deadlines (which are
-    non-decreasing within a class: arrivals are stamped under the lock)."""
-
-    __slots__ = ("_items", "_head")
-
-    def __init__(self):
-        self._items: List[_Request] = []
-        self._head = 0
-
-    def __len__(self) -> int:
-        return len(self._items) - self._head
-
-    def append(self, r: _Request) -> None:
-        self._items.append(r)
-
-    def peek(self) -> _Request:
-        return self._items[self._head]
-
-    def pop(self, n: int) -> List[_Request]:
-        out = self._items[self._head:self._head + n]
-        self._head += len(out)
-        if self._head == len(self._items):
-            self._items.clear()
-            self._head = 0
-        elif self._head > 4096 and 2 * self._head > len(self._items):
-            del self._items[:self._head]
-            self._head = 0
-        return out
-
-    def pop_all(self) -> List[_Request]:
-        return self.pop(len(self))
-
-    def remove(self, r: _Request) -> bool:
-        """Take ``r`` out of the queue (a cancelled request); False if it is not
-        queued (already taken by the worker). Bisects on its deadline, then
-        scans the requests that share it."""
-        items = self._items
-        i = bisect.bisect_left(items, r.deadline, lo=self._head, key=_deadline)
-        while i < len(items) and items[i].deadline == r.deadline:
-            if items[i] is r:
-                del items[i]
-                return True
-            i += 1
-        return False
-
-    def count_due_by(self, deadline: float) -> int:
-        """Queued requests whose deadline is <= ``deadline``."""
-        return bisect.bisect_right(self._items, deadline, lo=self._head, key=_deadline) - self._head
-
-
-def _queued_bucket(n: int) -> int:
-    """Queue length as the planner sees it: exact up to 4, then rounded down to a
-    power of two, so plans can be cached (never more than is queued)."""
-    return n if n <= 4 else 1 << (n.bit_length() - 1)
-
-
-def _rate_bucket(rate: Optional[float]) -> Optional[float]:
-    """Arrival rate rounded to a quarter octave (about +-9%)."""
-    if rate is None or rate <= 0:
-        return None
-    return 2.0 ** (round(math.log2(rate) * 4) / 4)
-
-
-class _Class:
-    """State of one SLO class (guarded by the batcher's lock). ``policy``
-    answers plans and service-time predictions and takes the observations."""
-
-    def __init__(self, name, slo, policy, op, relaxed_deadline_s, stats_kw):
-        self.name = name
-        self.slo = slo
-        self.policy = policy
-        self.op = op
-        p99 = getattr(slo, "p99_ms", None)
-        self.p99_s: Optional[float] = float(p99) / 1e3 if p99 is not None else None
-        self.offset_s = self.p99_s if self.p99_s is not None else float(relaxed_deadline_s)
-        self.tight = False      # its p99 target is the tightest
-        self.chunked = False    # its batches are cut to the chunk bound
-        self.queue = _Queue()
-        self.arrivals: collections.deque = collections.deque(maxlen=512)
-        self.in_flight = 0
-        self.plan = None        # the latest plan (admission and metrics read it)
-        self.observe_errors = 0
-        self.plan_after = -math.inf     # planning budget: no new plan() before this time
-        self.stats = ClassStats(name, self.p99_s, **stats_kw)
-
-
-class _Job:
-    __slots__ = ("cls", "reqs", "plan", "error", "cut")
-
-    def __init__(self, cls, reqs, plan, error=None, cut=False):
-        self.cut = cut  # the batch limit was cut to the chunk bound
-        self.cls = cls
-        self.reqs = reqs
-        self.plan = plan
-        self.error = error
 
 
 class DynamicBatcher:
@@ -305,7 +107,7 @@ class DynamicBatcher:
         self._duty_gap = (1.0 - policy_duty) / policy_duty
         stats_kw = {"relative_accuracy": relative_accuracy, "window_s": metrics_window_s}
 
-        self._classes: Dict[str, _Class] = {}
+        self._classes: Dict[str, ClassState] = {}
         for cname, slo in classes.items():
             if not isinstance(cname, str):
                 raise TypeError(f"class names must be strings, got {cname!r}")
@@ -314,7 +116,7 @@ class DynamicBatcher:
                 pol = PlanObserveAdapter(pol, clock=clock, max_age_s=replan_interval_s,
                                          duty=policy_duty)
             cop = op.get(cname) if isinstance(op, Mapping) else op
-            self._classes[cname] = _Class(cname, slo, pol, cop, relaxed_deadline_s, stats_kw)
+            self._classes[cname] = ClassState(cname, slo, pol, cop, relaxed_deadline_s, stats_kw)
 
         targets = [c.p99_s for c in self._classes.values() if c.p99_s is not None]
         tightest = min(targets) if targets else None
@@ -362,14 +164,14 @@ class DynamicBatcher:
 
     # --- predictions (under the lock unless noted) ---------------------------
     @staticmethod
-    def _est(c: _Class, plan, n: int, tail: bool = True) -> float:
+    def _est(c: ClassState, plan, n: int, tail: bool = True) -> float:
         """Predicted service time (s) of one batch of n items under ``plan``,
         the policy's (tail=False: its p50 rather than its tail)."""
         if n <= 0 or plan is None:
             return 0.0
         return c.policy.predict_service_ms(plan, n, tail=tail) / 1e3
 
-    def _limit(self, c: _Class, plan) -> int:
+    def _limit(self, c: ClassState, plan) -> int:
         """Items per batch: the plan's batch size, cut to the chunk bound (the
         largest batch predicted to fit in it, at least one item)."""
         bs = max(1, int(getattr(plan, "batch_size", 1) or 1)) if plan is not None else 1
@@ -387,7 +189,7 @@ class DynamicBatcher:
                 hi = mid
         return lo
 
-    def _drain_s(self, c: _Class, plan, n: int, tail: bool = True) -> float:
+    def _drain_s(self, c: ClassState, plan, n: int, tail: bool = True) -> float:
         """Predicted time to serve n queued items of class c in batches of its
         limit (the tail allowance counted once, not once per batch; none with
         tail=False)."""
@@ -401,7 +203,7 @@ class DynamicBatcher:
         return t + self._est(c, plan, 1) - self._est(c, plan, 1, tail=False)
 
     # --- plans (outside the lock) --------------------------------------------
-    def _rate(self, c: _Class, now: float) -> Optional[float]:
+    def _rate(self, c: ClassState, now: float) -> Optional[float]:
         """Accepted arrivals per second: (n - 1) / (last - first) over the n
         arrivals of the last rate_window_s (at most 512); None below two."""
         a = c.arrivals
@@ -414,13 +216,13 @@ class DynamicBatcher:
         span = a[-1] - a[0]
         return (n - 1) / span if span > 0 else None
 
-    def _plan_for(self, c: _Class, queued: int, rate: Optional[float], now: float):
+    def _plan_for(self, c: ClassState, queued: int, rate: Optional[float], now: float):
         """The policy's plan for the class's queue state, bucketed so that the
         policy's plan cache serves repeated states."""
         if c.plan is not None and now < c.plan_after:
             return c.plan  # over the planning budget: keep the latest plan a little longer
         t0 = self._clock()
-        plan = c.policy.plan(c.op, queued=_queued_bucket(queued), arrival_rate=_rate_bucket(rate))
+        plan = c.policy.plan(c.op, queued=queued_bucket(queued), arrival_rate=rate_bucket(rate))
         t1 = self._clock()
         c.plan_after = t1 + (t1 - t0) * self._duty_gap
         c.plan = plan
@@ -514,7 +316,7 @@ class DynamicBatcher:
                         f"({self._queued} requests queued)",
                         retry_after_s=finish - deadline, cls=c.name)
             for item, fut in zip(items, futs):
-                r = _Request(item, fut, now, deadline, c.name)
+                r = Request(item, fut, now, deadline, c.name)
                 c.queue.append(r)
                 c.arrivals.append(now)
                 reqs.append(r)
@@ -525,7 +327,7 @@ class DynamicBatcher:
             r.future.add_done_callback(self._unqueue_if_cancelled(r))
         return futs
 
-    def _unqueue_if_cancelled(self, r: _Request):
+    def _unqueue_if_cancelled(self, r: Request):
         def done(fut):
             if not fut.cancelled():
                 return
@@ -537,7 +339,7 @@ class DynamicBatcher:
                     self._cond.notify_all()
         return done
 
-    def _ahead_s(self, c: _Class, deadline: float, now: float, n: int = 1) -> float:
+    def _ahead_s(self, c: ClassState, deadline: float, now: float, n: int = 1) -> float:
         """Predicted time from now until n new requests of class c with this
         deadline have been served (see "Admission" in the module doc)."""
         t = 0.0
@@ -578,7 +380,7 @@ class DynamicBatcher:
         the awaiting task cancels the request if it has not started."""
         return await asyncio.wrap_future(self.submit(item, cls))
 
-    def _class(self, cls: Optional[str]) -> _Class:
+    def _class(self, cls: Optional[str]) -> ClassState:
         name = self._default_cls if cls is None else cls
         c = self._classes.get(name)
         if c is None:
@@ -617,7 +419,7 @@ class DynamicBatcher:
     def _finished(self) -> bool:
         return self._closed and (not self._drain or self._queued == 0)
 
-    def _next_job(self, block: bool) -> Optional[_Job]:
+    def _next_job(self, block: bool) -> Optional[Job]:
         while True:
             with self._cond:
                 if self._finished():
@@ -644,7 +446,7 @@ class DynamicBatcher:
                     reqs = self._classes[name].queue.pop_all()
                     if reqs:
                         self._queued -= len(reqs)
-                        return _Job(self._classes[name], reqs, None, err)
+                        return Job(self._classes[name], reqs, None, err)
                 job, wake = self._decide(now, plans)
                 if job is not None:
                     return job
@@ -705,9 +507,9 @@ class DynamicBatcher:
         self._in_flight = (k, now + self._est(k, plan, len(live)))
         self._last_chunked = k.chunked
         bs = getattr(plan, "batch_size", lim) or lim
-        return _Job(k, live, plan, cut=k.chunked and lim < bs), None
+        return Job(k, live, plan, cut=k.chunked and lim < bs), None
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         k, reqs, plan = job.cls, job.reqs, job.plan
         if job.error is not None:  # planning failed for this class
             self._fail(reqs, job.error)
@@ -723,7 +525,7 @@ class DynamicBatcher:
         except BaseException as e:  # noqa: BLE001 - goes to this batch's futures only
             err = e
         outcomes = None  # per item (ok, result or exception) when the batch failed
-        if isinstance(err, Exception) and not isinstance(err, _ResultCount) and len(items) > 1:
+        if isinstance(err, Exception) and not isinstance(err, ResultCountError) and len(items) > 1:
             outcomes = self._isolate(items, plan)
         t1 = self._clock()
         service = max(0.0, t1 - t0)
@@ -759,7 +561,7 @@ class DynamicBatcher:
     def _call(self, items: list, plan) -> list:
         results = list(self._fn(items, plan))
         if len(results) != len(items):
-            raise _ResultCount(f"fn returned {len(results)} results for a batch of {len(items)} "
+            raise ResultCountError(f"fn returned {len(results)} results for a batch of {len(items)} "
                                "items; it must return one result per item, in order")
         return results
 
@@ -782,7 +584,7 @@ class DynamicBatcher:
                     stack += [(lo, mid), (mid, hi)]
         return out
 
-    def _observe(self, k: _Class, plan, seconds: float, n: int) -> None:
+    def _observe(self, k: ClassState, plan, seconds: float, n: int) -> None:
         try:
             k.policy.observe(plan, seconds, batch=n)
         except Exception:  # noqa: BLE001 - feedback must not break serving
@@ -791,7 +593,7 @@ class DynamicBatcher:
                 log.warning("policy.observe failed for class %r (further failures are counted "
                             "in metrics()['%s']['observe_errors'])", k.name, k.name, exc_info=True)
 
-    def _fail(self, reqs: List[_Request], exc: BaseException) -> None:
+    def _fail(self, reqs: List[Request], exc: BaseException) -> None:
         """Fail requests that have not run: stats first, then the futures (a
         future the caller cancelled stays cancelled and is counted so)."""
         live = []

@@ -1,0 +1,150 @@
+"""The batcher's records: refusals (Overloaded, TooLarge), a queued request,
+a class's deadline-ordered queue, and the job the worker runs next."""
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+from typing import List, Optional
+
+from .metrics import ClassStats
+
+class Overloaded(Exception):
+    """The request was refused at submit: its deadline cannot be met given the
+    work ahead of it, or the queue is full. ``retry_after_s``: seconds after
+    which the backlog is predicted to have drained enough to accept it.
+    ``cls``: the request's class."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.0, cls: Optional[str] = None):
+        super().__init__(message)
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        self.cls = cls
+
+
+class ResultCountError(ValueError):
+    """fn broke its contract (one result per item): the whole batch fails, as
+    no item is to blame."""
+
+
+class TooLarge(Overloaded):
+    """A group of items (``submit_many``) that even an idle batcher is predicted
+    to serve past its class's p99 target, though one item alone fits: retrying
+    cannot help; send it in a class without a latency target (bulk) or split
+    it. ``retry_after_s`` is inf."""
+
+    def __init__(self, message: str, *, cls: Optional[str] = None):
+        super().__init__(message, retry_after_s=0.0, cls=cls)
+        self.retry_after_s = math.inf
+
+
+class Request:
+    __slots__ = ("item", "future", "arrival", "deadline", "cls")
+
+    def __init__(self, item, future, arrival, deadline, cls):
+        self.cls = cls
+        self.item = item
+        self.future = future
+        self.arrival = arrival
+        self.deadline = deadline
+
+
+def deadline_of(r: Request) -> float:
+    return r.deadline
+
+
+class DeadlineQueue:
+    """FIFO with O(1) pops from the front and bisection on deadlines (which are
+    non-decreasing within a class: arrivals are stamped under the lock)."""
+
+    __slots__ = ("_items", "_head")
+
+    def __init__(self):
+        self._items: List[Request] = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def append(self, r: Request) -> None:
+        self._items.append(r)
+
+    def peek(self) -> Request:
+        return self._items[self._head]
+
+    def pop(self, n: int) -> List[Request]:
+        out = self._items[self._head:self._head + n]
+        self._head += len(out)
+        if self._head == len(self._items):
+            self._items.clear()
+            self._head = 0
+        elif self._head > 4096 and 2 * self._head > len(self._items):
+            del self._items[:self._head]
+            self._head = 0
+        return out
+
+    def pop_all(self) -> List[Request]:
+        return self.pop(len(self))
+
+    def remove(self, r: Request) -> bool:
+        """Take ``r`` out of the queue (a cancelled request); False if it is not
+        queued (already taken by the worker). Bisects on its deadline, then
+        scans the requests that share it."""
+        items = self._items
+        i = bisect.bisect_left(items, r.deadline, lo=self._head, key=deadline_of)
+        while i < len(items) and items[i].deadline == r.deadline:
+            if items[i] is r:
+                del items[i]
+                return True
+            i += 1
+        return False
+
+    def count_due_by(self, deadline: float) -> int:
+        """Queued requests whose deadline is <= ``deadline``."""
+        return bisect.bisect_right(self._items, deadline, lo=self._head, key=deadline_of) - self._head
+
+
+def queued_bucket(n: int) -> int:
+    """Queue length as the planner sees it: exact up to 4, then rounded down to a
+    power of two, so plans can be cached (never more than is queued)."""
+    return n if n <= 4 else 1 << (n.bit_length() - 1)
+
+
+def rate_bucket(rate: Optional[float]) -> Optional[float]:
+    """Arrival rate rounded to a quarter octave (about +-9%)."""
+    if rate is None or rate <= 0:
+        return None
+    return 2.0 ** (round(math.log2(rate) * 4) / 4)
+
+
+class ClassState:
+    """State of one SLO class (guarded by the batcher's lock). ``policy``
+    answers plans and service-time predictions and takes the observations."""
+
+    def __init__(self, name, slo, policy, op, relaxed_deadline_s, stats_kw):
+        self.name = name
+        self.slo = slo
+        self.policy = policy
+        self.op = op
+        p99 = getattr(slo, "p99_ms", None)
+        self.p99_s: Optional[float] = float(p99) / 1e3 if p99 is not None else None
+        self.offset_s = self.p99_s if self.p99_s is not None else float(relaxed_deadline_s)
+        self.tight = False      # its p99 target is the tightest
+        self.chunked = False    # its batches are cut to the chunk bound
+        self.queue = DeadlineQueue()
+        self.arrivals: collections.deque = collections.deque(maxlen=512)
+        self.in_flight = 0
+        self.plan = None        # the latest plan (admission and metrics read it)
+        self.observe_errors = 0
+        self.plan_after = -math.inf     # planning budget: no new plan() before this time
+        self.stats = ClassStats(name, self.p99_s, **stats_kw)
+
+
+class Job:
+    __slots__ = ("cls", "reqs", "plan", "error", "cut")
+
+    def __init__(self, cls, reqs, plan, error=None, cut=False):
+        self.cut = cut  # the batch limit was cut to the chunk bound
+        self.cls = cls
+        self.reqs = reqs
+        self.plan = plan
+        self.error = error
