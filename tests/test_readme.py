@@ -40,7 +40,7 @@ def block_with(needle: str) -> str:
 
 
 KINDS = {"api": "pk.cpu_info()", "openai": "from openai import OpenAI",
-         "ray": "from pykernels.serving.ray import"}
+         "ray": "from pykernels.serving.ray import", "torch": "pykernels.torch as pkt"}
 
 
 def test_every_python_block_is_covered():
@@ -111,3 +111,12 @@ def test_bash_blocks_name_commands_that_exist():
         proc = subprocess.run([sys.executable, "-m", "pykernels", cmd, "--help"], cwd=REPO_ROOT,
                               env=subprocess_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"pykernels {cmd} --help exited {proc.returncode}: {proc.stderr}"
+
+
+def test_torch_block_runs(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    code = block_with(KINDS["torch"])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
