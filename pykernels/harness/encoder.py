@@ -280,6 +280,7 @@ def run_bench_encoder(args) -> int:
           "included; GFLOP/s over the real FLOPs (no padding)", file=out)
     out.flush()
 
+    _print_header(out)
     results: List[dict] = []
     failed = False
     fp32_model: Optional[BertEmbedder] = None
@@ -298,7 +299,7 @@ def run_bench_encoder(args) -> int:
             rec["ok"] = rec["min_cosine"] >= COS_MIN[p]
             if not rec["ok"]:
                 failed = True
-                continue
+                continue  # the finally clause prints the WRONG row
             rec.update(time_query(lambda t: model.encode(t, threads=threads), s["query_calls"]))
             runs = {"ragged": lambda: model.encode(docs, batch_size=bs, threads=threads)}
             if args.padded:
@@ -312,6 +313,8 @@ def run_bench_encoder(args) -> int:
         except Exception as e:  # reported in the table, the suite goes on
             rec.update(ok=False, error=f"{type(e).__name__}: {e}")
             failed = True
+        finally:
+            _print_row(rec, args.padded, out)
 
     torch = None if args.no_baselines else import_torch()
     baselines = []
@@ -336,8 +339,9 @@ def run_bench_encoder(args) -> int:
                 _bulk_fields(rec, "bulk_", *t["x"], len(docs), flops, peak)
             except Exception as e:  # a baseline that cannot run is reported, not fatal
                 rec.update(error=f"{type(e).__name__}: {e}")
-
-    _print_table(results + baselines, args.padded, out)
+            finally:
+                _print_row(rec, False, out)
+    _print_footer(out)
 
     ragged = None
     if not args.no_ragged_check and fp32_model is not None:
@@ -358,31 +362,37 @@ def run_bench_encoder(args) -> int:
 _ROW = "{:<24} {:>9} {:>9} {:>7} {:>9}  {:>9} {:>9} {:>9} {:>8} {:>6}  {:>9}"
 
 
-def _print_table(rows: List[dict], padded: bool, out) -> None:
+def _print_header(out) -> None:
     print(file=out)
     print(_ROW.format("impl", "q p50", "q p99", "p99/p50", "q CPU", "docs/s", "bulk", "bulk CPU",
                       "GFLOP/s", "%peak", "min cos"), file=out)
-    for r in rows:
-        label = f"{r['impl'] if r['impl'] != 'pykernels' else 'pykernels'} {r['precision']}"
-        if "skipped" in r or "error" in r or "query_p50_s" not in r:
-            why = r.get("skipped") or r.get("error") or (
-                f"WRONG: min cosine {r.get('min_cosine', float('nan')):.6f} < "
-                f"{COS_MIN.get(r['precision'])}")
-            print(f"{label:<24} {'skipped: ' if 'skipped' in r else ''}{why}", file=out)
-            continue
-        print(_ROW.format(label, fmt_time(r["query_p50_s"]), fmt_time(r["query_p99_s"]),
-                          f"{r['query_p99_s'] / r['query_p50_s']:.2f}x",
-                          fmt_time(r["query_cpu_s"]), f"{r['bulk_docs_per_s']:.1f}",
-                          fmt_time(r["bulk_s"]), fmt_time(r["bulk_cpu_s"]),
-                          f"{r['bulk_gflops']:.1f}", f"{r['bulk_pct_peak']:.0f}%",
-                          f"{r['min_cosine']:.6f}"), file=out)
-        if padded and "padded_bulk_s" in r:
-            print(_ROW.format("  MiniLM.encode (padded)", "", "", "", "",
-                              f"{r['padded_bulk_docs_per_s']:.1f}", fmt_time(r["padded_bulk_s"]),
-                              fmt_time(r["padded_bulk_cpu_s"]), f"{r['padded_bulk_gflops']:.1f}",
-                              f"{r['padded_bulk_pct_peak']:.0f}%", ""), file=out)
-            print(f"{'':26}ragged / padded: wall {r['bulk_s'] / r['padded_bulk_s']:.3f}x, "
-                  f"CPU {r['bulk_cpu_s'] / r['padded_bulk_cpu_s']:.3f}x", file=out)
+
+
+def _print_row(r: dict, padded: bool, out) -> None:
+    label = f"{r['impl']} {r['precision']}"
+    if "skipped" in r or "error" in r or "query_p50_s" not in r:
+        why = r.get("skipped") or r.get("error") or (
+            f"WRONG: min cosine {r.get('min_cosine', float('nan')):.6f} < "
+            f"{COS_MIN.get(r['precision'])}")
+        print(f"{label:<24} {'skipped: ' if 'skipped' in r else ''}{why}", file=out)
+        return
+    print(_ROW.format(label, fmt_time(r["query_p50_s"]), fmt_time(r["query_p99_s"]),
+                      f"{r['query_p99_s'] / r['query_p50_s']:.2f}x",
+                      fmt_time(r["query_cpu_s"]), f"{r['bulk_docs_per_s']:.1f}",
+                      fmt_time(r["bulk_s"]), fmt_time(r["bulk_cpu_s"]),
+                      f"{r['bulk_gflops']:.1f}", f"{r['bulk_pct_peak']:.0f}%",
+                      f"{r['min_cosine']:.6f}"), file=out)
+    if padded and "padded_bulk_s" in r:
+        print(_ROW.format("  MiniLM.encode (padded)", "", "", "", "",
+                          f"{r['padded_bulk_docs_per_s']:.1f}", fmt_time(r["padded_bulk_s"]),
+                          fmt_time(r["padded_bulk_cpu_s"]), f"{r['padded_bulk_gflops']:.1f}",
+                          f"{r['padded_bulk_pct_peak']:.0f}%", ""), file=out)
+        print(f"{'':26}ragged / padded: wall {r['bulk_s'] / r['padded_bulk_s']:.3f}x, "
+              f"CPU {r['bulk_cpu_s'] / r['padded_bulk_cpu_s']:.3f}x", file=out)
+    out.flush()
+
+
+def _print_footer(out) -> None:
     print("q CPU, bulk CPU: process CPU time (all threads) per query call / per bulk run; "
           "min cos: against float64 (pykernels) or pykernels fp32 (baselines)", file=out)
 
