@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ._argtypes import positive_float, positive_int
 from .harness.attention import add_attention_arguments, run_bench_attention
+from .harness.encoder import add_encoder_arguments, run_bench_encoder
 from .harness.gemm import add_gemm_arguments, run_bench_gemm
 from .harness.linear import add_linear_arguments, run_bench_linear
 from .harness.machine import format_info, info_record
@@ -33,6 +34,7 @@ BENCH_SUITES: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None],
     "gemm": (add_gemm_arguments, run_bench_gemm),
     "linear": (add_linear_arguments, run_bench_linear),
     "attention": (add_attention_arguments, run_bench_attention),
+    "encoder": (add_encoder_arguments, run_bench_encoder),
     "torch": (add_bench_torch_arguments, run_bench_torch),
 }
 

@@ -11,6 +11,8 @@ benchmarks and ``pykernels bench`` check results against.
   nearest-even, symmetric int8 per row), so a reference can be taken on the
   values the kernel actually sees.
 * ``rel_error``: relative Frobenius error against a float64 reference.
+* ``bert_forward64``: a BERT encoder's sentence embeddings in float64 from the
+  checkpoint's float32 tensors (Hugging Face names), one sequence at a time.
 
 Contract: pure functions of their arguments, float64 results; this module
 imports NumPy, ml_dtypes and nothing above the kernel layer.
@@ -163,4 +165,69 @@ def attention_ref64(q, k, v, *, causal: bool = False, kv_lens=None) -> np.ndarra
             out[bi, heads] = attention_reference64(
                 q[bi:bi + 1, heads], k[bi:bi + 1, h:h + 1, :n], v[bi:bi + 1, h:h + 1, :n],
                 causal=causal)[0][0]
+    return out
+
+
+def bert_forward64(tensors: dict, ids, cu, *, heads: int, eps: float = 1e-12,
+                   activation: str = "gelu", pooling: str = "mean",
+                   normalize: bool = True) -> np.ndarray:
+    """Sentence embeddings (batch, hidden) of a BERT encoder in float64.
+
+    tensors: the checkpoint's tensors by Hugging Face name without a model
+    prefix (``embeddings.word_embeddings.weight``, ``encoder.layer.{i}.
+    attention.self.query.weight``, ...; torch Linear weights (out, in)); the
+    layer count is read from the names. ids: (total_tokens,) token ids of a
+    packed batch, sequence b in ``ids[cu[b]:cu[b + 1]]``; token type 0,
+    positions from 0 per sequence. activation: "gelu" (erf), "gelu_tanh" or
+    another ``act64`` name. pooling: "mean", "cls" or "max" over the
+    sequence's tokens; normalize divides by ``max(||row||, 1e-12)``. The
+    oracle of ``models.bert`` (no packing, no quantization, no padding).
+    """
+    w = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
+    ids = np.asarray(ids, dtype=np.int64)
+    cu = np.asarray(cu, dtype=np.int64)
+    layers = 0
+    while f"encoder.layer.{layers}.attention.self.query.weight" in w:
+        layers += 1
+
+    def ln(x, name):
+        mu = x.mean(axis=-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[name + ".weight"] + w[name + ".bias"]
+
+    def lin(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    h = w["embeddings.word_embeddings.weight"].shape[1]
+    d = h // heads
+    out = np.zeros((cu.size - 1, h))
+    for b in range(cu.size - 1):
+        seq = ids[cu[b]:cu[b + 1]]
+        n = seq.size
+        if n == 0:
+            continue
+        x = (w["embeddings.word_embeddings.weight"][seq]
+             + w["embeddings.position_embeddings.weight"][:n]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = ln(x, "embeddings.LayerNorm")
+        for i in range(layers):
+            p = f"encoder.layer.{i}."
+            q, k, v = (lin(x, p + f"attention.self.{m}").reshape(n, heads, d).transpose(1, 0, 2)
+                       for m in ("query", "key", "value"))
+            s = q @ k.transpose(0, 2, 1) / math.sqrt(d)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            s /= s.sum(axis=-1, keepdims=True)
+            ctx = (s @ v).transpose(1, 0, 2).reshape(n, h)
+            x = ln(lin(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+            u = act64(activation, lin(x, p + "intermediate.dense"))
+            x = ln(lin(u, p + "output.dense") + x, p + "output.LayerNorm")
+        if pooling == "mean":
+            e = x.mean(axis=0)
+        elif pooling == "cls":
+            e = x[0]
+        elif pooling == "max":
+            e = x.max(axis=0)
+        else:
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {pooling!r}")
+        out[b] = e / max(float(np.linalg.norm(e)), 1e-12) if normalize else e
     return out

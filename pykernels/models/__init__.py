@@ -1,4 +1,5 @@
 """Models built on pykernels kernels."""
+from .bert import BertEmbedder
 from .minilm import MiniLM
 
-__all__ = ["MiniLM"]
+__all__ = ["BertEmbedder", "MiniLM"]
