@@ -47,6 +47,10 @@ ISA_UNITS = {
 
 BASELINE_SOURCES = [
     "csrc/bindings/module.cc",
+    "csrc/bindings/checks.cc",
+    "csrc/bindings/gemm.cc",
+    "csrc/bindings/attention.cc",
+    "csrc/bindings/encoder.cc",
     "csrc/runtime/cpu.cc",
     "csrc/runtime/dispatch.cc",
     "csrc/runtime/pack.cc",

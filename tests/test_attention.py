@@ -662,6 +662,7 @@ def test_bad_out_variant_threads():
 EMU_SOURCES = ["tests/native/attention_avx512_simde.cc", "csrc/kernels/avx512/attention_avx512.cc",
                "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
 EMU_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/attention_impl.inc",
+            "csrc/kernels/common/attention_tiles.inc",
             "csrc/kernels/common/attention_varlen.inc", "csrc/include/pykernels/encoder.h",
             "csrc/kernels/avx512/vec_avx512.inc",
             "csrc/kernels/avx512/attention_avx512_tiles.h",

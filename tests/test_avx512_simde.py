@@ -27,6 +27,8 @@ SOURCES = ["tests/native/gemm_avx512_simde.cc", "csrc/kernels/avx512/gemm_avx512
            "csrc/kernels/reference/gemm_generic.cc", "csrc/runtime/pack.cc",
            "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
 DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/gemm_impl.inc",
+        "csrc/kernels/common/gemm_tiles.inc", "csrc/kernels/common/gemm_latency.inc",
+        "csrc/kernels/common/gemm_rows.inc", "csrc/kernels/common/gemm_throughput.inc",
         "csrc/kernels/avx2/gemm_avx2_traits.inc", "csrc/kernels/avx2/vec_avx2.inc",
         "csrc/kernels/avx512/vec_avx512.inc", "csrc/kernels/reference/vec_generic.inc",
         "csrc/kernels/common/quantize.inc", "csrc/include/pykernels/gemm.h",

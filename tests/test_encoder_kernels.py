@@ -432,7 +432,8 @@ SIMDE_SOURCES = ["tests/native/encoder_avx512_simde.cc", "csrc/kernels/avx512/en
                  "csrc/kernels/reference/attention_generic.cc",
                  "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
 SIMDE_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/encoder_impl.inc",
-              "csrc/kernels/common/attention_impl.inc", "csrc/kernels/common/attention_varlen.inc",
+              "csrc/kernels/common/attention_impl.inc", "csrc/kernels/common/attention_tiles.inc",
+              "csrc/kernels/common/attention_varlen.inc",
               "csrc/kernels/avx512/vec_avx512.inc", "csrc/kernels/reference/vec_generic.inc",
               "csrc/kernels/avx512/attention_avx512_tiles.h", "csrc/include/pykernels/encoder.h",
               "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]

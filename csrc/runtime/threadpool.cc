@@ -31,7 +31,7 @@ namespace pk {
 namespace {
 
 constexpr int64_t kSpinNs = 200 * 1000;  // 200 us: longer than a decode step's gap
-constexpr int kMaxWorkers = 255;
+constexpr int kMaxWorkers = kMaxThreads - 1;  // kMaxThreads counts the caller
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
