@@ -13,8 +13,9 @@ batch's token count are allocated once per forward and reused by every layer.
 The forward reads an ``EncoderWeights`` (embedding tables, packed projections,
 biases, LayerNorm parameters, the shapes and the FFN activation), built by
 ``models.bert.pack_encoder`` from a Hugging Face BERT checkpoint; a loaded
-``MiniLM`` or ``BertEmbedder`` is accepted too (its ``weights``). The numerics
-are those of ``MiniLM.forward`` up to fp32 summation order.
+``MiniLM`` or ``BertEmbedder`` is accepted too (its ``weights``). It is what
+``MiniLM.encode`` runs; the numerics are those of the padded ``MiniLM.forward``
+up to fp32 summation order.
 """
 from __future__ import annotations
 

@@ -4,10 +4,11 @@ The BERT encoder (6 layers, hidden 384, 12 heads of 32, FFN 1536, GELU) is
 built from the pieces ``models.bert`` shares with every BERT-family model:
 ``BertConfig.from_dict`` (the shapes), ``load_checkpoint`` (tensors and
 tokenizer) and ``pack_encoder`` (one ``EncoderWeights`` per precision held,
-Q, K and V fused into one 384 -> 1152 weight). ``forward`` runs the four
-projections per layer through ``pykernels.linear`` (bias and GELU fused) and
-self-attention through ``pykernels.attention`` with the padding mask as
-``kv_lens``; LayerNorm is NumPy. Mean pooling over real
+Q, K and V fused into one 384 -> 1152 weight). ``encode`` / ``encode_tokens``
+sort the texts by length and run each sub-batch packed, without padding,
+through ``_ragged.ragged_forward``; ``forward`` is the padded forward
+(``pykernels.linear`` with bias and GELU fused, ``pykernels.attention`` with
+the padding mask as ``kv_lens``, NumPy LayerNorm). Mean pooling over real
 tokens and L2 normalization follow sentence-transformers.
 ``MiniLM.describe(tokens)`` is the forward as ``pykernels.work`` ops
 (``describe_encoder``), the one description the serving layer plans with.
@@ -30,7 +31,7 @@ import numpy as np
 
 from .. import _encoder, _gemm, testing, work
 from .._attention import attention
-from ._ragged import EncoderWeights
+from ._ragged import EncoderWeights, ragged_forward
 from .bert import BertConfig, describe_encoder, load_checkpoint, pack_encoder
 from .forward import WholeForward
 
@@ -257,18 +258,23 @@ class MiniLM:
                       precision: str | None = None) -> np.ndarray:
         """(B, hidden) float32 embeddings of ``tokenize`` output (ids (B, S),
         lens (B,)): the rows sorted by length and run ``batch_size`` (default 32)
-        at a time, each sub-batch padded to its own longest row only."""
+        at a time, each sub-batch packed to its real tokens (no padding) and run
+        by the ragged forward (``_ragged.ragged_forward``) in ``precision``."""
         _check_batch_size(batch_size)
-        precision = self._check_precision(precision)
+        w = self._packed[self._check_precision(precision)]
+        ids, lens = np.asarray(ids), np.asarray(lens)
         n = len(lens)
         out = np.empty((n, self.hidden), dtype=np.float32)
         order = np.argsort(-lens, kind="stable")
         bs = batch_size or 32
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            s = int(lens[sel].max())
-            out[sel] = self.forward(np.ascontiguousarray(ids[sel, :s]), lens[sel],
-                                    variant=variant, threads=threads, precision=precision)
+            sub_lens = lens[sel]
+            s = int(sub_lens.max())
+            real = np.arange(s)[None, :] < sub_lens[:, None]
+            packed = ids[sel, :s][real]  # row-major: text after text
+            out[sel] = ragged_forward(w, packed, _encoder.cu_seqlens(sub_lens), pooling="mean",
+                                      normalize=True, variant=variant, threads=threads)
         return out
 
     # ---- the forward as work, for the planner -------------------------------------
