@@ -13,8 +13,9 @@ batch's token count are allocated once per forward and reused by every layer.
 The forward reads an ``EncoderWeights`` (embedding tables, packed projections,
 biases, LayerNorm parameters, the shapes and the FFN activation), built by
 ``models.bert.pack_encoder`` from a Hugging Face BERT checkpoint; a loaded
-``MiniLM`` is accepted too (``encoder_weights`` reads the same fields off it).
-The numerics are those of ``MiniLM.forward`` up to fp32 summation order.
+``MiniLM`` or ``BertEmbedder`` is accepted too (its ``weights``). It is what
+``MiniLM.encode`` runs; the numerics are those of the padded ``MiniLM.forward``
+up to fp32 summation order.
 """
 from __future__ import annotations
 
@@ -62,21 +63,15 @@ class EncoderWeights:
 
 
 def encoder_weights(model) -> EncoderWeights:
-    """``model`` as an ``EncoderWeights``: itself, its ``weights`` attribute
-    (``BertEmbedder``), or one built from the fields of a ``MiniLM`` (whose
-    config says ``hidden_act: gelu``)."""
+    """``model`` as an ``EncoderWeights``: itself, or its ``weights`` attribute
+    (``BertEmbedder``, and ``MiniLM``'s default precision)."""
     if isinstance(model, EncoderWeights):
         return model
     w = getattr(model, "weights", None)
     if isinstance(w, EncoderWeights):
         return w
-    act = model.config.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"a MiniLM-like model with hidden_act={act!r}: load it with "
-                         "models.bert.BertEmbedder, which maps the activation")
-    return EncoderWeights(model.word_emb, model.pos_emb, model.type_emb, model.emb_ln,
-                          model.layers, model.hidden, model.heads,
-                          int(model.config["intermediate_size"]), model.eps, "gelu")
+    raise TypeError(f"expected an EncoderWeights or a model with one as .weights, got "
+                    f"{type(model).__name__}")
 
 
 def tokenize_ragged(model, texts: Sequence[str]) -> tuple:

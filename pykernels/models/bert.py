@@ -223,12 +223,13 @@ def pack_encoder(tensors: dict, cfg: BertConfig, precision: str = "fp32") -> Enc
         eps=cfg.eps, activation=cfg.activation)
 
 
-def describe_encoder(cfg: BertConfig, tokens: int, precision: str,
+def describe_encoder(cfg: BertConfig, tokens: int, precision: str | None,
                      family: str = "bert") -> work.Model:
     """The forward of one text of ``tokens`` tokens as ``pykernels.work`` ops:
     per layer the fused QKV projection, self-attention, the output projection
     and the two FFN projections (the forward's kernel calls), shapes from
-    ``cfg``, the projections' precision fixed to the weights'. Embedding
+    ``cfg``, the projections' precision fixed to ``precision`` (None: left to
+    the planner, named ``any``). Embedding
     lookup, LayerNorm and pooling are not counted. The name
     ``{family}-l{layers}(h=..,heads=..,ffn=..,vocab=..,s=..,precision)`` keys
     the planner's profiles and feedback."""
@@ -239,7 +240,8 @@ def describe_encoder(cfg: BertConfig, tokens: int, precision: str,
              work.Linear(h, h, p, rows_per_item=tokens),
              work.Linear(h, f, p, rows_per_item=tokens),
              work.Linear(f, h, p, rows_per_item=tokens))
-    name = f"{family}-l{cfg.layers}(h={h},heads={nh},ffn={f},vocab={cfg.vocab},s={tokens},{p})"
+    name = (f"{family}-l{cfg.layers}(h={h},heads={nh},ffn={f},vocab={cfg.vocab},s={tokens},"
+            f"{p or 'any'})")
     return work.Model(ops=layer * cfg.layers, name=name)
 
 

