@@ -185,3 +185,15 @@ def test_bench_suite_smoke():
             env_extra={"PYKERNELS_BENCH_QUICK": "1"}, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "passed" in r.stdout
+
+
+def test_bench_linear_named_encoder_shapes():
+    """`pykernels bench linear --shapes encoder`: the four MiniLM projections at a
+    query's 16 rows and a 64-document bulk batch's 5120."""
+    from pykernels.harness.linear import NAMED_SHAPES
+
+    got = {(s.m, s.k, s.n) for s in NAMED_SHAPES["encoder"]}
+    kn = {(384, 1152), (384, 384), (384, 1536), (1536, 384)}
+    assert got == {(m, k, n) for k, n in kn for m in (16, 5120)}
+    r = run("-m", "pykernels", "bench", "linear", "--help")
+    assert r.returncode == 0 and "encoder" in r.stdout

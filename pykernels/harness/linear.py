@@ -43,6 +43,14 @@ LINEAR_TARGETS: Tuple[GemmShape, ...] = (
           for k, n in _MINILM_KN for m in (1, 32, 256, 4096)) + (
     GemmShape(2048, 2048, 2048, None, big=True),
 )
+# Named shape sets for --shapes. "encoder": what the main job runs: a bulk
+# batch of 64 documents of ~80 tokens is M ~ 5,000 rows through each MiniLM
+# projection; a query is M ~ 16.
+NAMED_SHAPES = {
+    "encoder": tuple(GemmShape(m, k, n, None, big=m >= 4096)
+                     for k, n in _MINILM_KN for m in (16, 5120)),
+    "targets": LINEAR_TARGETS,
+}
 # A smoke set: small, with edges that are not multiples of any tile or k-group.
 LINEAR_QUICK: Tuple[GemmShape, ...] = (
     GemmShape(1, 384, 384, None),
@@ -215,9 +223,11 @@ class LinearProblem:
 
 
 def add_linear_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", metavar="MxKxN[@T],...",
+    p.add_argument("--shapes", metavar="MxKxN[@T],...|NAME",
                    help="shapes to time instead of the target shapes, for example "
-                        "'1x384x1152,256x384x1536@1' (@T pins that shape's thread count)")
+                        "'1x384x1152,256x384x1536@1' (@T pins that shape's thread count), or a "
+                        f"named set: {', '.join(NAMED_SHAPES)} (encoder: the MiniLM projections "
+                        "at a query's 16 rows and a bulk batch's 5120)")
     p.add_argument("--precisions", metavar="P,...", default=",".join(LINEAR_PRECISIONS),
                    help="pykernels precisions to time (default: fp32,bf16,int8)")
     p.add_argument("--fused-shape", metavar="MxKxN",
@@ -260,7 +270,9 @@ def run_bench_linear(args) -> int:
     default_threads = pk.get_num_threads()
     try:
         precisions = split_choices(args.precisions, LINEAR_PRECISIONS, "precision")
-        if args.shapes:
+        if args.shapes and args.shapes.strip().lower() in NAMED_SHAPES:
+            shapes = list(NAMED_SHAPES[args.shapes.strip().lower()])
+        elif args.shapes:
             shapes = parse_gemm_shapes(args.shapes)
         else:
             shapes = [s for s in (LINEAR_QUICK if args.quick else LINEAR_TARGETS)]
