@@ -32,33 +32,12 @@ namespace avx2 {
 // Registers (16 ymm): 3 rows x 2 panels x 2 = 12 accumulators + 3 activation
 // broadcasts + 1 weight; the ones constant is folded into vpmaddwd's memory
 // operand or rematerialized.
-struct VIMaddubs {
-  using act_t = int8_t;
-  using reg = __m256i;
-  using wreg = __m256i;
-  using areg = __m256i;
-  static constexpr int kRegsPerPanel = 2;  // 32 bytes (8 columns x 4 k) each
-  static constexpr int kLanesPerCol = 1;
-  static constexpr int kWeightBias = 128;
+struct VIMaddubs : U8S8Ymm {
   static constexpr int kActMax = 63;
-  static constexpr int kMR = 3;
-  static constexpr int kMaxAcc = 12;
-  static constexpr int kLatNP[kMR + 1] = {1, 6, 3, 2};
-  static reg zero() { return _mm256_setzero_si256(); }
-  static areg bcast_a4(const int8_t* a) {
-    int32_t x;
-    std::memcpy(&x, a, sizeof(x));
-    return _mm256_set1_epi32(x);
-  }
-  static wreg widen(const int8_t* group_row, int g) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_row + 32 * g));
-    return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
-  }
   static reg madd(reg acc, wreg w, areg a) {
     const __m256i pairs = _mm256_maddubs_epi16(w, a);
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
-  static void store(int32_t* p, reg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
 
 #include "../common/gemm_impl.inc"

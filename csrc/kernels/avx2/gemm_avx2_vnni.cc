@@ -28,30 +28,8 @@ namespace vnni {
 
 #include "gemm_avx2_traits.inc"
 
-struct VIVnni {
-  using act_t = int8_t;
-  using reg = __m256i;
-  using wreg = __m256i;
-  using areg = __m256i;
-  static constexpr int kRegsPerPanel = 2;  // 32 bytes (8 columns x 4 k) each
-  static constexpr int kLanesPerCol = 1;
-  static constexpr int kWeightBias = 128;
-  // 1x96 (12 acc), 2x48 (12), 3x32 (12).
-  static constexpr int kMR = 3;
-  static constexpr int kMaxAcc = 12;
-  static constexpr int kLatNP[kMR + 1] = {1, 6, 3, 2};
-  static reg zero() { return _mm256_setzero_si256(); }
-  static areg bcast_a4(const int8_t* a) {
-    int32_t x;
-    std::memcpy(&x, a, sizeof(x));
-    return _mm256_set1_epi32(x);
-  }
-  static wreg widen(const int8_t* group_row, int g) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_row + 32 * g));
-    return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
-  }
+struct VIVnni : U8S8Ymm {
   static reg madd(reg acc, wreg w, areg a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
-  static void store(int32_t* p, reg v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
 
 #include "../common/gemm_impl.inc"
