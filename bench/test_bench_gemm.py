@@ -82,4 +82,4 @@ def test_torch(benchmark, problem, isa):
     benchmark.group = f"gemm {problem.data.m}x{problem.data.k}x{problem.data.n} t{problem.threads}"
     case = GemmCase("torch", None, "raw")
     with torch_threads(torch, problem.threads):
-        _run(benchmark, problem, case, isa, threads_limited=True)
+        _run(benchmark, problem, case, isa, torch=torch, threads_limited=True)

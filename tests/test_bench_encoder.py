@@ -24,7 +24,7 @@ def test_bench_encoder_quick_table_and_json(tmp_path):
     assert r.returncode == 0, r.stderr
     text = r.stdout
     for piece in ("impl", "q p50", "q p99", "docs/s", "%peak", "min cos", "pykernels fp32",
-                  "pykernels int8", "MiniLM.encode (padded)", "ragged / padded",
+                  "pykernels int8", "padded forward", "ragged / padded",
                   "ragged vs equal length", "ragged / equal", "sentence-transformers fp32",
                   "onnxruntime fp32"):
         assert piece in text, (piece, text)
