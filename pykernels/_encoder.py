@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from . import _core
-from ._gemm import _check_threads
+from ._gemm import _ACTIVATION, _VARIANT, PackedWeight, _check_threads
 
 _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
@@ -23,7 +23,7 @@ POOL_MODES = ("mean", "cls", "max")
 _POOL_CODE = {"mean": 0, "cls": 1, "max": 2}
 
 __all__ = ["add_layer_norm", "embed_layer_norm", "varlen_attention", "pool", "cu_seqlens",
-           "POOL_MODES"]
+           "encoder_layer", "encoder_layer_scratch", "POOL_MODES"]
 
 
 def _threads(threads) -> int:
@@ -239,3 +239,63 @@ def pool(x, cu, mode: str = "mean", normalize: bool = True, *, out=None,
         raise ValueError("out overlaps x; pass a separate array")
     _core.pool(x, cu, code, bool(normalize), out, _threads(threads))
     return out
+
+
+def encoder_layer_scratch(tokens: int, hidden: int, intermediate: int,
+                          threads=None) -> np.ndarray:
+    """The float32 scratch ``encoder_layer`` needs for a batch of ``tokens``
+    tokens at ``threads`` (the same value as the layer calls'): the QKV output,
+    the attention context and each worker's chunk buffers (encoder.h). Allocate
+    it once per forward and pass it to every layer."""
+    n = _core.encoder_layer_scratch(int(tokens), int(hidden), int(intermediate),
+                                    _threads(threads))
+    return np.empty(n, dtype=_F32)
+
+
+def encoder_layer(x, cu, heads: int, qkv, qkv_bias, out, out_bias, ln1, up, up_bias, down,
+                  down_bias, ln2, *, eps: float = 1e-12, activation: str = "gelu",
+                  scale: float | None = None, variant: str = "auto", threads=None,
+                  scratch=None) -> np.ndarray:
+    """One post-LayerNorm BERT encoder layer on a ragged batch, in place on ``x``.
+
+    ``x = LN1(attn(x) Wo + bo + x)``, then ``x = LN2(act(x Wu + bu) Wd + bd + x)``
+    with ``attn`` the non-causal self-attention of each sequence (``cu``) over
+    the fused projection ``x Wqkv + bqkv`` (``varlen_attention``). One call into
+    C++ with the GIL released: the QKV projection and the attention run on the
+    whole batch, then out-proj, add+LN, FFN up (+activation), FFN down and
+    add+LN run per chunk of rows while the chunk is still in cache.
+
+    x: (tokens, H) float32, overwritten with the layer's output (and returned).
+    qkv, out, up, down: PackedWeight of shapes (H, 3H), (H, H), (H, F), (F, H),
+    each in its own precision; the biases (n,) float32; ln1, ln2: (gamma, beta)
+    of shape (H,). activation: the FFN's ("gelu", "gelu_tanh", "relu", "silu").
+    variant: "auto" picks latency or throughput kernels by each GEMM's rows
+    (the size rule of ``linear`` without a policy), or forces one. scratch:
+    ``encoder_layer_scratch(tokens, H, F, threads)`` or None (allocated here).
+    """
+    x = _matrix("x", x)
+    if not x.flags.writeable:
+        raise ValueError("x is read-only; the layer writes its output into x")
+    tokens, hidden = x.shape
+    if type(heads) is not int or heads < 1 or hidden % heads:
+        raise ValueError(f"heads must be an int >= 1 dividing hidden = {hidden}, got {heads!r}")
+    for name, w in (("qkv", qkv), ("out", out), ("up", up), ("down", down)):
+        if type(w) is not PackedWeight:
+            raise TypeError(f"{name} must be a PackedWeight (pykernels.pack), got "
+                            f"{type(w).__name__}")
+    act = _ACTIVATION.get(activation) if isinstance(activation, str) else None
+    if act is None:
+        raise ValueError(f"activation must be one of {tuple(k for k in _ACTIVATION if k)}, "
+                         f"got {activation!r}")
+    code = _VARIANT.get(variant)
+    if code is None:
+        raise ValueError(f"variant must be one of {tuple(_VARIANT)}, got {variant!r}")
+    th = _threads(threads)
+    scale = 1.0 / math.sqrt(hidden // heads) if scale is None else float(scale)
+    if scratch is None:
+        scratch = encoder_layer_scratch(tokens, hidden, up.shape[1], threads)
+    cu = _int64("cu_seqlens", cu)
+    _core.encoder_layer(x, cu, heads, scale, float(eps), act, code, th, scratch,
+                        qkv, qkv_bias, out, out_bias, ln1[0], ln1[1], up, up_bias, down,
+                        down_bias, ln2[0], ln2[1])
+    return x

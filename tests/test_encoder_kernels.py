@@ -430,13 +430,18 @@ SIMDE_SOURCES = ["tests/native/encoder_avx512_simde.cc", "csrc/kernels/avx512/en
                  "csrc/kernels/avx512/attention_avx512.cc",
                  "csrc/kernels/reference/encoder_generic.cc",
                  "csrc/kernels/reference/attention_generic.cc",
+                 "csrc/kernels/reference/gemm_generic.cc", "csrc/runtime/pack.cc",
                  "csrc/runtime/threadpool.cc", "csrc/runtime/workspace.cc", "csrc/runtime/cpu.cc"]
 SIMDE_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/encoder_impl.inc",
               "csrc/kernels/common/attention_impl.inc", "csrc/kernels/common/attention_tiles.inc",
               "csrc/kernels/common/attention_varlen.inc",
               "csrc/kernels/avx512/vec_avx512.inc", "csrc/kernels/reference/vec_generic.inc",
               "csrc/kernels/avx512/attention_avx512_tiles.h", "csrc/include/pykernels/encoder.h",
-              "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
+              "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h",
+              "csrc/include/pykernels/gemm.h", "csrc/kernels/common/gemm_impl.inc",
+              "csrc/kernels/common/gemm_latency.inc", "csrc/kernels/common/gemm_throughput.inc",
+              "csrc/kernels/common/gemm_rows.inc", "csrc/kernels/common/gemm_tiles.inc",
+              "csrc/kernels/common/quantize.inc"]
 
 
 def test_avx512_encoder_unit_under_simde():
@@ -454,8 +459,9 @@ def test_avx512_encoder_unit_under_simde():
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert summary.endswith(" 0 failures"), summary
-    # 3 length sets x 2 thread counts x (3 widths x (LN + embed + 6 pools) + 3 attention shapes)
-    assert int(summary.split()[1]) == 3 * 2 * (3 * 8 + 3), summary
+    # 3 length sets x 2 thread counts x (3 widths x (LN + embed + 6 pools) + 1 layer
+    # + 3 attention shapes)
+    assert int(summary.split()[1]) == 3 * 2 * (3 * 8 + 1 + 3), summary
 
 
 def test_kernels_release_the_gil():

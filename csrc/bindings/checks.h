@@ -46,6 +46,14 @@ int64_t work_product(std::initializer_list<int64_t> sizes);
 int resolve_threads(int threads, int64_t macs);
 pk::ParallelPolicy parallel(int variant, int threads);
 
+// int32 accumulation of int8 products is exact while K * 127 * 127 < 2^31.
+constexpr int64_t kMaxKInt8 = 131072;
+// A PackedWeight's panel array of precision p for shape (k, n), and an int8
+// weight's per-column scales (n,), checked for type, dtype, layout, alignment
+// and exact size (gemm.cc): ValueError "... is corrupted ...; pack the weight again".
+const void* checked_packed(py::handle h, pk::Precision p, int64_t k, int64_t n);
+const float* checked_scales(py::handle h, int64_t n);
+
 // Frees oversized scratch when a kernel call returns, also by exception (see
 // pk::kWorkspaceRetainBytes): one huge call must not pin its buffers.
 struct WorkspaceTrim {

@@ -1,5 +1,5 @@
 // Encoder-layer bindings (ragged batches): add_layer_norm, embed_layer_norm,
-// varlen_attention, pool. Shared argument checks: checks.h; the boundary:
+// varlen_attention, pool, and encoder_layer (one whole BERT layer). Shared argument checks: checks.h; the boundary:
 // docs/kernels.md.
 #include "bindings.h"
 #include "checks.h"
@@ -8,6 +8,8 @@
 #include <climits>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace pk::bind {
 namespace {
@@ -219,6 +221,133 @@ void pool_fwd(py::handle x_h, py::handle cu_h, int mode, bool normalize, py::han
   pk::dispatch().encoder->pool(g, par);
 }
 
+// ---- one encoder layer ----------------------------------------------------------
+// The byte range of a 1-D float array already checked by as_vector.
+Matrix vector_range(const float* p, int64_t n) {
+  Matrix r;
+  r.rows = 1;
+  r.cols = n;
+  r.lo = reinterpret_cast<const char*>(p);
+  r.hi = r.lo + sizeof(float) * n;
+  return r;
+}
+
+// A PackedWeight (its _data, _code, _scale and _shape attributes, none of them
+// trusted: checks as matmul's) of shape (k, n) with its bias (n,).
+pk::LayerProjection as_projection(py::handle w_h, py::handle bias_h, const char* name, int64_t k,
+                                  int64_t n, pk::Variant variant, const pk::Dispatch& d,
+                                  std::vector<Matrix>& inputs) {
+  if (!py::hasattr(w_h, "_data") || !py::hasattr(w_h, "_code") || !py::hasattr(w_h, "_shape"))
+    throw py::type_error(std::string(name) + " must be a PackedWeight (pykernels.pack)");
+  const auto shape = w_h.attr("_shape").cast<std::pair<int64_t, int64_t>>();
+  if (shape.first != k || shape.second != n)
+    throw py::value_error(std::string(name) + " has shape (" + std::to_string(shape.first) + ", " +
+                          std::to_string(shape.second) + "), expected " + shape_str(k, n));
+  pk::LayerProjection p;
+  p.k = k;
+  p.n = n;
+  p.precision = w_h.attr("_code").cast<pk::Precision>();
+  if (static_cast<int>(p.precision) < 0 || static_cast<int>(p.precision) >= pk::kNumPrecisions)
+    throw py::value_error("internal: bad precision code");
+  p.packed = checked_packed(w_h.attr("_data"), p.precision, k, n);
+  if (p.precision == pk::Precision::kI8) {
+    p.col_scale = checked_scales(w_h.attr("_scale"), n);
+    if (k > kMaxKInt8)
+      throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) + ", got K=" +
+                            std::to_string(k));
+  }
+  p.bias = as_vector<float>(bias_h, (std::string(name) + " bias").c_str(), n, 'f');
+  inputs.push_back(vector_range(p.bias, n));
+  for (int v = 0; v < 2; ++v) p.run[v] = d.gemm->run[static_cast<int>(p.precision)][v];
+  p.variant = variant;
+  return p;
+}
+
+int64_t layer_scratch(int64_t tokens, int64_t hidden, int64_t inter, int threads) {
+  if (tokens < 0 || hidden < 1 || inter < 1) throw py::value_error("bad layer shape");
+  return pk::layer_scratch_floats(tokens, hidden, inter, encoder_parallel(threads).threads);
+}
+
+// encoder_layer(x, cu, heads, scale, eps, activation, variant, threads, scratch,
+//               qkv, qkv_bias, out, out_bias, ln1_gamma, ln1_beta,
+//               up, up_bias, down, down_bias, ln2_gamma, ln2_beta)
+// x (tokens, H) is overwritten with the layer's output; scratch is a float32
+// (>= layer_scratch(tokens, H, F, threads),) array.
+void encoder_layer_fwd(py::handle x_h, py::handle cu_h, int64_t heads, float scale, float eps,
+                       pk::Activation act, pk::Variant variant, int threads, py::handle scratch_h,
+                       py::handle qkv_h, py::handle qkv_b, py::handle out_h, py::handle out_b,
+                       py::handle ln1_g, py::handle ln1_b, py::handle up_h, py::handle up_b,
+                       py::handle down_h, py::handle down_b, py::handle ln2_g, py::handle ln2_b) {
+  const Matrix x0 = as_rows(x_h, "x", -1);
+  const Matrix x = as_out(x_h, x0.rows, x0.cols);  // writeable, unit column stride
+  if (!x.aligned) throw py::value_error("x is not 4-byte aligned");
+  pk::EncoderLayerArgs g;
+  g.tokens = x.rows;
+  g.hidden = x.cols;
+  const int64_t H = g.hidden;
+  if (heads < 1 || H % heads != 0)
+    throw py::value_error("heads must divide hidden = " + std::to_string(H));
+  if (H / heads > pk::kMaxHeadDim)
+    throw py::value_error("head_dim " + std::to_string(H / heads) + " exceeds " +
+                          std::to_string(pk::kMaxHeadDim));
+  g.heads = heads;
+  int64_t ncu = 0;
+  g.cu = as_vector<int64_t>(cu_h, "cu_seqlens", -1, 'i', &ncu);
+  if (ncu < 1) throw py::value_error("cu_seqlens must hold batch + 1 >= 1 offsets");
+  g.batch = ncu - 1;
+  if (g.batch > INT32_MAX || heads > INT32_MAX)  // the attention task list's int32 fields
+    throw py::value_error("encoder_layer supports up to 2^31 - 1 sequences and heads");
+  g.max_len = check_offsets(g.cu, g.batch, g.tokens);
+  if (static_cast<int>(act) < 0 || act > pk::Activation::kSilu)
+    throw py::value_error("internal: bad activation code");
+  if (variant != pk::Variant::kLatency && variant != pk::Variant::kThroughput &&
+      variant != pk::Variant::kAuto)
+    throw py::value_error("internal: bad variant code");
+  const pk::Dispatch& d = pk::dispatch();
+  std::vector<Matrix> inputs;  // what the layer reads and never writes
+  if (!py::hasattr(up_h, "_shape")) throw py::type_error("up must be a PackedWeight");
+  const int64_t F = up_h.attr("_shape").cast<std::pair<int64_t, int64_t>>().second;
+  if (F < 1) throw py::value_error("up has no columns");
+  g.inter = F;
+  g.qkv = as_projection(qkv_h, qkv_b, "qkv", H, 3 * H, variant, d, inputs);
+  g.out = as_projection(out_h, out_b, "out", H, H, variant, d, inputs);
+  g.up = as_projection(up_h, up_b, "up", H, F, variant, d, inputs);
+  g.down = as_projection(down_h, down_b, "down", F, H, variant, d, inputs);
+  g.ln1_gamma = as_vector<float>(ln1_g, "ln1 gamma", H, 'f');
+  g.ln1_beta = as_vector<float>(ln1_b, "ln1 beta", H, 'f');
+  g.ln2_gamma = as_vector<float>(ln2_g, "ln2 gamma", H, 'f');
+  g.ln2_beta = as_vector<float>(ln2_b, "ln2 beta", H, 'f');
+  for (const float* v : {g.ln1_gamma, g.ln1_beta, g.ln2_gamma, g.ln2_beta})
+    inputs.push_back(vector_range(v, H));
+  g.eps = eps;
+  g.scale = scale;
+  g.act = act;
+  pk::ParallelPolicy par = encoder_parallel(threads);
+  // One query (a few dozen tokens): workers spin between the layer's short
+  // parallel regions instead of parking, as the latency GEMMs do.
+  par.spin = g.tokens <= 32;
+  int64_t nscratch = 0;
+  const float* scratch = as_vector<float>(scratch_h, "scratch", -1, 'f', &nscratch);
+  if (!py::reinterpret_borrow<py::array>(scratch_h).writeable())
+    throw py::value_error("scratch is read-only");
+  const int64_t need = pk::layer_scratch_floats(g.tokens, H, F, par.threads);
+  if (nscratch < need)
+    throw py::value_error("scratch holds " + std::to_string(nscratch) + " floats, the layer needs " +
+                          std::to_string(need));
+  const Matrix srange = vector_range(scratch, nscratch);
+  if (overlaps(srange, x)) throw py::value_error("scratch overlaps x");
+  for (const Matrix& in : inputs)
+    if (overlaps(in, x) || overlaps(in, srange))
+      throw py::value_error("x or scratch overlaps a bias or LayerNorm parameter");
+  g.x = const_cast<float*>(x.data);
+  g.x_rs = x.rs;
+  g.scratch = const_cast<float*>(scratch);
+  g.blocking = d.gemm_blocking;
+  py::gil_scoped_release nogil;
+  WorkspaceTrim trim;
+  d.encoder->encoder_layer(g, par, d.attention_tiling);
+}
+
 }  // namespace
 
 void bind_encoder(py::module_& m) {
@@ -231,6 +360,14 @@ void bind_encoder(py::module_& m) {
         py::arg("heads"), py::arg("scale"), py::arg("out"), py::arg("threads"));
   m.def("pool", &pool_fwd, py::arg("x"), py::arg("cu_seqlens"), py::arg("mode"),
         py::arg("normalize"), py::arg("out"), py::arg("threads"));
+  m.def("encoder_layer_scratch", &layer_scratch, py::arg("tokens"), py::arg("hidden"),
+        py::arg("intermediate"), py::arg("threads"));
+  m.def("encoder_layer", &encoder_layer_fwd, py::arg("x"), py::arg("cu_seqlens"),
+        py::arg("heads"), py::arg("scale"), py::arg("eps"), py::arg("activation"),
+        py::arg("variant"), py::arg("threads"), py::arg("scratch"), py::arg("qkv"),
+        py::arg("qkv_bias"), py::arg("out"), py::arg("out_bias"), py::arg("ln1_gamma"),
+        py::arg("ln1_beta"), py::arg("up"), py::arg("up_bias"), py::arg("down"),
+        py::arg("down_bias"), py::arg("ln2_gamma"), py::arg("ln2_beta"));
 }
 
 }  // namespace pk::bind

@@ -20,9 +20,6 @@ void run_gemm(const pk::GemmArgs& g, int variant, int threads) {
   fn(g, par, d.gemm_blocking);
 }
 
-// int32 accumulation of int8 products is exact while K * 127 * 127 < 2^31.
-constexpr int64_t kMaxKInt8 = 131072;
-
 void check_bias(py::handle bias_h, pk::GemmArgs& g, py::object& keep) {
   if (bias_h.is_none()) return;
   if (!py::isinstance<py::array>(bias_h))
@@ -41,6 +38,8 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g, py::object& keep) {
       py::reinterpret_borrow<py::array>(aligned_input(bias_h, sizeof(float), keep)).data());
 }
 
+}  // namespace
+
 // ---- PackedWeight internals ---------------------------------------------------
 // A PackedWeight's arrays and shape are plain Python attributes (_data,
 // _scale, _shape, _code) that a caller can replace, so nothing about them is
@@ -48,7 +47,7 @@ void check_bias(py::handle bias_h, pk::GemmArgs& g, py::object& keep) {
 // size before a kernel reads it. Every failure is ValueError: the weight is
 // corrupted, and the fix is to pack it again.
 
-[[noreturn]] void corrupted_weight(const std::string& what, int64_t k, int64_t n) {
+[[noreturn]] static void corrupted_weight(const std::string& what, int64_t k, int64_t n) {
   throw py::value_error("PackedWeight of shape (" + std::to_string(k) + ", " + std::to_string(n) +
                         ") is corrupted: " + what + "; pack the weight again");
 }
@@ -98,6 +97,8 @@ const float* checked_scales(py::handle h, int64_t n) {
                           std::string(py::str(a.attr("shape"))) + "; pack the weight again");
   return static_cast<const float*>(a.data());
 }
+
+namespace {
 
 // matmul(a, b, out, alpha, beta, variant, threads, bias, activation,
 //        packed, precision, col_scale, k, n)   (names and defaults: m.def below)

@@ -2,13 +2,14 @@
 
 The tokens of all texts are packed densely, text b in rows ``cu[b]:cu[b+1]``
 (``cu_seqlens``), so every projection runs on the real tokens only and
-attention runs per sequence inside the packed buffer. Per layer: the fused
-QKV projection (``linear``, bias fused), ``varlen_attention`` reading Q, K, V
-from its output by strides and writing the context as (tokens, hidden), the
-output projection, ``add_layer_norm`` in place on the residual stream, the FFN
-up projection with GELU fused, the down projection and another in-place
-``add_layer_norm``; then mean pooling + L2 normalization. Five buffers of the
-batch's token count are allocated once per forward and reused by every layer.
+attention runs per sequence inside the packed buffer. Per layer, one C++ call
+(``_encoder.encoder_layer``, GIL released): the fused QKV projection,
+``varlen_attention`` reading Q, K, V from its output by strides and writing the
+context as (tokens, hidden), then per chunk of rows the output projection,
+residual add + LayerNorm, the FFN up projection with GELU fused, the down
+projection and another add + LayerNorm, while the chunk is in cache; then mean
+pooling + L2 normalization. The layer's scratch is allocated once per forward.
+``ragged_forward_steps`` is the same forward as one kernel call per step.
 
 The forward reads an ``EncoderWeights`` (embedding tables, packed projections,
 biases, LayerNorm parameters, the shapes and the FFN activation), built by
@@ -95,6 +96,29 @@ def ragged_forward(model, ids: np.ndarray, cu: np.ndarray, *, pooling: str = "me
     ids: (total_tokens,) token ids; cu: (batch + 1,) offsets (``cu_seqlens``).
     pooling: "mean" (sentence-transformers' default), "cls" or "max".
     """
+    w = encoder_weights(model)
+    ids = np.asarray(ids)
+    t = ids.shape[0]
+    x = _encoder.embed_layer_norm(ids, cu, w.word_emb, w.pos_emb, w.type_emb,
+                                  *w.emb_ln, w.eps, threads=threads)
+    cu = np.asarray(cu, dtype=np.int64)
+    scratch = _encoder.encoder_layer_scratch(t, w.hidden, w.intermediate, threads)
+    for L in w.layers:  # one C++ call per layer, in place on x
+        _encoder.encoder_layer(x, cu, w.heads, L.qkv, L.qkv_bias, L.out, L.out_bias, L.ln1,
+                               L.up, L.up_bias, L.down, L.down_bias, L.ln2, eps=w.eps,
+                               activation=w.activation, variant=variant, threads=threads,
+                               scratch=scratch)
+    return _encoder.pool(x, cu, pooling, normalize, threads=threads)
+
+
+def ragged_forward_steps(model, ids: np.ndarray, cu: np.ndarray, *, pooling: str = "mean",
+                         normalize: bool = True, variant: str = "auto",
+                         threads=None) -> np.ndarray:
+    """``ragged_forward`` spelled out as one kernel call per step (the readable
+    form of what ``_encoder.encoder_layer`` fuses): QKV projection, varlen
+    attention, output projection, add+LN, FFN up with the activation, FFN down,
+    add+LN, each over the whole batch. The tests check the fused layer against
+    it; it is not on any serving path."""
     w = encoder_weights(model)
     h, f, act = w.hidden, w.intermediate, w.activation
     ids = np.asarray(ids)

@@ -1,7 +1,10 @@
 // Test driver: the AVX-512 encoder unit (csrc/kernels/avx512/encoder_avx512.cc)
 // and the varlen attention of the AVX-512 attention unit, compiled unchanged
 // against SIMDe (tests/native/simde_shim/immintrin.h), checked against the
-// generic units on the same ragged batches. Built and driven by
+// generic units on the same ragged batches, and the AVX-512 encoder_layer
+// (its chunking and fused add+LN) against the generic one, both running the
+// generic fp32 GEMM entry points (the projections are the same code on both
+// sides; the layer's own work is what differs). Built and driven by
 // tests/test_encoder_kernels.py::test_avx512_encoder_unit_under_simde.
 // Prints "encoder_avx512_simde: N cases, F failures" last.
 //
@@ -21,6 +24,7 @@
 #include <vector>
 
 #include "pykernels/encoder.h"
+#include "pykernels/gemm.h"
 #include "pykernels/runtime.h"
 
 namespace {
@@ -114,6 +118,51 @@ int main() {
                         " n=" + std::to_string(n) + " " + tag,
                     p512, pgen, std::max<int64_t>(n, longest));
           }
+      }
+      {
+        // One layer, H = 48 (3 heads of 16), F = 80: N(0,1) weights / sqrt(K)
+        // keep the activations O(1); K of the tolerance = F, the longest sum.
+        const int64_t H = 48, F = 80;
+        auto weight = [&](int64_t k, int64_t n) {
+          auto w = randn(rng, k * n);
+          for (auto& v : w) v /= std::sqrt(static_cast<float>(k));
+          std::vector<float> packed(((n + 15) / 16) * k * 16);
+          pk::ParallelPolicy one;
+          pk::pack_b_f32(w.data(), k, n, n, 1, packed.data(), one);
+          return packed;
+        };
+        auto wqkv = weight(H, 3 * H), wo = weight(H, H), wu = weight(H, F), wd = weight(F, H);
+        auto bqkv = randn(rng, 3 * H), bo = randn(rng, H), bu = randn(rng, F), bd = randn(rng, H);
+        auto g1 = randn(rng, H, 1.0f), b1 = randn(rng, H), g2 = randn(rng, H, 1.0f),
+             b2 = randn(rng, H);
+        auto proj = [&](const std::vector<float>& w, const std::vector<float>& b, int64_t k,
+                        int64_t n) {
+          pk::LayerProjection p;
+          p.k = k;
+          p.n = n;
+          p.packed = w.data();
+          p.bias = b.data();
+          p.run[0] = pk::generic::kGemm.run[0][0];
+          p.run[1] = pk::generic::kGemm.run[0][1];
+          return p;
+        };
+        pk::EncoderLayerArgs la;
+        la.tokens = tokens; la.batch = batch; la.hidden = H; la.heads = 3; la.inter = F;
+        la.max_len = longest; la.cu = cu.data(); la.x_rs = H;
+        la.qkv = proj(wqkv, bqkv, H, 3 * H); la.out = proj(wo, bo, H, H);
+        la.up = proj(wu, bu, H, F); la.down = proj(wd, bd, F, H);
+        la.ln1_gamma = g1.data(); la.ln1_beta = b1.data();
+        la.ln2_gamma = g2.data(); la.ln2_beta = b2.data();
+        la.scale = 0.25f;
+        std::vector<float> scratch(pk::layer_scratch_floats(tokens, H, F, threads));
+        la.scratch = scratch.data();
+        auto x0 = randn(rng, tokens * H);
+        std::vector<float> l512 = x0, lgen = x0;
+        la.x = l512.data();
+        pk::avx512::kEncoder.encoder_layer(la, par, tl);
+        la.x = lgen.data();
+        pk::generic::kEncoder.encoder_layer(la, par, tl);
+        compare("encoder_layer " + tag, l512, lgen, F);
       }
       for (auto hd : {std::pair<int64_t, int64_t>{12, 32}, {3, 20}, {2, 64}}) {
         const int64_t heads = hd.first, d = hd.second, hidden = heads * d, rs = 3 * hidden + 5;

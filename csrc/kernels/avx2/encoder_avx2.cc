@@ -18,7 +18,7 @@ namespace avx2 {
 #include "../common/encoder_impl.inc"
 
 const EncoderKernels kEncoder = {"avx2", &add_layer_norm, &embed_layer_norm, &varlen_attention,
-                                 &pool};
+                                 &pool, &encoder_layer};
 
 }  // namespace avx2
 }  // namespace pk

@@ -21,7 +21,7 @@ namespace avx512 {
 #include "../common/encoder_impl.inc"
 
 const EncoderKernels kEncoder = {"avx512", &add_layer_norm, &embed_layer_norm, &varlen_attention,
-                                 &pool};
+                                 &pool, &encoder_layer};
 
 }  // namespace avx512
 }  // namespace pk

@@ -17,7 +17,7 @@ namespace generic {
 #include "../common/encoder_impl.inc"
 
 const EncoderKernels kEncoder = {"generic", &add_layer_norm, &embed_layer_norm,
-                                 &varlen_attention, &pool};
+                                 &varlen_attention, &pool, &encoder_layer};
 
 }  // namespace generic
 }  // namespace pk
