@@ -18,6 +18,7 @@ struct Dispatch {
   GemmKernels gemm_table;             // the ISA's table, int8 entries swapped for
                                       // the VNNI ones when the CPU has them
   GemmPair int8_default;              // the table's int8 entries at init
+  GemmPair bf16_default;              // the table's bf16 entries at init (widen_fma)
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;
@@ -37,5 +38,14 @@ const Dispatch& dispatch();
 // std::invalid_argument. Not synchronized with running kernels: call it before
 // kernel calls start, or between them.
 std::string set_int8_scheme(const std::string& scheme);
+
+// Swaps the bf16 entries of the table: "widen_fma" (what init chose, on every
+// ISA) or "dpbf16ps" (avx512 with AVX512_BF16: vdpbf16ps on the packed pairs;
+// see gemm.h for the accuracy of each). Returns the previous scheme's name; an
+// unknown or unavailable name throws std::invalid_argument. The choice between
+// them by measured rate ("auto") is made in Python (pykernels/_runtime.py),
+// where the cached peaks are. Same synchronization caveat as set_int8_scheme.
+std::string set_bf16_scheme(const std::string& scheme);
+bool bf16_dot_available();  // "dpbf16ps" can be set
 
 }  // namespace pk
