@@ -133,19 +133,20 @@ bool bf16_dot_available() {
 
 std::string set_bf16_scheme(const std::string& scheme) {
   const std::string previous = g_dispatch.gemm_table.meta[static_cast<int>(Precision::kBF16)].scheme;
-  if (scheme == g_dispatch.bf16_default.meta.scheme) {
+  const std::string widen = g_dispatch.bf16_default.meta.scheme;  // widen_fma, widen_scalar
+  if (scheme == "widen" || scheme == widen) {
     use_pair(g_dispatch.gemm_table, Precision::kBF16, g_dispatch.bf16_default);
   } else if (scheme == "dpbf16ps" && bf16_dot_available()) {
     use_pair(g_dispatch.gemm_table, Precision::kBF16, avx512::kBF16Dot);
   } else if (scheme == "dpbf16ps") {
     throw std::invalid_argument(
         std::string("bf16 scheme 'dpbf16ps' is not available on isa ") + isa_name(g_dispatch.isa) +
-        (g_dispatch.isa == Isa::kAvx512 ? " (this CPU lacks AVX512_BF16)" : " (it needs avx512 with AVX512_BF16)") +
-        "; choose '" + g_dispatch.bf16_default.meta.scheme + "'");
+        (g_dispatch.isa == Isa::kAvx512 ? " (this CPU lacks AVX512_BF16)"
+                                        : " (it needs the avx512 path and AVX512_BF16)") +
+        "; choose 'widen' (" + widen + ")");
   } else {
-    throw std::invalid_argument("bf16 scheme '" + scheme + "' is not available (choose '" +
-                                g_dispatch.bf16_default.meta.scheme + "'" +
-                                (bf16_dot_available() ? " or 'dpbf16ps'" : "") + ")");
+    throw std::invalid_argument("bf16 scheme '" + scheme + "' is not available (choose 'widen' (" +
+                                widen + ")" + (bf16_dot_available() ? " or 'dpbf16ps'" : "") + ")");
   }
   return previous;
 }

@@ -39,8 +39,8 @@ const Dispatch& dispatch();
 // kernel calls start, or between them.
 std::string set_int8_scheme(const std::string& scheme);
 
-// Swaps the bf16 entries of the table: "widen_fma" (what init chose, on every
-// ISA) or "dpbf16ps" (avx512 with AVX512_BF16: vdpbf16ps on the packed pairs;
+// Swaps the bf16 entries of the table: "widen" or its own name (what init
+// chose on every ISA: widen_fma, or widen_scalar on generic) or "dpbf16ps" (avx512 with AVX512_BF16: vdpbf16ps on the packed pairs;
 // see gemm.h for the accuracy of each). Returns the previous scheme's name; an
 // unknown or unavailable name throws std::invalid_argument. The choice between
 // them by measured rate ("auto") is made in Python (pykernels/_runtime.py),
