@@ -30,11 +30,11 @@
 // significant bits) and summed in fp32. The two bf16 schemes differ only in
 // how the sum is formed:
 //   widen_fma  one fp32 FMA per product, k in order (within a K block);
-//   dpbf16ps   vdpbf16ps (AVX512_BF16): per packed pair, the k+1 product and
-//              then the k product are added to the fp32 accumulator, each
-//              addition rounded to nearest even (Intel SDM pseudo-code), with
-//              denormal inputs read as 0 and denormal results flushed to 0
-//              whatever MXCSR says.
+//   dpbf16ps   vdpbf16ps (AVX512_BF16): per packed pair, the two products are
+//              added to the fp32 accumulator one after the other, "each
+//              accumulation of the FMA" rounded to nearest even (Intel SDM),
+//              with denormal inputs read as 0 and denormal results flushed
+//              to 0 whatever MXCSR says.
 // Both obey |C - C~| <= gamma_K * sum_k |a~_k b~_k| (gamma_K = K u / (1 - K u),
 // u = 2^-24; C~ the exact sum of the rounded inputs' products), the bound of
 // any fp32 summation order; dpbf16ps adds at most 2^-126 per step for the
