@@ -16,9 +16,11 @@ struct Dispatch {
   bool capped = false;           // PYKERNELS_ISA lowered it
   const GemmKernels* gemm = nullptr;  // points at gemm_table
   GemmKernels gemm_table;             // the ISA's table, int8 entries swapped for
-                                      // the VNNI ones when the CPU has them
+                                      // the VNNI ones when the CPU has them, bf16
+                                      // entries by set_bf16_scheme
   GemmPair int8_default;              // the table's int8 entries at init
-  GemmPair bf16_default;              // the table's bf16 entries at init (widen_fma)
+  GemmPair bf16_default;              // the table's bf16 entries at init (widen_fma,
+                                      // widen_scalar on generic)
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;
