@@ -17,7 +17,7 @@ import numpy as np
 from . import _chooser, _core, _interop
 from ._chooser import KernelCall
 from ._core import Activation, Precision, Variant
-from ._runtime import get_num_threads
+from ._runtime import _bf16 as _bf16_scheme, _resolve_bf16, get_num_threads
 
 _F32 = np.dtype(np.float32)
 _ND = np.ndarray  # `type(x) is _ND` first: the NumPy path pays one type test for interop
@@ -324,6 +324,8 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
     if type(w) is PackedWeight:
         k, n = w.shape
         precision = w.precision
+        if precision == "bf16" and _bf16_scheme["pending"]:
+            _resolve_bf16()  # set_bf16_scheme("auto"): decided at the first bf16 call
     else:
         _check_matrix("w", w)
         k, n = w.shape

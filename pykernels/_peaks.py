@@ -76,6 +76,29 @@ def _from_dict(d: dict) -> Peaks:
                  working_set={k: int(v) for k, v in d["working_set"].items()})
 
 
+def cached_peaks() -> Optional[Peaks]:
+    """The cached peaks of this CPU model and ISA without measuring: those of
+    the current thread count, else of any thread count (the one-thread rates do
+    not depend on it); None when nothing is cached."""
+    info = _core.cpu_info()
+    path = _cache_path(info["model"], info["isa"], _core.get_num_threads())
+    if path is None:
+        return None
+    folder = os.path.dirname(path)
+    prefix = os.path.basename(path).rsplit("-t", 1)[0] + "-t"
+    try:
+        others = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".json"))
+    except OSError:
+        return None
+    for name in [os.path.basename(path)] + others:
+        try:
+            with open(os.path.join(folder, name)) as f:
+                return _from_dict(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def measure_peaks(refresh: bool = False, seconds: float = 0.02) -> Peaks:
     """The machine's measured peaks (see ``Peaks``), from the cache unless
     ``refresh`` or none is cached for this CPU model, ISA and thread count.

@@ -1,10 +1,11 @@
 """CPU information, thread control and the kernel registry."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
-from . import _core
+from . import _core, _peaks
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,124 @@ class KernelEntry:
 
 
 def kernels() -> list:
-    """The registry: one entry per (op, variant, precision) with its fields."""
+    """The registry: one entry per (op, variant, precision) with its fields
+    (the bf16 entries show the scheme in use: ``set_bf16_scheme("auto")`` is
+    resolved first)."""
+    if _bf16["pending"]:
+        _resolve_bf16()
     return [KernelEntry(**e) for e in _core.kernel_table()]
+
+
+# ---------------------------------------------------------------------------
+# bf16 scheme: "widen" (bf16 pairs widened to fp32 and multiplied by fp32 FMA:
+# widen_fma, or widen_scalar on the generic path; every ISA) or
+# "dpbf16ps" (vdpbf16ps on the packed pairs; avx512 with AVX512_BF16). "auto"
+# picks by the measured per-core rates, never by CPU name: dpbf16ps where
+# vdpbf16ps runs at >= BF16_DOT_MIN_RATIO x the fp32 FMA rate (issue 14: Zen 4
+# 234 vs 117 GFLOP/s = 2.0x), widen where it is slower (Sapphire/Emerald
+# Rapids 173 vs 351 = 0.49x). The widening tile runs at the FMA rate (its
+# conversion is paid once per B strip), so dpbf16ps gains in proportion to the
+# ratio; 1.5 rather than 1.0 keeps a CPU measured near parity, where the gain
+# would be small and run-to-run noise could flip the choice, on one scheme.
+# The choice is made lazily, at the first bf16 linear / kernels() /
+# get_bf16_scheme(), from the cached peaks (pykernels.measure_peaks) or, when
+# none are cached, by timing just those two probes on one thread (1 ms runs,
+# best of 7: 21-32 ms measured on the AVX2 Zen 3 under load); import and
+# other calls never measure.
+
+BF16_SCHEMES = ("auto", "widen", "dpbf16ps")
+BF16_DOT_MIN_RATIO = 1.5
+_BF16_PROBES = ("fp32_fma", "bf16_dpbf16ps")
+
+_bf16_lock = threading.Lock()
+# setting: what set_bf16_scheme was given; pending: "auto" not yet resolved;
+# reason: why the scheme in use was chosen (pykernels info prints it).
+_bf16 = {"setting": "auto", "pending": True, "reason": ""}
+
+
+def choose_bf16_scheme(fp32_gflops: float, dpbf16_gflops: Optional[float]) -> str:
+    """The "auto" rule on measured per-core rates (GFLOP/s, a product-add
+    counting 2 for both): ``"dpbf16ps"`` when ``dpbf16_gflops`` is at least
+    ``BF16_DOT_MIN_RATIO`` times ``fp32_gflops``, else ``"widen"`` (also
+    when the CPU has no vdpbf16ps: ``dpbf16_gflops`` None)."""
+    if dpbf16_gflops is None or not fp32_gflops > 0:
+        return "widen"
+    return "dpbf16ps" if dpbf16_gflops >= BF16_DOT_MIN_RATIO * fp32_gflops else "widen"
+
+
+def _bf16_rates() -> Tuple[float, float, str]:
+    """(fp32 FMA, vdpbf16ps) GFLOP/s on one thread and where they came from."""
+    p = _peaks.cached_peaks()
+    if p is not None and all(n in p.ops for n in _BF16_PROBES):
+        return p.ops["fp32_fma"].one_thread, p.ops["bf16_dpbf16ps"].one_thread, "cached peaks"
+    rates = {name: ops / 1e9 for name, ops in _core.measure_probes(list(_BF16_PROBES), 0.001)}
+    return rates.get("fp32_fma", 0.0), rates.get("bf16_dpbf16ps", 0.0), "measured now"
+
+
+def _auto_bf16() -> Tuple[str, str]:
+    if not _core.bf16_dot_available():
+        return "widen", "auto: vdpbf16ps not available on this CPU / isa path"
+    fp32, dot, source = _bf16_rates()
+    scheme = choose_bf16_scheme(fp32, dot)
+    ratio = dot / fp32 if fp32 > 0 else 0.0
+    return scheme, (f"auto: vdpbf16ps {dot:.1f} vs fp32 FMA {fp32:.1f} GFLOP/s per core = "
+                    f"{ratio:.2f}x, {'>=' if scheme == 'dpbf16ps' else '<'} "
+                    f"{BF16_DOT_MIN_RATIO}x ({source})")
+
+
+def _resolve_bf16() -> None:
+    with _bf16_lock:
+        if not _bf16["pending"]:
+            return
+        scheme, reason = _auto_bf16()
+        _core.set_bf16_scheme(scheme)
+        _bf16.update(pending=False, reason=reason)
+
+
+def set_bf16_scheme(scheme: str) -> str:
+    """Choose how ``linear`` multiplies bf16 weights; returns the previous
+    setting (pass it back to restore).
+
+    ``"auto"`` (the default): by the measured rates, see
+    ``choose_bf16_scheme``; decided at the first bf16 use. ``"widen"`` (or its
+    name in ``kernels()``: ``"widen_fma"``, ``"widen_scalar"`` on the generic
+    path): the packed bf16 pairs are widened to fp32 and multiplied by fp32 FMA
+    (every ISA). ``"dpbf16ps"``: ``vdpbf16ps`` multiplies the pairs directly (avx512
+    path on CPUs with AVX512_BF16; ValueError elsewhere). Both compute the
+    products of the bf16-rounded inputs exactly and sum them in fp32; they
+    differ in summation order, and ``dpbf16ps`` flushes denormals to zero
+    (docs/kernels.md states the bound). The packed weights are the same: no
+    repacking. Process-wide; call it between kernel calls. ``kernels()``
+    reports the scheme in use.
+    """
+    if not isinstance(scheme, str):
+        raise ValueError(f"bf16 scheme must be one of {BF16_SCHEMES}, got {scheme!r}")
+    with _bf16_lock:
+        previous = _bf16["setting"]
+        if scheme == "auto":
+            _bf16.update(setting="auto", pending=True, reason="")
+        else:
+            _core.set_bf16_scheme(scheme)  # ValueError naming the choices if unavailable
+            _bf16.update(setting=scheme, pending=False, reason="set by set_bf16_scheme")
+    return previous
+
+
+def get_bf16_scheme() -> str:
+    """The instruction scheme bf16 ``linear`` calls use now (``"widen_fma"``,
+    ``"widen_scalar"`` on the generic path, or ``"dpbf16ps"``; resolves
+    ``"auto"`` if it is still pending)."""
+    if _bf16["pending"]:
+        _resolve_bf16()
+    for e in _core.kernel_table():
+        if e["op"] == "linear" and e["precision"] == "bf16":
+            return e["scheme"]
+    raise RuntimeError("no bf16 kernel in the registry")
+
+
+def explain_bf16_scheme() -> str:
+    """One line: the bf16 scheme in use and why (what ``pykernels info`` prints)."""
+    scheme = get_bf16_scheme()
+    return f"{scheme} ({_bf16['reason']})"
 
 
 INT8_SCHEMES = ("default", "vpmaddubsw")

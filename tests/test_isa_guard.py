@@ -126,3 +126,17 @@ def test_vnni_only_where_dispatch_checks_for_it(functions):
     bad = sorted(n for n in users if "pk::avx2::vnni::" not in n
                  and not ("pk::avx512::" in n and "VIVnni" in n))
     assert not bad, _report(bad, functions, "the VNNI tiles")
+
+
+def test_bf16_dot_only_where_dispatch_checks_for_it(functions):
+    """vdpbf16ps (and the AVX512_BF16 conversions) run only on CPUs with
+    AVX512_BF16, which set_bf16_scheme("dpbf16ps") and the peak probe check
+    before running the tiles (tile_dpbf16 / FormatBF16Dot, avx512::kBF16Dot)
+    or the probe (dpbf16): no other function of the AVX-512 unit may contain them."""
+    bf16 = {"vdpbf16ps", "vcvtne2ps2bf16", "vcvtneps2bf16"}
+    users = {n for n, (z, y, v) in functions.items() if v & bf16}
+    assert any("BF16Dot" in n or "tile_dpbf16" in n for n in users), \
+        "no vdpbf16ps in the dpbf16 tiles - parser?"
+    bad = sorted(n for n in users
+                 if not ("pk::avx512::" in n and ("dpbf16" in n or "BF16Dot" in n)))
+    assert not bad, _report(bad, functions, "the dpbf16 tiles and probe")

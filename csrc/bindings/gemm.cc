@@ -1,7 +1,10 @@
 // GEMM and packing bindings: matmul (plain or PackedWeight b), pack_lowp,
-// pack_f32. Shared argument checks: checks.h; the boundary: docs/kernels.md.
+// pack_f32, and the bf16 scheme switch (set_bf16_scheme, bf16_dot_available,
+// measure_probes: the two rates its "auto" choice reads when no peaks are
+// cached). Shared argument checks: checks.h; the boundary: docs/kernels.md.
 #include "bindings.h"
 #include "checks.h"
+#include "pykernels/peaks.h"
 
 #include <climits>
 #include <cstdint>
@@ -257,6 +260,22 @@ void bind_gemm(py::module_& m) {
         py::arg("out").noconvert(), py::arg("scale") = none);
   m.def("pack_f32", &pack_f32, py::arg("w").noconvert(), py::arg("out").noconvert(),
         py::arg("threads"));
+  // std::invalid_argument reaches Python as ValueError.
+  m.def("set_bf16_scheme", &pk::set_bf16_scheme, py::arg("scheme"));
+  m.def("bf16_dot_available", &pk::bf16_dot_available);
+  // measure_probes(names, seconds) -> [(name, ops/s on one thread)]
+  m.def("measure_probes", [](const py::list& names, double seconds) {
+    std::vector<std::string> want;
+    for (py::handle h : names) want.push_back(py::cast<std::string>(h));
+    std::vector<pk::PeakRate> r;
+    {
+      py::gil_scoped_release nogil;
+      r = pk::measure_probes(want, seconds);
+    }
+    py::list out;
+    for (const pk::PeakRate& p : r) out.append(py::make_tuple(p.name, p.one));
+    return out;
+  }, py::arg("names"), py::arg("seconds"));
 }
 
 }  // namespace pk::bind

@@ -32,11 +32,20 @@ Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
   return b;
 }
 
-// Replaces a table's int8 entries by a VNNI scheme's.
-void use_int8(GemmKernels& table, const GemmPair& int8) {
-  const int p = static_cast<int>(Precision::kI8);
-  table.meta[p] = int8.meta;
-  for (int v = 0; v < 2; ++v) table.run[p][v] = int8.run[v];
+// Replaces a table's entries of one precision by a scheme's.
+void use_pair(GemmKernels& table, Precision prec, const GemmPair& pair) {
+  const int p = static_cast<int>(prec);
+  table.meta[p] = pair.meta;
+  for (int v = 0; v < 2; ++v) table.run[p][v] = pair.run[v];
+}
+void use_int8(GemmKernels& table, const GemmPair& int8) { use_pair(table, Precision::kI8, int8); }
+
+GemmPair pair_of(const GemmKernels& table, Precision prec) {
+  const int p = static_cast<int>(prec);
+  GemmPair out;
+  out.meta = table.meta[p];
+  for (int v = 0; v < 2; ++v) out.run[v] = table.run[p][v];
+  return out;
 }
 
 }  // namespace
@@ -91,11 +100,8 @@ void init_dispatch(const std::string& requested) {
       d.gemm_blocking.nc = nc;
     }
   }
-  {
-    const int p = static_cast<int>(Precision::kI8);
-    d.int8_default.meta = d.gemm_table.meta[p];
-    for (int v = 0; v < 2; ++v) d.int8_default.run[v] = d.gemm_table.run[p][v];
-  }
+  d.int8_default = pair_of(d.gemm_table, Precision::kI8);
+  d.bf16_default = pair_of(d.gemm_table, Precision::kBF16);
   d.attention_tiling.l1d_bytes = f.l1d_bytes;
   d.attention_tiling.l2_bytes = f.l2_bytes;
   g_dispatch = d;
@@ -117,6 +123,30 @@ std::string set_int8_scheme(const std::string& scheme) {
     throw std::invalid_argument("int8 scheme '" + scheme + "' is not available on isa " +
                                 isa_name(g_dispatch.isa) + " (choose 'default'" +
                                 (g_dispatch.isa == Isa::kAvx512 ? "" : " or 'vpmaddubsw'") + ")");
+  }
+  return previous;
+}
+
+bool bf16_dot_available() {
+  return g_dispatch.isa == Isa::kAvx512 && cpu_features().avx512_bf16;
+}
+
+std::string set_bf16_scheme(const std::string& scheme) {
+  const std::string previous = g_dispatch.gemm_table.meta[static_cast<int>(Precision::kBF16)].scheme;
+  const std::string widen = g_dispatch.bf16_default.meta.scheme;  // widen_fma, widen_scalar
+  if (scheme == "widen" || scheme == widen) {
+    use_pair(g_dispatch.gemm_table, Precision::kBF16, g_dispatch.bf16_default);
+  } else if (scheme == "dpbf16ps" && bf16_dot_available()) {
+    use_pair(g_dispatch.gemm_table, Precision::kBF16, avx512::kBF16Dot);
+  } else if (scheme == "dpbf16ps") {
+    throw std::invalid_argument(
+        std::string("bf16 scheme 'dpbf16ps' is not available on isa ") + isa_name(g_dispatch.isa) +
+        (g_dispatch.isa == Isa::kAvx512 ? " (this CPU lacks AVX512_BF16)"
+                                        : " (it needs the avx512 path and AVX512_BF16)") +
+        "; choose 'widen' (" + widen + ")");
+  } else {
+    throw std::invalid_argument("bf16 scheme '" + scheme + "' is not available (choose 'widen' (" +
+                                widen + ")" + (bf16_dot_available() ? " or 'dpbf16ps'" : "") + ")");
   }
   return previous;
 }

@@ -55,7 +55,46 @@ bool probe_supported(const std::string& name, const CpuFeatures& f, Isa isa) {
   return true;
 }
 
+// Iterations of probe p for ~per_run seconds on one thread.
+int64_t calibrate(const PeakProbe& p, double per_run, volatile float* sink) {
+  int64_t iters = 1 << 12;
+  for (;;) {
+    const double t0 = now_s();
+    p.fn(iters, sink);
+    const double dt = now_s() - t0;
+    if (dt >= per_run / 4 || iters > (int64_t{1} << 40)) {
+      iters = static_cast<int64_t>(iters * (per_run / (dt > 0 ? dt : 1e-9)));
+      break;
+    }
+    iters *= 4;
+  }
+  return iters < 1 ? 1 : iters;
+}
+
+constexpr int kReps = 7;
+
 }  // namespace
+
+std::vector<PeakRate> measure_probes(const std::vector<std::string>& names, double seconds) {
+  const Dispatch& d = dispatch();
+  const CpuFeatures& f = cpu_features();
+  const PeakProbes& pp = probes_for(d.isa);
+  const double per_run = seconds > 0 ? seconds : 0.002;
+  volatile float sink = 0.0f;
+  std::vector<PeakRate> out;
+  for (int i = 0; i < kMaxPeakProbes && pp.probes[i].name; ++i) {
+    const PeakProbe& p = pp.probes[i];
+    bool wanted = false;
+    for (const std::string& n : names) wanted |= n == p.name;
+    if (!wanted || !probe_supported(p.name, f, d.isa)) continue;
+    const int64_t iters = calibrate(p, per_run, &sink);
+    PeakRate r;
+    r.name = p.name;
+    r.one = best_rate(1, kReps, [&](int64_t) { return p.fn(iters, &sink); });
+    out.push_back(r);
+  }
+  return out;
+}
 
 PeakReport measure_peaks(double seconds) {
   const Dispatch& d = dispatch();
@@ -66,24 +105,11 @@ PeakReport measure_peaks(double seconds) {
   rep.threads = default_num_threads();
   const int all = rep.threads < 1 ? 1 : rep.threads;
   const double per_run = seconds > 0 ? seconds : 0.02;
-  constexpr int kReps = 7;
   volatile float sink = 0.0f;
   for (int i = 0; i < kMaxPeakProbes && pp.probes[i].name; ++i) {
     const PeakProbe& p = pp.probes[i];
     if (!probe_supported(p.name, f, d.isa)) continue;
-    // Calibrate: iterations for ~per_run seconds on one thread.
-    int64_t iters = 1 << 12;
-    for (;;) {
-      const double t0 = now_s();
-      p.fn(iters, &sink);
-      const double dt = now_s() - t0;
-      if (dt >= per_run / 4 || iters > (int64_t{1} << 40)) {
-        iters = static_cast<int64_t>(iters * (per_run / (dt > 0 ? dt : 1e-9)));
-        break;
-      }
-      iters *= 4;
-    }
-    if (iters < 1) iters = 1;
+    const int64_t iters = calibrate(p, per_run, &sink);
     PeakRate r;
     r.name = p.name;
     r.one = best_rate(1, kReps, [&](int64_t) { return p.fn(iters, &sink); });

@@ -96,6 +96,7 @@ def info_record(fork_join: bool = True, peak: bool = False, refresh_peak: bool =
     if peak:
         rec["peaks"] = dataclasses.asdict(pk.measure_peaks(refresh=refresh_peak))
     rec["kernels"] = [dataclasses.asdict(e) for e in pk.kernels()]
+    rec["bf16_scheme"] = pk.explain_bf16_scheme()
     fj = []
     if fork_join:
         for threads in sorted({2, pk.get_num_threads()}):
@@ -138,6 +139,8 @@ def format_info(rec: dict) -> str:
                      f"{lib['architecture']})")
     if rec.get("peaks"):
         lines += _format_peaks(rec["peaks"])
+    if rec.get("bf16_scheme"):
+        lines.append(f"bf16 scheme    {rec['bf16_scheme']}")
     lines.append("kernels")
     ks = rec["kernels"]
     ks = [dict(k, tile="-" if k["mr"] is None else f"{k['mr']}x{k['nr']}") for k in ks]

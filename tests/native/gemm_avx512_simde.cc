@@ -12,6 +12,14 @@
 //        integer sums are exact and the epilogue is one rounding);
 //   otherwise: |avx512 - generic| <= 2e-5 * (sum_k |a||b| + |beta c| + |bias| + 1)
 //        (accumulation order and fused vs unfused multiply-add only).
+// bf16 has two schemes on AVX-512, widen_fma (avx512::kGemm) and dpbf16ps
+// (avx512::kBF16Dot, vdpbf16ps); both, and the generic path, are also checked
+// against a float64 reference of the bf16-rounded inputs with the contract's
+// bound (gemm.h): |got - ref| <= gamma_n * (|alpha| sum_k |a~ b~| + |beta c| +
+// |bias|) + 1e-6 (|pre-activation| + 1), n = 2K + 8 roundings (K-block
+// reloads of C and the epilogue included), times 1.2 for the activation's
+// slope. SIMDe's vdpbf16ps does not flush denormals (the inputs here have
+// none), so this checks the pairing and summation, not the FTZ/DAZ.
 // Built and run by tests/test_avx512_simde.py.
 // Prints one line per failing case; exit status 1 if any failed.
 #include <cmath>
@@ -92,12 +100,72 @@ struct Table {
   bool rows[pk::kNumPrecisions];
 };
 
-Table with_int8(const pk::GemmKernels& base, const pk::GemmPair& int8, bool all_rows) {
-  Table out{base, {all_rows, all_rows, true}};
-  const int p = static_cast<int>(Precision::kI8);
-  out.t.meta[p] = int8.meta;
-  for (int v = 0; v < 2; ++v) out.t.run[p][v] = int8.run[v];
+// `base` with one precision's entries replaced by a scheme's; only that row is tested.
+Table with_pair(const pk::GemmKernels& base, Precision prec, const pk::GemmPair& pair) {
+  const int p = static_cast<int>(prec);
+  Table out{base, {false, false, false}};
+  out.rows[p] = true;
+  out.t.meta[p] = pair.meta;
+  for (int v = 0; v < 2; ++v) out.t.run[p][v] = pair.run[v];
   return out;
+}
+
+uint16_t bf16_bits(float x) {  // round to nearest even, as pack_b_bf16 (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+double bf16_value(float x) {
+  const uint32_t u = static_cast<uint32_t>(bf16_bits(x)) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+double act64(double z, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return z > 0 ? z : 0.0;
+    case Activation::kGelu: return 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+    case Activation::kGeluTanh:
+      return 0.5 * z * (1.0 + std::tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)));
+    case Activation::kSilu: return z / (1.0 + std::exp(-z));
+    default: return z;
+  }
+}
+
+// Elements of `got` outside the bf16 contract's bound around the float64
+// product of the bf16-rounded inputs (see the top of this file); prints the first.
+int bf16_contract_failures(const char* what, const Case& c, const std::vector<float>& got,
+                           const std::vector<float>& a, const std::vector<float>& b,
+                           const std::vector<float>& bias, const std::vector<float>& c0) {
+  const double u = std::ldexp(1.0, -24);
+  const double nu = (2.0 * c.k + 8) * u;
+  const double gamma = nu / (1.0 - nu);
+  for (int64_t i = 0; i < c.m; ++i)
+    for (int64_t j = 0; j < c.n; ++j) {
+      double s = 0.0, mag = 0.0;
+      for (int64_t kk = 0; kk < c.k; ++kk) {
+        const double p = bf16_value(a[(i * c.k + kk) * c.a_cs]) * bf16_value(b[kk * c.n + j]);
+        s += p;
+        mag += std::fabs(p);
+      }
+      const double beta_c = c.beta != 0.0f ? c.beta * static_cast<double>(c0[i * c.n + j]) : 0.0;
+      const double bj = c.bias ? bias[j] : 0.0;
+      const double z = c.alpha * s + beta_c + bj;
+      const double want = act64(z, c.act);
+      const double bound = 1.2 * gamma * (std::fabs(c.alpha) * mag + std::fabs(beta_c) + std::fabs(bj)) +
+                           1e-6 * (std::fabs(z) + 1.0);
+      const double got_ij = got[i * c.n + j];
+      if (!(std::fabs(got_ij - want) <= bound)) {
+        std::printf("FAIL %s bf16 contract m=%lld k=%lld n=%lld alpha=%g beta=%g bias=%d act=%d: "
+                    "element (%lld, %lld) got %.9g want %.9g bound %.3g\n",
+                    what, (long long)c.m, (long long)c.k, (long long)c.n, c.alpha, c.beta, c.bias,
+                    static_cast<int>(c.act), (long long)i, (long long)j, got_ij, want, bound);
+        return 1;
+      }
+    }
+  return 0;
 }
 
 }  // namespace
@@ -125,8 +193,9 @@ int main() {
   const pk::Blocking blockings[] = {{128, 384, 512, 2 << 20}, {32, 12, 64, 64 << 10}};
   const Table tables[] = {
       {pk::avx512::kGemm, {true, true, true}},
-      with_int8(pk::avx512::kGemm, pk::avx512::kI8Vnni, false),
-      with_int8(pk::generic::kGemm, pk::avx2::kI8AvxVnni, false)};
+      with_pair(pk::avx512::kGemm, Precision::kI8, pk::avx512::kI8Vnni),
+      with_pair(pk::generic::kGemm, Precision::kI8, pk::avx2::kI8AvxVnni),
+      with_pair(pk::avx512::kGemm, Precision::kBF16, pk::avx512::kBF16Dot)};
   int failures = 0, checks = 0;
   for (const Case& c : cases) {
     std::vector<float> a(c.m * c.k * c.a_cs), b(c.k * c.n), bias(c.n), c0(c.m * c.n);
@@ -151,6 +220,10 @@ int main() {
       for (int variant = 0; variant < 2; ++variant) {
         const std::vector<float> ref = run(pk::generic::kGemm, prec, variant, c, a, pw, bias, c0,
                                            1, blockings[0]);
+        if (prec == Precision::kBF16) {
+          ++checks;
+          failures += bf16_contract_failures("generic widen_fma", c, ref, a, b, bias, c0);
+        }
         for (const Table& table : tables) {
           if (!table.rows[p]) continue;
           const pk::GemmKernels* t = &table.t;
@@ -158,6 +231,8 @@ int main() {
             for (int threads = 1; threads <= 2; ++threads) {
               const std::vector<float> got = run(*t, prec, variant, c, a, pw, bias, c0, threads, blk);
               ++checks;
+              if (prec == Precision::kBF16)
+                failures += bf16_contract_failures(t->meta[p].scheme, c, got, a, b, bias, c0);
               double worst = 0.0;
               int64_t at = 0;
               for (int64_t e = 0; e < c.m * c.n; ++e) {

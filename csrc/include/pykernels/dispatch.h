@@ -16,8 +16,11 @@ struct Dispatch {
   bool capped = false;           // PYKERNELS_ISA lowered it
   const GemmKernels* gemm = nullptr;  // points at gemm_table
   GemmKernels gemm_table;             // the ISA's table, int8 entries swapped for
-                                      // the VNNI ones when the CPU has them
+                                      // the VNNI ones when the CPU has them, bf16
+                                      // entries by set_bf16_scheme
   GemmPair int8_default;              // the table's int8 entries at init
+  GemmPair bf16_default;              // the table's bf16 entries at init (widen_fma,
+                                      // widen_scalar on generic)
   Blocking gemm_blocking;
   const AttentionKernels* attention = nullptr;
   AttentionTiling attention_tiling;
@@ -37,5 +40,14 @@ const Dispatch& dispatch();
 // std::invalid_argument. Not synchronized with running kernels: call it before
 // kernel calls start, or between them.
 std::string set_int8_scheme(const std::string& scheme);
+
+// Swaps the bf16 entries of the table: "widen" or its own name (what init
+// chose on every ISA: widen_fma, or widen_scalar on generic) or "dpbf16ps" (avx512 with AVX512_BF16: vdpbf16ps on the packed pairs;
+// see gemm.h for the accuracy of each). Returns the previous scheme's name; an
+// unknown or unavailable name throws std::invalid_argument. The choice between
+// them by measured rate ("auto") is made in Python (pykernels/_runtime.py),
+// where the cached peaks are. Same synchronization caveat as set_int8_scheme.
+std::string set_bf16_scheme(const std::string& scheme);
+bool bf16_dot_available();  // "dpbf16ps" can be set
 
 }  // namespace pk

@@ -24,6 +24,22 @@
 // int8 is symmetric per output column (scale[c] = max|B[:, c]| / 127); the
 // activations are quantized per row at call time (scale max|A[i, :]| / 127), the
 // products are accumulated exactly in int32 and dequantized in the epilogue.
+//
+// bf16 accuracy: A is rounded to bf16 per call (round to nearest even), B at
+// pack time; the products of the rounded values are exact in fp32 (8 x 8
+// significant bits) and summed in fp32. The two bf16 schemes differ only in
+// how the sum is formed:
+//   widen_fma  one fp32 FMA per product, k in order (within a K block);
+//   dpbf16ps   vdpbf16ps (AVX512_BF16): per packed pair, the two products are
+//              added to the fp32 accumulator one after the other, "each
+//              accumulation of the FMA" rounded to nearest even (Intel SDM),
+//              with denormal inputs read as 0 and denormal results flushed
+//              to 0 whatever MXCSR says.
+// Both obey |C - C~| <= gamma_K * sum_k |a~_k b~_k| (gamma_K = K u / (1 - K u),
+// u = 2^-24; C~ the exact sum of the rounded inputs' products), the bound of
+// any fp32 summation order; dpbf16ps adds at most 2^-126 per step for the
+// flushed denormals (2K * 1.2e-38, and products whose inputs are below 2^-126
+// in magnitude count as 0).
 #pragma once
 #include <cstdint>
 
@@ -80,7 +96,8 @@ using GemmFn = void (*)(const GemmArgs&, const ParallelPolicy&, const Blocking&)
 // printed name from them, and nothing parses a name). Filled from the same
 // constants the tiles are compiled from (meta_of in common/gemm_impl.inc).
 struct KernelMeta {
-  const char* scheme;  // the instruction scheme: "fma", "widen_fma", "vpmaddwd", "vpdpbusd",
+  const char* scheme;  // the instruction scheme: "fma", "widen_fma", "dpbf16ps" (AVX512_BF16,
+                       // set_bf16_scheme), "vpmaddwd", "vpdpbusd",
                        // "vpmaddubsw" (7-bit activations, opt-in: set_int8_scheme)
   int mr, nr;          // register tile of the throughput kernel, rows x columns
   int k_step;          // consecutive k per packed group (1 fp32, 2 bf16, 4 int8)
@@ -96,8 +113,8 @@ struct GemmKernels {
   GemmFn run[kNumPrecisions][2];
 };
 
-// One precision's two entry points: the int8 schemes that dispatch swaps into
-// a table when the CPU has the instruction (runtime/dispatch.cc).
+// One precision's two entry points: the int8 and bf16 schemes that dispatch
+// swaps into a table when the CPU has the instruction (runtime/dispatch.cc).
 struct GemmPair {
   KernelMeta meta;
   GemmFn run[2];
@@ -115,6 +132,7 @@ extern const GemmPair kI8Maddubs;  // int8 by vpmaddubsw, 7-bit activations (opt
 namespace avx512 {
 extern const GemmKernels kGemm;    // int8 by vpmaddwd (AVX-512F/BW)
 extern const GemmPair kI8Vnni;     // int8 by vpdpbusd (AVX512_VNNI)
+extern const GemmPair kBF16Dot;    // bf16 by vdpbf16ps (AVX512_BF16), set_bf16_scheme
 }
 
 // ---- packing and quantization (baseline code, runtime/pack.cc) ---------------

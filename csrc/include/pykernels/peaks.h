@@ -54,4 +54,9 @@ struct PeakReport {
 // bandwidth probes; ~`seconds` per timed run. Takes a few seconds in all.
 PeakReport measure_peaks(double seconds);
 
+// One-thread rates (`one`; `all` stays 0) of the named probes only, those the
+// ISA in use has and the CPU supports, ~`seconds` per timed run (best of 7):
+// what the bf16 scheme choice needs when no peaks are cached, in a few ms.
+std::vector<PeakRate> measure_probes(const std::vector<std::string>& names, double seconds);
+
 }  // namespace pk

@@ -2,9 +2,14 @@
 // 32 zmm registers: the 6x64 tile uses 24 accumulators + 4 B vectors + 1 A
 // broadcast = 29 <= 32; M = 6 is also the natural latency quantum (a batch of up
 // to 6 rows costs one pass over the weights).
-// bf16 widens the packed pairs to fp32 (a shift and a mask) and uses FMA: on
-// current Xeons vdpbf16ps runs at half the FMA rate, so convert-then-FMA keeps
-// fp32 speed at half the bytes. int8 uses vpdpbusd when the CPU has
+// bf16 has two schemes over the same packed weights. "widen_fma" (the table's
+// default) widens the packed pairs to fp32 (a shift and a mask) and uses FMA:
+// on Sapphire/Emerald Rapids vdpbf16ps runs at half the FMA rate (173 vs 351
+// GFLOP/s measured, issue 14), so convert-then-FMA keeps fp32 speed at half
+// the bytes. "dpbf16ps" (kBF16Dot, swapped in by set_bf16_scheme when the CPU
+// has AVX512_BF16; pykernels picks it where the measured vdpbf16ps rate is
+// >= 1.5x the FMA rate, as on Zen 4: 234 vs 117 GFLOP/s per core) multiplies
+// the packed pairs directly: 32 products per instruction instead of 16. int8 uses vpdpbusd when the CPU has
 // AVX512_VNNI (kI8Vnni, swapped in by dispatch) and otherwise the exact vpmaddwd
 // scheme of AVX2 at twice the width (kGemm). The VNNI tiles were never executed
 // on the machines this was developed on (AVX2 only): their algorithm is the
@@ -95,6 +100,95 @@ constexpr int kLatNP[kTputMR + 1] = {1, 8, 8, 6, 6, 4, 4};
 
 #include "../common/gemm_impl.inc"
 
+// ---------------------------------------------------------------------------
+// bf16 by vdpbf16ps. The packed layout [K/2][16][2] (gemm.h) is the
+// instruction's operand layout: one 64-byte panel group is one zmm of 16
+// (k, k+1) pairs, so B needs no new packing and no widening. Each row's A pair
+// (a[k], a[k+1]) is broadcast as one 32-bit word. The drivers are those of the
+// widening scheme (gemm_latency_packed / gemm_throughput_packed with this
+// format; throughput without its widen_bf16_strip since FormatBF16Dot is not
+// FormatBF16), so A arrives as the bf16-rounded fp32 values prepare_a makes:
+// in place (latency, a_cs = 1) or packed [kc][MR] (throughput). Their low 16
+// bits are zero, so the pair word is two shifts and an or, done in integer
+// registers (the vector ports stay with vdpbf16ps).
+// Registers: MR x NP accumulators (at most 24: 6x64) + NP B vectors + the A
+// broadcast <= 29 of 32 zmm, the fp32 tile shapes (kLatNP, kTputMR x kTputNP).
+
+static inline __m512bh as_bh(__m512i x) {
+  __m512bh r;
+  std::memcpy(&r, &x, sizeof(r));  // a register move; SIMDe's types are structs
+  return r;
+}
+
+// The bf16 pair (lo, hi) of two bf16-exact floats, lo in the low half (k even).
+static inline uint32_t bf16_pair(const float* lo, const float* hi) {
+  uint32_t l, h;
+  std::memcpy(&l, lo, sizeof(l));
+  std::memcpy(&h, hi, sizeof(h));
+  return (l >> 16) | (h & 0xffff0000u);
+}
+
+template <int MR, int NP, bool PACKED_A>
+static void tile_dpbf16(const Tile& t) {
+  static_assert(kVecPerPanel == 1, "one zmm per 16-column panel");
+  __m512 acc[MR][NP];
+#pragma GCC unroll 64
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 64
+    for (int j = 0; j < NP; ++j) acc[i][j] = _mm512_setzero_ps();
+  const float* a = t.a;
+  const uint16_t* b = static_cast<const uint16_t*>(t.b);
+  const int64_t a_rs = t.a_rs, a_cs = t.a_cs, b_ps = t.b_ps;
+  for (int i = 0; i < MR; ++i) {  // as tile_kernel: C is read in the epilogue
+    const float* crow = t.c + i * t.c_rs;
+    for (int l = 0; l < NP; ++l) __builtin_prefetch(crow + l * kPanelCols, 1, 3);
+    __builtin_prefetch(crow + NP * kPanelCols - 1, 1, 3);
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < t.kc; k += 2) {
+    if constexpr (!PACKED_A) {
+#pragma GCC unroll 64
+      for (int p = 0; p < NP; ++p)
+        __builtin_prefetch(b + p * b_ps + kBPrefetchSteps * 2 * kPanelCols, 0, 0);
+    }
+    __m512bh bv[NP];
+#pragma GCC unroll 64
+    for (int p = 0; p < NP; ++p) bv[p] = as_bh(_mm512_loadu_si512(b + p * b_ps));
+#pragma GCC unroll 64
+    for (int i = 0; i < MR; ++i) {
+      const float* lo = PACKED_A ? a + k * MR + i : a + i * a_rs + k * a_cs;
+      const float* hi = PACKED_A ? lo + MR : lo + a_cs;
+      const __m512bh ai = as_bh(_mm512_set1_epi32(static_cast<int>(bf16_pair(lo, hi))));
+#pragma GCC unroll 64
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbf16_ps(acc[i][p], ai, bv[p]);
+    }
+    b += 2 * kPanelCols;
+  }
+  for (int i = 0; i < MR && i < t.mvalid; ++i) store_row<NP>(t, t.c + i * t.c_rs, acc[i]);
+}
+
+// The bf16 format with its own tile: same packed data, shapes and step as
+// FormatBF16 (gemm_tiles.inc), so the drivers treat it alike.
+struct FormatBF16Dot {
+  using T = uint16_t;
+  static constexpr bool kIsInt8 = false;
+  static constexpr int kRows = kTputMR;
+  static constexpr const int* kLatPanels = kLatNP;
+  static constexpr int kTputPanels = kTputNP;
+  static constexpr int kStep = 2;
+  template <int MR, int NP, bool PACKED_A>
+  static void tile(const Tile& t) { tile_dpbf16<MR, NP, PACKED_A>(t); }
+};
+
+static void bf16dot_latency(const GemmArgs& g, const ParallelPolicy& par, const Blocking& blk) {
+  gemm_latency_packed<FormatBF16Dot, uint16_t>(g, par, blk);
+}
+
+static void bf16dot_throughput(const GemmArgs& g, const ParallelPolicy& par, const Blocking& blk) {
+  gemm_throughput_packed<FormatBF16Dot, uint16_t>(g, par, blk,
+                                                  static_cast<const uint16_t*>(g.b_packed));
+}
+
 const GemmKernels kGemm = {
     "avx512",
     {meta_of<FormatF32>("fma"), meta_of<FormatBF16>("widen_fma"),
@@ -106,6 +200,10 @@ const GemmKernels kGemm = {
 // Swapped into the table by dispatch when the CPU reports AVX512_VNNI.
 const GemmPair kI8Vnni = {meta_of<Int8Format<VIVnni>>("vpdpbusd"),
                           {&i8_latency<VIVnni>, &i8_throughput<VIVnni>}};
+
+// Swapped into the table by set_bf16_scheme("dpbf16ps") on AVX512_BF16 CPUs.
+const GemmPair kBF16Dot = {meta_of<FormatBF16Dot>("dpbf16ps"),
+                           {&bf16dot_latency, &bf16dot_throughput}};
 
 }  // namespace avx512
 }  // namespace pk
