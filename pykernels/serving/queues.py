@@ -38,35 +38,49 @@ class TooLarge(Overloaded):
 
 
 class Request:
-    __slots__ = ("item", "future", "arrival", "deadline", "cls")
+    """One queued item. ``size``: its work in reference items of its class's
+    op (1.0 without a ``size`` function); ``cum``: the queue's running sum of
+    sizes up to and including it (set by ``DeadlineQueue.append``)."""
+    __slots__ = ("item", "future", "arrival", "deadline", "cls", "size", "cum")
 
-    def __init__(self, item, future, arrival, deadline, cls):
+    def __init__(self, item, future, arrival, deadline, cls, size: float = 1.0):
         self.cls = cls
         self.item = item
         self.future = future
         self.arrival = arrival
         self.deadline = deadline
+        self.size = size
+        self.cum = 0.0
 
 
 def deadline_of(r: Request) -> float:
     return r.deadline
 
 
+def cum_of(r: Request) -> float:
+    return r.cum
+
+
 class DeadlineQueue:
     """FIFO with O(1) pops from the front and bisection on deadlines (which are
-    non-decreasing within a class: arrivals are stamped under the lock)."""
+    non-decreasing within a class: arrivals are stamped under the lock), and
+    running sums of the requests' sizes, so the work of the first k queued
+    requests and the requests that fit a batch's work are O(1) and O(log n)."""
 
-    __slots__ = ("_items", "_head")
+    __slots__ = ("_items", "_head", "_base")
 
     def __init__(self):
         self._items: List[Request] = []
         self._head = 0
+        self._base = 0.0  # running sum of the sizes popped so far
 
     def __len__(self) -> int:
         return len(self._items) - self._head
 
     def append(self, r: Request) -> None:
-        self._items.append(r)
+        items = self._items
+        r.cum = (items[-1].cum if len(items) > self._head else self._base) + r.size
+        items.append(r)
 
     def peek(self) -> Request:
         return self._items[self._head]
@@ -74,9 +88,12 @@ class DeadlineQueue:
     def pop(self, n: int) -> List[Request]:
         out = self._items[self._head:self._head + n]
         self._head += len(out)
+        if out:
+            self._base = out[-1].cum
         if self._head == len(self._items):
             self._items.clear()
             self._head = 0
+            self._base = 0.0  # restart the sums: no rounding drift over a long run
         elif self._head > 4096 and 2 * self._head > len(self._items):
             del self._items[:self._head]
             self._head = 0
@@ -94,9 +111,28 @@ class DeadlineQueue:
         while i < len(items) and items[i].deadline == r.deadline:
             if items[i] is r:
                 del items[i]
+                for later in items[i:]:  # O(n), as the del
+                    later.cum -= r.size
                 return True
             i += 1
         return False
+
+    def work(self, k: Optional[int] = None) -> float:
+        """Summed size of the first ``k`` queued requests (all: None)."""
+        n = len(self)
+        k = n if k is None else min(k, n)
+        if k <= 0:
+            return 0.0
+        return self._items[self._head + k - 1].cum - self._base
+
+    def fitting(self, work: float) -> int:
+        """How many requests from the head a batch of at most ``work`` takes:
+        at least one (a request larger than a batch still runs, alone)."""
+        if not len(self):
+            return 0
+        k = bisect.bisect_right(self._items, self._base + work * (1 + 1e-9), lo=self._head,
+                                key=cum_of) - self._head
+        return max(1, k)
 
     def count_due_by(self, deadline: float) -> int:
         """Queued requests whose deadline is <= ``deadline``."""
@@ -135,15 +171,17 @@ class ClassState:
         self.in_flight = 0
         self.plan = None        # the latest plan (admission and metrics read it)
         self.observe_errors = 0
+        self.unit = 1.0         # work of one reference item, in size()'s unit
         self.plan_after = -math.inf     # planning budget: no new plan() before this time
         self.stats = ClassStats(name, self.p99_s, **stats_kw)
 
 
 class Job:
-    __slots__ = ("cls", "reqs", "plan", "error", "cut")
+    __slots__ = ("cls", "reqs", "plan", "error", "cut", "work")
 
-    def __init__(self, cls, reqs, plan, error=None, cut=False):
+    def __init__(self, cls, reqs, plan, error=None, cut=False, work=None):
         self.cut = cut  # the batch limit was cut to the chunk bound
+        self.work = float(len(reqs)) if work is None else work  # in reference items
         self.cls = cls
         self.reqs = reqs
         self.plan = plan
