@@ -34,6 +34,7 @@ from ..models.minilm import encoder_op
 from ..policy.profile import default_path
 from ..policy.slo import cosine_error
 from .batcher import DynamicBatcher, Overloaded, TooLarge
+from .sizing import EncoderWork
 from .metrics import prom_labels, prom_number
 
 log = logging.getLogger("pykernels.serving.service")
@@ -195,7 +196,10 @@ def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
     ``bulk_throughput`` texts/s, or none), each planned by a ``Policy`` on
     ``profile`` (default: ``serving_profile``). ``warm``: ``warm_up(model)``
     first. ``accuracy``: {class: least cosine to fp32's embeddings}, see
-    ``_with_accuracy``."""
+    ``_with_accuracy``. Requests are priced by their real size
+    (``EncoderWork``: the FLOPs of their token count's forward, in units of
+    each class's op, the forward at its typical length) when the model
+    counts tokens (``count_tokens``)."""
     prec = getattr(model, "precision", "fp32")
     op_i, op_b = served_ops(model)
     if accuracy:
@@ -210,6 +214,8 @@ def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
                "bulk": SLO(min_throughput=bulk_throughput, max_rel_error=err)}
     if accuracy:
         classes, profile = _with_accuracy(model, classes, profile, accuracy)
+    if callable(getattr(model, "count_tokens", None)):
+        batcher_kw.setdefault("size", EncoderWork(model))
     return DynamicBatcher(make_encode_fn(model),
                           policy=lambda slo: Policy(slo, profile, progress=False),
                           classes=classes, op={"interactive": op_i, "bulk": op_b},
