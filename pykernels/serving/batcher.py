@@ -150,7 +150,11 @@ class DynamicBatcher:
         self._closed = False
         self._drain = True
         self._last_chunked = False
-        self._in_flight: Optional[tuple] = None  # (class, predicted end)
+        self._in_flight: Optional[tuple] = None  # (class, predicted end, start)
+        # admission's predictions against the worker's real cycle (pricing.WallRatio)
+        self._wall = pricing.WallRatio()
+        self._prev_start: Optional[tuple] = None  # (start of the last batch, its p50 prediction)
+        self._waited = True  # the worker waited since the last batch started
         self._thread: Optional[threading.Thread] = None
         if start:
             self._thread = threading.Thread(target=self._worker, name=f"pykernels-{self.name}",
@@ -357,10 +361,8 @@ class DynamicBatcher:
         """Predicted time from now until new requests of class c with this
         deadline and ``work`` reference items have been served (see
         "Admission" in docs/serving.md)."""
-        t = 0.0
         fl = self._in_flight
-        if fl is not None:
-            t += max(0.0, fl[1] - now)
+        t = self._in_flight_left(now)
         # A request of the tightest class, once ready, runs after at most one chunk
         # of looser classes' due work (none if a chunk is in flight): EDF, but
         # never two chunks in a row while a tight batch is ready. Their work not
@@ -368,10 +370,11 @@ class DynamicBatcher:
         # batch, which the latest start time allows for).
         chunk_in_flight = fl is not None and fl[0].chunked
         one_chunk = 0.0
+        t_queued = 0.0
         for k in self._classes.values():
             q = len(k.queue)
             if k is c:
-                t += self._drain_s(k, k.plan, k.queue.work() + work)
+                t_queued += self._drain_s(k, k.plan, k.queue.work() + work)
             elif q:
                 due = k.queue.count_due_by(deadline)
                 if not due:
@@ -381,14 +384,26 @@ class DynamicBatcher:
                         head = k.queue.work(min(due, self._limit(k, k.plan)))
                         one_chunk = max(one_chunk, self._est(k, k.plan, head))
                 else:
-                    t += self._drain_s(k, k.plan, k.queue.work(due))
-        return t + one_chunk
+                    t_queued += self._drain_s(k, k.plan, k.queue.work(due))
+        # the queued work as long as the worker really takes for it, under load too
+        return t + (t_queued + one_chunk) * self._wall.ratio
+
+    def _in_flight_left(self, now: float) -> float:
+        """Predicted time left of the batch in flight. Past its predicted end,
+        as long again as it has run: service times under load are heavy
+        tailed (a batch predicted at 1.2 ms ran 80 ms, bench/overload.py), and
+        for such a (Pareto-like) tail the expected remaining time grows with
+        the time already spent; admission must not read a stalled batch as
+        one about to finish."""
+        fl = self._in_flight
+        if fl is None:
+            return 0.0
+        return fl[1] - now if now < fl[1] else now - fl[2]
 
     def _backlog_s(self, now: float) -> float:
-        t = max(0.0, self._in_flight[1] - now) if self._in_flight is not None else 0.0
-        for k in self._classes.values():
-            t += self._drain_s(k, k.plan, k.queue.work())
-        return t
+        t = self._in_flight_left(now)
+        q = sum(self._drain_s(k, k.plan, k.queue.work()) for k in self._classes.values())
+        return t + q * self._wall.ratio
 
     async def infer(self, item: Any, cls: Optional[str] = None) -> Any:
         """``await batcher.infer(item, cls)``: submit and wait without blocking
@@ -444,6 +459,7 @@ class DynamicBatcher:
                 waiting = [(k, len(k.queue), self._rate(k, now))
                            for k in self._classes.values() if len(k.queue)]
                 if not waiting:
+                    self._waited = True
                     if not block:
                         return None
                     self._cond.wait()
@@ -468,6 +484,7 @@ class DynamicBatcher:
                     return job
                 if wake is not None and wake <= now:
                     continue  # the batch taken was all cancelled: decide again
+                self._waited = True
                 if not block:
                     return None
                 # wait for the earliest ready time, a submit or close; re-check at
@@ -522,10 +539,11 @@ class DynamicBatcher:
             return None, now  # all were cancelled: decide again at once
         k.in_flight += len(live)
         work = sum(r.size for r in live)
-        self._in_flight = (k, now + self._est(k, plan, work))
+        self._in_flight = (k, now + self._est(k, plan, work) * self._wall.ratio, now)
         self._last_chunked = k.chunked
         bs = getattr(plan, "batch_size", lim) or lim
-        return Job(k, live, plan, cut=k.chunked and self._work_cap(k, plan) < bs, work=work), None
+        return Job(k, live, plan, cut=k.chunked and self._work_cap(k, plan) < bs, work=work,
+                   predicted=self._est(k, plan, work, tail=False)), None
 
     def _run(self, job: Job) -> None:
         k, reqs, plan = job.cls, job.reqs, job.plan
@@ -534,6 +552,11 @@ class DynamicBatcher:
             return
         items = [r.item for r in reqs]
         t0 = self._clock()
+        prev = self._prev_start
+        if prev is not None and not self._waited:  # back to back: one worker cycle
+            with self._lock:
+                self._wall.add(t0 - prev[0], prev[1])
+        self._prev_start, self._waited = (t0, job.predicted), False
         err: Optional[BaseException] = None
         results: list = []
         try:

@@ -102,3 +102,66 @@ def normalized_s(c, plan, seconds: float, n: int, work: float) -> float:
         return seconds
     w = batch_s(c, plan, work, tail=False)
     return seconds * at(c, plan, n, tail=False) / w if w > 0 and math.isfinite(w) else seconds
+
+
+class WallRatio:
+    """How much longer the worker really takes per batch than the predictions
+    admission sums: the wall time from one batch's start to the next one's,
+    for batches run back to back (the worker never waited between them), over
+    the p50 (mean-raised) service time predicted for the first one.
+
+    A policy learns from *service* times (``fn`` alone), and its correction
+    is a recent p50 / mean. Under load the worker's cycle is longer and comes
+    in bursts: deciding and planning, setting the futures and running their
+    callbacks, waiting for the GIL against the threads that submit, and
+    stretches where a competing process holds the cores (bench/overload.py,
+    4 client threads at 5x capacity on 2 cores at load 7: batches predicted
+    at 1.2 ms ran 16-80 ms in clusters; admission let requests in behind 40
+    queued items predicted at 25 ms that took 230 ms). Admission scales the
+    work it predicts ahead of a request by the ``quantile`` (0.9) of this
+    ratio over runs of ``run`` (16) consecutive batches of the last
+    ``window`` (256): the queue ahead drains as the slow runs of the recent
+    past did, not as the mean batch. Never below 1: a fast streak must not
+    make admission bolder than the policy."""
+
+    __slots__ = ("_pairs", "_ratio", "_stale", "min_pairs", "run", "quantile")
+
+    def __init__(self, window: int = 256, run: int = 16, quantile: float = 0.9,
+                 min_pairs: int = 2):
+        import collections
+        self._pairs = collections.deque(maxlen=window)
+        self._ratio = 1.0
+        self._stale = 0
+        self.min_pairs = min_pairs
+        self.run = run
+        self.quantile = quantile
+
+    def add(self, wall_s: float, predicted_s: float) -> None:
+        if not (predicted_s > 0 and wall_s >= 0 and math.isfinite(wall_s)):
+            return
+        self._pairs.append((wall_s, predicted_s))
+        self._stale += 1
+        # recomputed every few batches (O(window)), at once while evidence is scarce
+        if self._stale >= 4 or len(self._pairs) <= self.run:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        self._stale = 0
+        pairs = self._pairs
+        n = len(pairs)
+        if n < self.min_pairs:
+            self._ratio = 1.0
+            return
+        m = min(self.run, n)
+        cw = [0.0]
+        cp = [0.0]
+        for w, p in pairs:
+            cw.append(cw[-1] + w)
+            cp.append(cp[-1] + p)
+        runs = sorted((cw[i + m] - cw[i]) / (cp[i + m] - cp[i]) for i in range(n - m + 1))
+        self._ratio = max(1.0, runs[min(len(runs) - 1, int(self.quantile * len(runs)))])
+
+    @property
+    def ratio(self) -> float:
+        """Wall over predicted, >= 1 (1 before ``min_pairs`` pairs)."""
+        return self._ratio

@@ -177,9 +177,10 @@ class ClassState:
 
 
 class Job:
-    __slots__ = ("cls", "reqs", "plan", "error", "cut", "work")
+    __slots__ = ("cls", "reqs", "plan", "error", "cut", "work", "predicted")
 
-    def __init__(self, cls, reqs, plan, error=None, cut=False, work=None):
+    def __init__(self, cls, reqs, plan, error=None, cut=False, work=None, predicted=0.0):
+        self.predicted = predicted  # p50 service time predicted at dispatch (s)
         self.cut = cut  # the batch limit was cut to the chunk bound
         self.work = float(len(reqs)) if work is None else work  # in reference items
         self.cls = cls
