@@ -38,7 +38,7 @@ from pykernels.policy.adapter import PlanObserveAdapter
 from . import pricing
 from .metrics import render_prometheus
 from .queues import (ClassState, Job, Overloaded, Request, ResultCountError, TooLarge,
-                     queued_bucket, rate_bucket)
+                     policy_for, queued_bucket, rate_bucket, recent_rate, unit_for)
 
 log = logging.getLogger("pykernels.serving")
 
@@ -123,14 +123,14 @@ class DynamicBatcher:
         for cname, slo in classes.items():
             if not isinstance(cname, str):
                 raise TypeError(f"class names must be strings, got {cname!r}")
-            pol = self._policy_for(policy, cname, slo)
+            pol = policy_for(policy, cname, slo)
             if not callable(getattr(pol, "predict_service_ms", None)):
                 pol = PlanObserveAdapter(pol, clock=clock, max_age_s=replan_interval_s,
                                          duty=policy_duty)
             cop = op.get(cname) if isinstance(op, Mapping) else op
             self._classes[cname] = ClassState(cname, slo, pol, cop, relaxed_deadline_s, stats_kw)
             if size is not None:
-                self._classes[cname].unit = self._unit_for(unit_size, cname, cop)
+                self._classes[cname].unit = unit_for(unit_size, cname, cop)
 
         targets = [c.p99_s for c in self._classes.values() if c.p99_s is not None]
         tightest = min(targets) if targets else None
@@ -161,37 +161,6 @@ class DynamicBatcher:
                                             daemon=True)
             self._thread.start()
 
-    @staticmethod
-    def _policy_for(policy, cname, slo):
-        if isinstance(policy, Mapping):
-            if cname not in policy:
-                raise ValueError(f"policy has no entry for class {cname!r} "
-                                 f"(it has {sorted(policy)}); give one per class")
-            pol = policy[cname]
-        elif hasattr(policy, "plan"):
-            pol = policy
-        elif callable(policy):
-            pol = policy(slo)
-        else:
-            raise TypeError("policy must be a policy (with .plan and .observe), a dict class -> "
-                            f"policy, or a factory slo -> policy; got {type(policy).__name__}")
-        if not (callable(getattr(pol, "plan", None)) and callable(getattr(pol, "observe", None))):
-            raise TypeError(f"the policy of class {cname!r} needs plan(op, queued=, arrival_rate=) "
-                            f"and observe(plan, seconds); got {type(pol).__name__}")
-        return pol
-
-    @staticmethod
-    def _unit_for(unit_size, cname: str, op) -> float:
-        u = unit_size.get(cname) if isinstance(unit_size, Mapping) else unit_size
-        if u is None:
-            flops = getattr(op, "flops", None)
-            u = flops() if callable(flops) else None
-        if u is None or not float(u) > 0 or not math.isfinite(float(u)):
-            raise ValueError(f"class {cname!r}: with size= the batcher needs unit_size, the work "
-                             f"of one item of the class's op as the profile measured it "
-                             f"(got {u!r}; the op {type(op).__name__} has no flops())")
-        return float(u)
-
     # --- predictions (under the lock unless noted; pricing.py) ---------------
     @staticmethod
     def _est(c: ClassState, plan, work: float, tail: bool = True) -> float:
@@ -218,17 +187,7 @@ class DynamicBatcher:
 
     # --- plans (outside the lock) --------------------------------------------
     def _rate(self, c: ClassState, now: float) -> Optional[float]:
-        """Accepted arrivals per second: (n - 1) / (last - first) over the n
-        arrivals of the last rate_window_s (at most 512); None below two."""
-        a = c.arrivals
-        horizon = now - self.rate_window_s
-        while a and a[0] < horizon:
-            a.popleft()
-        n = len(a)
-        if n < 2:
-            return None
-        span = a[-1] - a[0]
-        return (n - 1) / span if span > 0 else None
+        return recent_rate(c.arrivals, now, self.rate_window_s)
 
     def _plan_for(self, c: ClassState, queued: int, rate: Optional[float], now: float):
         """The policy's plan for the class's queue state, bucketed so that the

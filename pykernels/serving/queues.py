@@ -1,10 +1,12 @@
 """The batcher's records: refusals (Overloaded, TooLarge), a queued request,
-a class's deadline-ordered queue, and the job the worker runs next."""
+a class's deadline-ordered queue, its state (policy, op, unit of size), and
+the job the worker runs next."""
 from __future__ import annotations
 
 import bisect
 import collections
 import math
+from collections.abc import Mapping
 from typing import List, Optional
 
 from .metrics import ClassStats
@@ -145,11 +147,58 @@ def queued_bucket(n: int) -> int:
     return n if n <= 4 else 1 << (n.bit_length() - 1)
 
 
+def recent_rate(a: collections.deque, now: float, window_s: float) -> Optional[float]:
+    """Accepted arrivals per second: (n - 1) / (last - first) over the n
+    arrivals ``a`` of the last ``window_s`` (older ones are dropped from
+    ``a``); None below two."""
+    horizon = now - window_s
+    while a and a[0] < horizon:
+        a.popleft()
+    n = len(a)
+    if n < 2:
+        return None
+    span = a[-1] - a[0]
+    return (n - 1) / span if span > 0 else None
+
+
 def rate_bucket(rate: Optional[float]) -> Optional[float]:
     """Arrival rate rounded to a quarter octave (about +-9%)."""
     if rate is None or rate <= 0:
         return None
     return 2.0 ** (round(math.log2(rate) * 4) / 4)
+
+
+def policy_for(policy, cname, slo):
+    """The policy of class ``cname``: from a dict, one shared, or a factory."""
+    if isinstance(policy, Mapping):
+        if cname not in policy:
+            raise ValueError(f"policy has no entry for class {cname!r} "
+                             f"(it has {sorted(policy)}); give one per class")
+        pol = policy[cname]
+    elif hasattr(policy, "plan"):
+        pol = policy
+    elif callable(policy):
+        pol = policy(slo)
+    else:
+        raise TypeError("policy must be a policy (with .plan and .observe), a dict class -> "
+                        f"policy, or a factory slo -> policy; got {type(policy).__name__}")
+    if not (callable(getattr(pol, "plan", None)) and callable(getattr(pol, "observe", None))):
+        raise TypeError(f"the policy of class {cname!r} needs plan(op, queued=, arrival_rate=) "
+                        f"and observe(plan, seconds); got {type(pol).__name__}")
+    return pol
+
+
+def unit_for(unit_size, cname: str, op) -> float:
+    """The work of one reference item of class ``cname`` (``size=``'s unit)."""
+    u = unit_size.get(cname) if isinstance(unit_size, Mapping) else unit_size
+    if u is None:
+        flops = getattr(op, "flops", None)
+        u = flops() if callable(flops) else None
+    if u is None or not float(u) > 0 or not math.isfinite(float(u)):
+        raise ValueError(f"class {cname!r}: with size= the batcher needs unit_size, the work "
+                         f"of one item of the class's op as the profile measured it "
+                         f"(got {u!r}; the op {type(op).__name__} has no flops())")
+    return float(u)
 
 
 class ClassState:

@@ -96,7 +96,6 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
 
-
 # --------------------------------------------------------------------------
 # The model side: its work for the planner, the batch function, the profile
 # --------------------------------------------------------------------------
@@ -196,10 +195,7 @@ def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
     ``bulk_throughput`` texts/s, or none), each planned by a ``Policy`` on
     ``profile`` (default: ``serving_profile``). ``warm``: ``warm_up(model)``
     first. ``accuracy``: {class: least cosine to fp32's embeddings}, see
-    ``_with_accuracy``. Requests are priced by their real size
-    (``EncoderWork``: the FLOPs of their token count's forward, in units of
-    each class's op, the forward at its typical length) when the model
-    counts tokens (``count_tokens``)."""
+    ``_with_accuracy``."""
     prec = getattr(model, "precision", "fp32")
     op_i, op_b = served_ops(model)
     if accuracy:
@@ -214,8 +210,8 @@ def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
                "bulk": SLO(min_throughput=bulk_throughput, max_rel_error=err)}
     if accuracy:
         classes, profile = _with_accuracy(model, classes, profile, accuracy)
-    if callable(getattr(model, "count_tokens", None)):
-        batcher_kw.setdefault("size", EncoderWork(model))
+    # requests priced by their tokens' work (docs/serving.md, "Sizes")
+    batcher_kw.setdefault("size", EncoderWork(model) if hasattr(model, "count_tokens") else None)
     return DynamicBatcher(make_encode_fn(model),
                           policy=lambda slo: Policy(slo, profile, progress=False),
                           classes=classes, op={"interactive": op_i, "bulk": op_b},
