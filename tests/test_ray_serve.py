@@ -229,3 +229,51 @@ def test_a_replica_killed_under_load_loses_no_request(fault_app, model):
           f"back to 2 replicas {time.monotonic() - killed:.1f} s after the kill")
     got = fault_app.handle.embed.remote(TEXTS[:2], "bulk").result(timeout_s=120)
     np.testing.assert_allclose(got, model.encode(TEXTS[:2]), atol=1e-5, rtol=0)
+
+
+# --- accuracy budgets (item 3 of issue 16) ------------------------------------------------
+@pytest.fixture(scope="module")
+def int8_model():
+    from pykernels.models import MiniLM
+
+    return MiniLM.load(precisions=("fp32", "int8"))
+
+
+def test_replica_accuracy_budgets_plan_precision_per_class(int8_model, tmp_path):
+    """A replica built as build_app(..., accuracy=...) builds it (in-process:
+    the constructor is the deployment's): fp32 + int8 held, the classes'
+    budgets in their SLOs, int8 excluded for a class whose budget is above its
+    measured cosine and a choice for one below it."""
+    import asyncio
+
+    from pykernels.serving.ray import EmbeddingReplica
+    from pykernels.serving.service import serving_profile
+
+    ops = [int8_model.describe(s, free=True) for s in (16, 64)]
+    prof = serving_profile(ops, path=tmp_path / "p.json", budget_s=2.0,
+                           precisions=list(int8_model.precisions))
+    rep = EmbeddingReplica(int8_model, profile=prof, threads=1,
+                           accuracy="interactive=1.0,bulk=0.5")
+    try:
+        classes = rep.service.batcher.classes
+        assert classes["interactive"].min_cosine == 1.0 and classes["bulk"].min_cosine == 0.5
+        got = asyncio.run(rep.embed(TEXTS, "bulk"))
+        ref = int8_model.encode(TEXTS, precision="fp32")
+        assert got.shape == ref.shape
+        assert np.min(np.sum(got * ref, axis=1)) > 0.9
+        asyncio.run(rep.embed(TEXTS[:1], "interactive"))
+        inter, bulk = rep.service.plan("interactive"), rep.service.plan("bulk")
+        assert inter.precision == "fp32"
+        assert all(a.precision == "fp32" for a in inter.alternatives)
+        assert "(excluded)" in inter.explain() and "(excluded)" not in bulk.explain()
+        # bulk weighs int8 (the plan or a runner-up), fp32 too
+        assert "int8" in {bulk.precision, *(a.precision for a in bulk.alternatives)}
+    finally:
+        rep.service.close()
+
+
+def test_replica_accuracy_needs_a_model_holding_int8(model):
+    from pykernels.serving.ray import EmbeddingReplica
+
+    with pytest.raises(ValueError, match="int8"):
+        EmbeddingReplica(model, threads=1, accuracy={"bulk": 0.99})

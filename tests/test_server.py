@@ -521,3 +521,25 @@ def test_sigterm_drains_requests_in_flight(tight_server):
     assert "Traceback" not in tight_server.stderr()
     with pytest.raises(httpx.HTTPError):  # and it is gone
         httpx.get(tight_server.url + "/healthz", timeout=2)
+
+
+def test_requests_are_priced_by_their_tokens_work(model):
+    """EncoderWork: a text's size is its forward's FLOPs at the token count
+    tokenize gives it; make_batcher prices each class in units of its op."""
+    from pykernels.serving import EncoderWork
+    from pykernels.serving.service import make_batcher
+    from pykernels.policy import Profile
+
+    texts = ["short query", "a much longer document about kernels, batching and latency " * 8]
+    _, lens = model.tokenize(texts)
+    assert [model.count_tokens(t) for t in texts] == list(lens)
+    work = EncoderWork(model)
+    sizes = [work(t) for t in texts]
+    assert sizes == [model.describe(int(n)).flops() for n in lens]
+    assert sizes[1] / sizes[0] > lens[1] / lens[0]  # attention's L^2 on top of the tokens
+    b = make_batcher(model, profile=Profile(), warm=False, start=False)
+    try:
+        units = {name: c.unit for name, c in b._classes.items()}
+        assert units == {name: c.op.flops() for name, c in b._classes.items()}
+    finally:
+        b.close(drain=False)

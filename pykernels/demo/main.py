@@ -12,12 +12,17 @@ import numpy as np
 from ..models import MiniLM
 from ..models.minilm import encoder_op
 from ..policy.slo import cosine_error, parse_min_cosines
+from ..serving import EncoderWork
 from .plot import plot_runs
 from .report import mark_best, print_phases, print_table, print_targets
 from .run import measure_profile, run_policy
 from .servers import PolicyServer, StaticServer
 from .workload import (BULK_BATCH, DEFAULT_ACCURACY, POLICIES, REFERENCE, make_phases, make_texts,
                        static_configs)
+
+# Tokens of the text each class's op stands for: the typical query (6-13
+# words) and a bulk document between the short (8-24) and long (60-200) phases.
+REF_TOKENS = {"interactive": 14, "bulk": 56}
 
 
 def parse_accuracy(text: Optional[str]) -> dict:
@@ -57,11 +62,18 @@ def run_demo(*, duration: float = 9.0, rate: float = 20.0, p99_ms: float = 100.0
     t0 = time.perf_counter()
     calib = queries[:16] + [d for docs in docs_by_phase for d in docs[:16]]
     cosines = model.min_cosines(calib)
-    ops = {"interactive": encoder_op(model, 14, None), "bulk": encoder_op(model, 56, None)}
-    all_docs = [d for docs in docs_by_phase for d in docs]
-    order = np.random.default_rng(2).permutation(len(all_docs))
+    ops = {"interactive": encoder_op(model, REF_TOKENS["interactive"], None),
+           "bulk": encoder_op(model, REF_TOKENS["bulk"], None)}
+    # The profile is measured on texts of each op's reference length (a word is
+    # a token, plus [CLS] and [SEP]); the policy's batcher prices every request
+    # by its real tokens' work in units of that text (serving.EncoderWork).
+    mrng = np.random.default_rng(2)
+    measured = {cls: make_texts(mrng, n, REF_TOKENS[cls] - 2, REF_TOKENS[cls] - 2)
+                for cls, n in (("interactive", 32), ("bulk", 64))}
+    sizer = EncoderWork(model)
+    units = {cls: sizer.mean_work(texts) for cls, texts in measured.items()}
     profile = measure_profile(
-        model, {ops["interactive"]: queries[:32], ops["bulk"]: [all_docs[i] for i in order[:64]]},
+        model, {ops[cls]: texts for cls, texts in measured.items()},
         model.precisions, [("latency", 2), ("throughput", 2)],
         [1, 2, 4] if quick else [1, 2, 4, 8], reps=2 if quick else 3)
     profile.precision_error.update({p: cosine_error(c) for p, c in cosines.items()})
@@ -79,9 +91,11 @@ def run_demo(*, duration: float = 9.0, rate: float = 20.0, p99_ms: float = 100.0
                                             threads=2),
         "aimd": lambda: StaticServer(encode, batch=4, max_wait_s=0.005, variant="auto", threads=2,
                                      aimd_target_ms=p99_ms),
-        "pykernels": lambda: PolicyServer(model, profile, p99_ms, ops, accuracy),
+        "pykernels": lambda: PolicyServer(model, profile, p99_ms, ops, accuracy,
+                                          size=sizer, unit_size=units),
         "pykernels-fp32": lambda: PolicyServer(model, profile, p99_ms, ops,
-                                               {k: 1.0 for k in accuracy}),
+                                               {k: 1.0 for k in accuracy},
+                                               size=sizer, unit_size=units),
     }
     for name, b, variant, delay in static_configs("all") + static_configs("quick"):
         makers[name] = (lambda b=b, v=variant, d=delay: StaticServer(

@@ -111,10 +111,12 @@ class PolicyServer:
     """The pykernels DynamicBatcher behind the same submit() as the baselines.
 
     ops: class -> op the policy plans (precision None: the planner's choice);
-    accuracy: class -> the least cosine to fp32's embeddings. Every batch's
-    (time, class, precision, items) goes to ``self.batches``."""
+    accuracy: class -> the least cosine to fp32's embeddings; size /
+    unit_size: the batcher's (requests priced by their real work). Every
+    batch's (time, class, precision, items) goes to ``self.batches``."""
 
-    def __init__(self, model, profile, p99_ms: float, ops: dict, accuracy: dict):
+    def __init__(self, model, profile, p99_ms: float, ops: dict, accuracy: dict, *,
+                 size=None, unit_size=None):
 
         self.batches: list = []
         by_op = {id(op): cls for cls, op in ops.items()}
@@ -135,7 +137,8 @@ class PolicyServer:
             self.policies[slo] = pol
             return pol
 
-        self.batcher = DynamicBatcher(run, policy=make, classes=classes, op=ops, name="demo")
+        self.batcher = DynamicBatcher(run, policy=make, classes=classes, op=ops, name="demo",
+                                      size=size, unit_size=unit_size)
         for slo, pol in self.policies.items():  # build the cost models before the clock starts
             pol.plan(ops["interactive" if slo.p99_ms is not None else "bulk"], queued=1)
 

@@ -137,6 +137,12 @@ class MiniLM:
             ids[i, : lens[i]] = e.ids
         return ids, lens
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of one text as ``tokenize`` counts them ([CLS] and [SEP]
+        included, truncated at MAX_TOKENS), without building arrays: what a
+        server prices a request by (about 65 us for a short text)."""
+        return len(self.tokenizer.encode(text).ids)
+
     # ---- forward on pykernels -----------------------------------------------------
     def forward(self, ids: np.ndarray, lens: np.ndarray, *, variant: str = "auto",
                 threads=None, precision: str | None = None) -> np.ndarray:

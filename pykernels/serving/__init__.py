@@ -9,6 +9,8 @@ per-class metrics (``metrics()``, ``prometheus()``). See ``batcher`` for the
 design and ``sketch`` for the quantile sketch behind the latency percentiles.
 """
 from .batcher import CLOSED_MESSAGE, DynamicBatcher, Overloaded, TooLarge
+from .sizing import EncoderWork
 from .sketch import QuantileSketch
 
-__all__ = ["CLOSED_MESSAGE", "DynamicBatcher", "Overloaded", "QuantileSketch", "TooLarge"]
+__all__ = ["CLOSED_MESSAGE", "DynamicBatcher", "EncoderWork", "Overloaded", "QuantileSketch",
+           "TooLarge"]

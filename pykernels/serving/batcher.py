@@ -35,9 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from pykernels.policy.adapter import PlanObserveAdapter
 
+from . import pricing
 from .metrics import render_prometheus
 from .queues import (ClassState, Job, Overloaded, Request, ResultCountError, TooLarge,
-                     queued_bucket, rate_bucket)
+                     policy_for, queued_bucket, rate_bucket, recent_rate, unit_for)
 
 log = logging.getLogger("pykernels.serving")
 
@@ -74,6 +75,13 @@ class DynamicBatcher:
         observe every batch).
     start: start the worker thread (False: drive it with ``step()``).
     name: label in metrics, Prometheus output and the thread's name.
+    size / unit_size: price requests by their real size (docs/serving.md,
+        "Sizes"): ``size(item)`` is an item's work in any additive unit (e.g.
+        its tokens, or its forward's FLOPs) and ``unit_size`` (a number, or a
+        dict class -> number; default: the class op's ``flops()``) the work of
+        one item of the class's op as the profile measured it. Batches,
+        chunks, admission and in-flight predictions then count work, not
+        items. None: every item counts as one reference item.
     """
 
     def __init__(self, fn: Callable[[List[Any], Any], Sequence[Any]], *, policy, classes: Mapping,
@@ -82,7 +90,8 @@ class DynamicBatcher:
                  relaxed_deadline_s: float = 10.0, replan_interval_s: float = 0.25,
                  rate_window_s: float = 1.0, metrics_window_s: float = 10.0,
                  relative_accuracy: float = 0.01, policy_duty: float = 0.05,
-                 start: bool = True, name: str = "batcher"):
+                 start: bool = True, name: str = "batcher",
+                 size: Optional[Callable[[Any], float]] = None, unit_size=None):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(items, plan), got {type(fn).__name__}")
         if not isinstance(classes, Mapping) or not classes:
@@ -98,7 +107,10 @@ class DynamicBatcher:
             raise ValueError(f"policy_duty must be in (0, 1], got {policy_duty!r}")
         if not relaxed_deadline_s > 0:
             raise ValueError(f"relaxed_deadline_s must be > 0, got {relaxed_deadline_s!r}")
+        if size is not None and not callable(size):
+            raise TypeError(f"size must be callable as size(item) -> work, got {type(size).__name__}")
         self._fn = fn
+        self._size = size
         self._clock = clock
         self.max_queue = max_queue
         self.name = str(name)
@@ -111,12 +123,14 @@ class DynamicBatcher:
         for cname, slo in classes.items():
             if not isinstance(cname, str):
                 raise TypeError(f"class names must be strings, got {cname!r}")
-            pol = self._policy_for(policy, cname, slo)
+            pol = policy_for(policy, cname, slo)
             if not callable(getattr(pol, "predict_service_ms", None)):
                 pol = PlanObserveAdapter(pol, clock=clock, max_age_s=replan_interval_s,
                                          duty=policy_duty)
             cop = op.get(cname) if isinstance(op, Mapping) else op
             self._classes[cname] = ClassState(cname, slo, pol, cop, relaxed_deadline_s, stats_kw)
+            if size is not None:
+                self._classes[cname].unit = unit_for(unit_size, cname, cop)
 
         targets = [c.p99_s for c in self._classes.values() if c.p99_s is not None]
         tightest = min(targets) if targets else None
@@ -136,85 +150,44 @@ class DynamicBatcher:
         self._closed = False
         self._drain = True
         self._last_chunked = False
-        self._in_flight: Optional[tuple] = None  # (class, predicted end)
+        self._in_flight: Optional[tuple] = None  # (class, predicted end, start)
+        # admission's predictions against the worker's real cycle (pricing.WallRatio)
+        self._wall = pricing.WallRatio()
+        self._prev_start: Optional[tuple] = None  # (start of the last batch, its p50 prediction)
+        self._waited = True  # the worker waited since the last batch started
         self._thread: Optional[threading.Thread] = None
         if start:
             self._thread = threading.Thread(target=self._worker, name=f"pykernels-{self.name}",
                                             daemon=True)
             self._thread.start()
 
+    # --- predictions (under the lock unless noted; pricing.py) ---------------
     @staticmethod
-    def _policy_for(policy, cname, slo):
-        if isinstance(policy, Mapping):
-            if cname not in policy:
-                raise ValueError(f"policy has no entry for class {cname!r} "
-                                 f"(it has {sorted(policy)}); give one per class")
-            pol = policy[cname]
-        elif hasattr(policy, "plan"):
-            pol = policy
-        elif callable(policy):
-            pol = policy(slo)
-        else:
-            raise TypeError("policy must be a policy (with .plan and .observe), a dict class -> "
-                            f"policy, or a factory slo -> policy; got {type(policy).__name__}")
-        if not (callable(getattr(pol, "plan", None)) and callable(getattr(pol, "observe", None))):
-            raise TypeError(f"the policy of class {cname!r} needs plan(op, queued=, arrival_rate=) "
-                            f"and observe(plan, seconds); got {type(pol).__name__}")
-        return pol
+    def _est(c: ClassState, plan, work: float, tail: bool = True) -> float:
+        """Predicted service time (s) of one batch of ``work`` reference items
+        under ``plan``, the policy's (tail=False: its p50 rather than its tail)."""
+        return pricing.batch_s(c, plan, work, tail)
 
-    # --- predictions (under the lock unless noted) ---------------------------
-    @staticmethod
-    def _est(c: ClassState, plan, n: int, tail: bool = True) -> float:
-        """Predicted service time (s) of one batch of n items under ``plan``,
-        the policy's (tail=False: its p50 rather than its tail)."""
-        if n <= 0 or plan is None:
-            return 0.0
-        return c.policy.predict_service_ms(plan, n, tail=tail) / 1e3
+    def _work_cap(self, c: ClassState, plan) -> float:
+        """Reference items per batch: the plan's batch size, cut to the chunk bound."""
+        return pricing.batch_work(c, plan, self.chunk_bound_s or 0.0, self._size is not None)
 
     def _limit(self, c: ClassState, plan) -> int:
-        """Items per batch: the plan's batch size, cut to the chunk bound (the
-        largest batch predicted to fit in it, at least one item)."""
-        bs = max(1, int(getattr(plan, "batch_size", 1) or 1)) if plan is not None else 1
-        if not c.chunked:
-            return bs
-        bound = self.chunk_bound_s * (1 + 1e-6)  # clock rounding must not cost an item
-        if self._est(c, plan, bs) <= bound:
-            return bs
-        lo, hi = 1, bs  # predictions grow with the batch: bisect
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._est(c, plan, mid) <= bound:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        """Items the next batch takes from the class's queue (at least one);
+        with an empty queue, reference items per batch (floored)."""
+        cap = self._work_cap(c, plan)
+        return c.queue.fitting(cap) if len(c.queue) else max(1, int(cap))
 
-    def _drain_s(self, c: ClassState, plan, n: int, tail: bool = True) -> float:
-        """Predicted time to serve n queued items of class c in batches of its
-        limit (the tail allowance counted once, not once per batch; none with
-        tail=False)."""
-        if n <= 0:
+    def _drain_s(self, c: ClassState, plan, work: float, tail: bool = True) -> float:
+        """Predicted time to serve ``work`` queued reference items of class c
+        in batches of its work cap (pricing.drain_s)."""
+        if work <= 0:
             return 0.0
-        lim = self._limit(c, plan)
-        full, rest = divmod(n, lim)
-        t = full * self._est(c, plan, lim, tail=False) + self._est(c, plan, rest, tail=False)
-        if not tail:
-            return t
-        return t + self._est(c, plan, 1) - self._est(c, plan, 1, tail=False)
+        return pricing.drain_s(c, plan, work, self._work_cap(c, plan), tail)
 
     # --- plans (outside the lock) --------------------------------------------
     def _rate(self, c: ClassState, now: float) -> Optional[float]:
-        """Accepted arrivals per second: (n - 1) / (last - first) over the n
-        arrivals of the last rate_window_s (at most 512); None below two."""
-        a = c.arrivals
-        horizon = now - self.rate_window_s
-        while a and a[0] < horizon:
-            a.popleft()
-        n = len(a)
-        if n < 2:
-            return None
-        span = a[-1] - a[0]
-        return (n - 1) / span if span > 0 else None
+        return recent_rate(c.arrivals, now, self.rate_window_s)
 
     def _plan_for(self, c: ClassState, queued: int, rate: Optional[float], now: float):
         """The policy's plan for the class's queue state, bucketed so that the
@@ -260,6 +233,10 @@ class DynamicBatcher:
             with self._lock:
                 c.stats.rejected += n
             raise TooLarge(f"{n} items in one group exceed max_queue={self.max_queue}", cls=c.name)
+        # sizes in reference items of the class's op (outside the lock: a user
+        # function, e.g. a tokenizer)
+        sizes = [float(self._size(it)) / c.unit for it in items] if self._size else [1.0] * n
+        work = sum(sizes)
         now = self._clock()
         if c.plan is None or c.p99_s is not None:
             with self._lock:
@@ -278,9 +255,9 @@ class DynamicBatcher:
             # typical (p50) service times: a group is refused for good only when
             # one item fits the target and the group misses it even untailed
             one_fits = (c.p99_s is not None and n > 1
-                        and self._drain_s(c, c.plan, 1, tail=False) <= c.p99_s)
+                        and self._drain_s(c, c.plan, max(sizes), tail=False) <= c.p99_s)
             if one_fits and not idle_batcher:
-                idle = self._drain_s(c, c.plan, n, tail=False)
+                idle = self._drain_s(c, c.plan, work, tail=False)
                 if idle > GROUP_MARGIN * c.p99_s:
                     st.rejected += n
                     raise TooLarge(
@@ -299,7 +276,7 @@ class DynamicBatcher:
                     retry_after_s=backlog * excess / max(1, self._queued), cls=c.name)
             deadline = now + c.offset_s
             if c.p99_s is not None:
-                finish = now + self._ahead_s(c, deadline, now, n)
+                finish = now + self._ahead_s(c, deadline, now, work)
                 # An idle batcher admits a probe once the class has observed
                 # batches: a learned prediction that says even an empty queue
                 # misses (e.g. after one slow outlier) could otherwise never be
@@ -315,8 +292,8 @@ class DynamicBatcher:
                         f"misses the p99 target of {c.p99_s * 1e3:.3g} ms "
                         f"({self._queued} requests queued)",
                         retry_after_s=finish - deadline, cls=c.name)
-            for item, fut in zip(items, futs):
-                r = Request(item, fut, now, deadline, c.name)
+            for item, fut, sz in zip(items, futs, sizes):
+                r = Request(item, fut, now, deadline, c.name, sz)
                 c.queue.append(r)
                 c.arrivals.append(now)
                 reqs.append(r)
@@ -339,13 +316,12 @@ class DynamicBatcher:
                     self._cond.notify_all()
         return done
 
-    def _ahead_s(self, c: ClassState, deadline: float, now: float, n: int = 1) -> float:
-        """Predicted time from now until n new requests of class c with this
-        deadline have been served (see "Admission" in the module doc)."""
-        t = 0.0
+    def _ahead_s(self, c: ClassState, deadline: float, now: float, work: float = 1.0) -> float:
+        """Predicted time from now until new requests of class c with this
+        deadline and ``work`` reference items have been served (see
+        "Admission" in docs/serving.md)."""
         fl = self._in_flight
-        if fl is not None:
-            t += max(0.0, fl[1] - now)
+        t = self._in_flight_left(now)
         # A request of the tightest class, once ready, runs after at most one chunk
         # of looser classes' due work (none if a chunk is in flight): EDF, but
         # never two chunks in a row while a tight batch is ready. Their work not
@@ -353,26 +329,40 @@ class DynamicBatcher:
         # batch, which the latest start time allows for).
         chunk_in_flight = fl is not None and fl[0].chunked
         one_chunk = 0.0
+        t_queued = 0.0
         for k in self._classes.values():
             q = len(k.queue)
             if k is c:
-                t += self._drain_s(k, k.plan, q + n)
+                t_queued += self._drain_s(k, k.plan, k.queue.work() + work)
             elif q:
                 due = k.queue.count_due_by(deadline)
                 if not due:
                     continue
                 if c.tight and k.chunked:
                     if not chunk_in_flight:
-                        one_chunk = max(one_chunk, self._est(k, k.plan, min(due, self._limit(k, k.plan))))
+                        head = k.queue.work(min(due, self._limit(k, k.plan)))
+                        one_chunk = max(one_chunk, self._est(k, k.plan, head))
                 else:
-                    t += self._drain_s(k, k.plan, due)
-        return t + one_chunk
+                    t_queued += self._drain_s(k, k.plan, k.queue.work(due))
+        # the queued work as long as the worker really takes for it, under load too
+        return t + (t_queued + one_chunk) * self._wall.ratio
+
+    def _in_flight_left(self, now: float) -> float:
+        """Predicted time left of the batch in flight. Past its predicted end,
+        as long again as it has run: service times under load are heavy
+        tailed (a batch predicted at 1.2 ms ran 80 ms, bench/overload.py), and
+        for such a (Pareto-like) tail the expected remaining time grows with
+        the time already spent; admission must not read a stalled batch as
+        one about to finish."""
+        fl = self._in_flight
+        if fl is None:
+            return 0.0
+        return fl[1] - now if now < fl[1] else now - fl[2]
 
     def _backlog_s(self, now: float) -> float:
-        t = max(0.0, self._in_flight[1] - now) if self._in_flight is not None else 0.0
-        for k in self._classes.values():
-            t += self._drain_s(k, k.plan, len(k.queue))
-        return t
+        t = self._in_flight_left(now)
+        q = sum(self._drain_s(k, k.plan, k.queue.work()) for k in self._classes.values())
+        return t + q * self._wall.ratio
 
     async def infer(self, item: Any, cls: Optional[str] = None) -> Any:
         """``await batcher.infer(item, cls)``: submit and wait without blocking
@@ -428,6 +418,7 @@ class DynamicBatcher:
                 waiting = [(k, len(k.queue), self._rate(k, now))
                            for k in self._classes.values() if len(k.queue)]
                 if not waiting:
+                    self._waited = True
                     if not block:
                         return None
                     self._cond.wait()
@@ -452,6 +443,7 @@ class DynamicBatcher:
                     return job
                 if wake is not None and wake <= now:
                     continue  # the batch taken was all cancelled: decide again
+                self._waited = True
                 if not block:
                     return None
                 # wait for the earliest ready time, a submit or close; re-check at
@@ -469,9 +461,10 @@ class DynamicBatcher:
         ready, wake = [], math.inf
         for k in cands:
             plan = plans.get(k.name, k.plan)
-            lim = self._limit(k, plan)
+            cap = self._work_cap(k, plan)
+            lim = k.queue.fitting(cap)
             n = len(k.queue)
-            if closing or n >= lim:
+            if closing or lim < n or k.queue.work() >= cap * (1 - 1e-9):  # a full batch
                 ready.append((k, plan, lim))
                 continue
             head = k.queue.peek()
@@ -479,7 +472,7 @@ class DynamicBatcher:
             mw = float(mw) / 1e3 if math.isfinite(float(mw)) else self.rate_window_s
             at = head.arrival + max(0.0, mw)
             if k.p99_s is not None:
-                latest = head.deadline - self._est(k, plan, lim)
+                latest = head.deadline - self._est(k, plan, cap)
                 if k.tight and self._any_chunked:
                     latest -= self.chunk_bound_s
                 at = min(at, latest)
@@ -504,10 +497,12 @@ class DynamicBatcher:
         if not live:
             return None, now  # all were cancelled: decide again at once
         k.in_flight += len(live)
-        self._in_flight = (k, now + self._est(k, plan, len(live)))
+        work = sum(r.size for r in live)
+        self._in_flight = (k, now + self._est(k, plan, work) * self._wall.ratio, now)
         self._last_chunked = k.chunked
         bs = getattr(plan, "batch_size", lim) or lim
-        return Job(k, live, plan, cut=k.chunked and lim < bs), None
+        return Job(k, live, plan, cut=k.chunked and self._work_cap(k, plan) < bs, work=work,
+                   predicted=self._est(k, plan, work, tail=False)), None
 
     def _run(self, job: Job) -> None:
         k, reqs, plan = job.cls, job.reqs, job.plan
@@ -516,6 +511,11 @@ class DynamicBatcher:
             return
         items = [r.item for r in reqs]
         t0 = self._clock()
+        prev = self._prev_start
+        if prev is not None and not self._waited:  # back to back: one worker cycle
+            with self._lock:
+                self._wall.add(t0 - prev[0], prev[1])
+        self._prev_start, self._waited = (t0, job.predicted), False
         err: Optional[BaseException] = None
         results: list = []
         try:
@@ -553,6 +553,9 @@ class DynamicBatcher:
         elif err is None:
             for r, res in zip(reqs, results):
                 r.future.set_result(res)
+            if self._size is not None:  # as n reference items (pricing.py)
+                with self._lock:
+                    service = pricing.normalized_s(k, plan, service, n, job.work)
             self._observe(k, plan, service, n)
         else:
             for r in reqs:

@@ -1,10 +1,12 @@
 """The batcher's records: refusals (Overloaded, TooLarge), a queued request,
-a class's deadline-ordered queue, and the job the worker runs next."""
+a class's deadline-ordered queue, its state (policy, op, unit of size), and
+the job the worker runs next."""
 from __future__ import annotations
 
 import bisect
 import collections
 import math
+from collections.abc import Mapping
 from typing import List, Optional
 
 from .metrics import ClassStats
@@ -38,35 +40,49 @@ class TooLarge(Overloaded):
 
 
 class Request:
-    __slots__ = ("item", "future", "arrival", "deadline", "cls")
+    """One queued item. ``size``: its work in reference items of its class's
+    op (1.0 without a ``size`` function); ``cum``: the queue's running sum of
+    sizes up to and including it (set by ``DeadlineQueue.append``)."""
+    __slots__ = ("item", "future", "arrival", "deadline", "cls", "size", "cum")
 
-    def __init__(self, item, future, arrival, deadline, cls):
+    def __init__(self, item, future, arrival, deadline, cls, size: float = 1.0):
         self.cls = cls
         self.item = item
         self.future = future
         self.arrival = arrival
         self.deadline = deadline
+        self.size = size
+        self.cum = 0.0
 
 
 def deadline_of(r: Request) -> float:
     return r.deadline
 
 
+def cum_of(r: Request) -> float:
+    return r.cum
+
+
 class DeadlineQueue:
     """FIFO with O(1) pops from the front and bisection on deadlines (which are
-    non-decreasing within a class: arrivals are stamped under the lock)."""
+    non-decreasing within a class: arrivals are stamped under the lock), and
+    running sums of the requests' sizes, so the work of the first k queued
+    requests and the requests that fit a batch's work are O(1) and O(log n)."""
 
-    __slots__ = ("_items", "_head")
+    __slots__ = ("_items", "_head", "_base")
 
     def __init__(self):
         self._items: List[Request] = []
         self._head = 0
+        self._base = 0.0  # running sum of the sizes popped so far
 
     def __len__(self) -> int:
         return len(self._items) - self._head
 
     def append(self, r: Request) -> None:
-        self._items.append(r)
+        items = self._items
+        r.cum = (items[-1].cum if len(items) > self._head else self._base) + r.size
+        items.append(r)
 
     def peek(self) -> Request:
         return self._items[self._head]
@@ -74,9 +90,12 @@ class DeadlineQueue:
     def pop(self, n: int) -> List[Request]:
         out = self._items[self._head:self._head + n]
         self._head += len(out)
+        if out:
+            self._base = out[-1].cum
         if self._head == len(self._items):
             self._items.clear()
             self._head = 0
+            self._base = 0.0  # restart the sums: no rounding drift over a long run
         elif self._head > 4096 and 2 * self._head > len(self._items):
             del self._items[:self._head]
             self._head = 0
@@ -94,9 +113,28 @@ class DeadlineQueue:
         while i < len(items) and items[i].deadline == r.deadline:
             if items[i] is r:
                 del items[i]
+                for later in items[i:]:  # O(n), as the del
+                    later.cum -= r.size
                 return True
             i += 1
         return False
+
+    def work(self, k: Optional[int] = None) -> float:
+        """Summed size of the first ``k`` queued requests (all: None)."""
+        n = len(self)
+        k = n if k is None else min(k, n)
+        if k <= 0:
+            return 0.0
+        return self._items[self._head + k - 1].cum - self._base
+
+    def fitting(self, work: float) -> int:
+        """How many requests from the head a batch of at most ``work`` takes:
+        at least one (a request larger than a batch still runs, alone)."""
+        if not len(self):
+            return 0
+        k = bisect.bisect_right(self._items, self._base + work * (1 + 1e-9), lo=self._head,
+                                key=cum_of) - self._head
+        return max(1, k)
 
     def count_due_by(self, deadline: float) -> int:
         """Queued requests whose deadline is <= ``deadline``."""
@@ -109,11 +147,58 @@ def queued_bucket(n: int) -> int:
     return n if n <= 4 else 1 << (n.bit_length() - 1)
 
 
+def recent_rate(a: collections.deque, now: float, window_s: float) -> Optional[float]:
+    """Accepted arrivals per second: (n - 1) / (last - first) over the n
+    arrivals ``a`` of the last ``window_s`` (older ones are dropped from
+    ``a``); None below two."""
+    horizon = now - window_s
+    while a and a[0] < horizon:
+        a.popleft()
+    n = len(a)
+    if n < 2:
+        return None
+    span = a[-1] - a[0]
+    return (n - 1) / span if span > 0 else None
+
+
 def rate_bucket(rate: Optional[float]) -> Optional[float]:
     """Arrival rate rounded to a quarter octave (about +-9%)."""
     if rate is None or rate <= 0:
         return None
     return 2.0 ** (round(math.log2(rate) * 4) / 4)
+
+
+def policy_for(policy, cname, slo):
+    """The policy of class ``cname``: from a dict, one shared, or a factory."""
+    if isinstance(policy, Mapping):
+        if cname not in policy:
+            raise ValueError(f"policy has no entry for class {cname!r} "
+                             f"(it has {sorted(policy)}); give one per class")
+        pol = policy[cname]
+    elif hasattr(policy, "plan"):
+        pol = policy
+    elif callable(policy):
+        pol = policy(slo)
+    else:
+        raise TypeError("policy must be a policy (with .plan and .observe), a dict class -> "
+                        f"policy, or a factory slo -> policy; got {type(policy).__name__}")
+    if not (callable(getattr(pol, "plan", None)) and callable(getattr(pol, "observe", None))):
+        raise TypeError(f"the policy of class {cname!r} needs plan(op, queued=, arrival_rate=) "
+                        f"and observe(plan, seconds); got {type(pol).__name__}")
+    return pol
+
+
+def unit_for(unit_size, cname: str, op) -> float:
+    """The work of one reference item of class ``cname`` (``size=``'s unit)."""
+    u = unit_size.get(cname) if isinstance(unit_size, Mapping) else unit_size
+    if u is None:
+        flops = getattr(op, "flops", None)
+        u = flops() if callable(flops) else None
+    if u is None or not float(u) > 0 or not math.isfinite(float(u)):
+        raise ValueError(f"class {cname!r}: with size= the batcher needs unit_size, the work "
+                         f"of one item of the class's op as the profile measured it "
+                         f"(got {u!r}; the op {type(op).__name__} has no flops())")
+    return float(u)
 
 
 class ClassState:
@@ -135,15 +220,18 @@ class ClassState:
         self.in_flight = 0
         self.plan = None        # the latest plan (admission and metrics read it)
         self.observe_errors = 0
+        self.unit = 1.0         # work of one reference item, in size()'s unit
         self.plan_after = -math.inf     # planning budget: no new plan() before this time
         self.stats = ClassStats(name, self.p99_s, **stats_kw)
 
 
 class Job:
-    __slots__ = ("cls", "reqs", "plan", "error", "cut")
+    __slots__ = ("cls", "reqs", "plan", "error", "cut", "work", "predicted")
 
-    def __init__(self, cls, reqs, plan, error=None, cut=False):
+    def __init__(self, cls, reqs, plan, error=None, cut=False, work=None, predicted=0.0):
+        self.predicted = predicted  # p50 service time predicted at dispatch (s)
         self.cut = cut  # the batch limit was cut to the chunk bound
+        self.work = float(len(reqs)) if work is None else work  # in reference items
         self.cls = cls
         self.reqs = reqs
         self.plan = plan

