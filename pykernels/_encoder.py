@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _core
 from ._gemm import _ACTIVATION, _VARIANT, PackedWeight, _check_threads
+from ._runtime import _bf16 as _bf16_scheme, _resolve_bf16
 
 _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
@@ -290,6 +291,8 @@ def encoder_layer(x, cu, heads: int, qkv, qkv_bias, out, out_bias, ln1, up, up_b
     code = _VARIANT.get(variant)
     if code is None:
         raise ValueError(f"variant must be one of {tuple(_VARIANT)}, got {variant!r}")
+    if any(w.precision == "bf16" for w in (qkv, out, up, down)) and _bf16_scheme["pending"]:
+        _resolve_bf16()  # set_bf16_scheme("auto") is decided at the first bf16 call, here too
     th = _threads(threads)
     scale = 1.0 / math.sqrt(hidden // heads) if scale is None else float(scale)
     if scratch is None:

@@ -239,3 +239,31 @@ def test_releases_the_gil():
         count += 1
     t.join()
     assert count > 1000, count
+
+
+def test_a_bf16_layer_decides_the_auto_bf16_scheme(monkeypatch):
+    # set_bf16_scheme("auto") is decided at the first bf16 call: the fused layer
+    # reads the dispatch table directly, so it must decide it as linear does
+    from pykernels import _runtime
+    monkeypatch.setitem(_runtime._bf16, "pending", True)
+    L = make_layer(precisions=("bf16",) * 4)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, 48), dtype=np.float32)
+    cu = np.array([0, 3, 7], np.int64)
+    fused(L, x, cu)
+    assert not _runtime._bf16["pending"]
+    assert pk.get_bf16_scheme() in {e.scheme for e in pk.kernels()
+                                    if e.precision == "bf16" and e.op == "linear"}
+
+
+def test_a_zero_stride_x_claiming_2_52_rows_is_refused():
+    # the scratch size multiplies the rows by 4H + F: refused long before int64 wraps
+    L = make_layer()
+    w, b = L["packed"], L["bias"]
+    x = np.lib.stride_tricks.as_strided(np.zeros(48, np.float32), shape=(2**52, 48),
+                                        strides=(0, 4), writeable=True)
+    cu = np.array([0, 2**52], np.int64)
+    with pytest.raises(ValueError, match="rows"):
+        enc.encoder_layer(x, cu, 3, w["qkv"], b["qkv"], w["out"], b["out"], L["ln"][0],
+                          w["up"], b["up"], w["down"], b["down"], L["ln"][1],
+                          scratch=np.zeros(1000, np.float32))

@@ -333,6 +333,26 @@ def sized(fn, classes, pols, clock, unit=10.0):
     return manual(fn, classes, pols, clock, size=lambda item: item[1], unit_size=unit)
 
 
+def test_a_size_that_is_not_finite_and_positive_is_refused_at_submit():
+    # a NaN/inf/zero/negative size would break every prediction in the worker
+    clock = FakeClock()
+    fn = TokenRecorder(clock, ms_per_token=0.1)
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=1.0),
+            "bulk": FakePolicy(batch_size=64, service_ms=64.0)}
+    b = sized(fn, {"interactive": SLO(p99_ms=40), "bulk": SLO()}, pols, clock)
+    for bad in (float("nan"), float("inf"), 0.0, -3.0):
+        for cls in ("interactive", "bulk"):
+            with pytest.raises(ValueError, match="size="):
+                b.submit(("x", bad), cls)
+    with pytest.raises(ValueError, match="size="):
+        b.submit_many([("ok", 5), ("bad", float("nan"))], "bulk")
+    assert b.metrics()["bulk"]["queued"] == 0
+    fut = b.submit(("ok", 5), "bulk")
+    while b.step():
+        pass
+    assert fut.result(timeout=0) == ("done", ("ok", 5))
+
+
 def test_a_chunk_of_long_documents_is_cut_shorter_than_one_of_short_ones():
     # reference item: 10 tokens at 1 ms; chunk bound 10 ms (a quarter of 40 ms)
     clock = FakeClock()

@@ -330,6 +330,10 @@ void encoder_layer_fwd(py::handle x_h, py::handle cu_h, int64_t heads, float sca
   const float* scratch = as_vector<float>(scratch_h, "scratch", -1, 'f', &nscratch);
   if (!py::reinterpret_borrow<py::array>(scratch_h).writeable())
     throw py::value_error("scratch is read-only");
+  // The scratch size below multiplies tokens by 4H + F: refuse shapes whose
+  // product would wrap int64 (a writeable zero-stride view can claim 2^62 rows).
+  if (g.tokens > (int64_t{1} << 40) / (4 * H + F + 1))
+    throw py::value_error("x has " + std::to_string(g.tokens) + " rows: too many for one layer call");
   const int64_t need = pk::layer_scratch_floats(g.tokens, H, F, par.threads);
   if (nscratch < need)
     throw py::value_error("scratch holds " + std::to_string(nscratch) + " floats, the layer needs " +

@@ -236,6 +236,10 @@ class DynamicBatcher:
         # sizes in reference items of the class's op (outside the lock: a user
         # function, e.g. a tokenizer)
         sizes = [float(self._size(it)) / c.unit for it in items] if self._size else [1.0] * n
+        bad = next((s for s in sizes if not (math.isfinite(s) and s > 0)), None)
+        if bad is not None:  # a NaN, inf, zero or negative size would break every prediction
+            raise ValueError(f"size= must return a finite number > 0 for every item, got "
+                             f"{bad * c.unit!r}")
         work = sum(sizes)
         now = self._clock()
         if c.plan is None or c.p99_s is not None:
