@@ -1063,3 +1063,17 @@ def test_idle_batcher_admits_a_probe_after_a_slow_outlier():
         assert fut.result(timeout=1) == i
         served += 1
     assert served == 20 and b.metrics()["interactive"]["rejected"] == 0
+
+
+def test_an_idle_batcher_admits_one_request_larger_than_the_target():
+    # a class that serves its reference item within the target must not refuse a
+    # single long text forever: an idle batcher runs it (its size alone is no reason)
+    clock = FakeClock()
+    fn = TokenRecorder(clock, ms_per_token=0.1)
+    pols = {"interactive": FakePolicy(batch_size=1, service_ms=1.0),
+            "bulk": FakePolicy(batch_size=64, service_ms=64.0)}
+    b = sized(fn, {"interactive": SLO(p99_ms=40), "bulk": SLO()}, pols, clock)
+    fut = b.submit(("long", 800), "interactive")   # 80 reference items: 80 ms > 40 ms
+    while b.step():
+        pass
+    assert fut.result(timeout=0) == ("done", ("long", 800))

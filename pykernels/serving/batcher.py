@@ -286,9 +286,12 @@ class DynamicBatcher:
                 # misses (e.g. after one slow outlier) could otherwise never be
                 # corrected, as refused requests produce no observations. With
                 # no observations yet, the plan's prior decides.
-                # A group of a class that can serve one item is admitted by an
+                # A group of a class that can serve one item, or a single
+                # request however large (priced by its size), is admitted by an
                 # idle batcher: its size alone must never refuse it forever.
-                probe = idle_batcher and (st.batches > 0 or one_fits)
+                probe = idle_batcher and (
+                    st.batches > 0 or one_fits
+                    or (n == 1 and self._drain_s(c, c.plan, 1.0, tail=False) <= c.p99_s))
                 if finish > deadline and not probe:
                     st.rejected += n
                     raise Overloaded(
