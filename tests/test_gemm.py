@@ -311,6 +311,14 @@ def cases_epilogue():
         yield GemmCase(m, n, k, b_kind=_pick(rng, B_KINDS), variant=variant,
                        threads=_pick(rng, (1, 2)), alpha=alpha, beta=beta, out=out,
                        seed=next(seed))
+    # Few rows, a plain b and >= 256 rows of b per thread: the threads split K and
+    # the partial sums meet in one epilogue (alpha, beta, out of every kind).
+    for (m, n, k), out, (alpha, beta) in itertools.product(
+            ((1, 37, 600), (6, 4100, 520)), ("nan", "rand", "padded", "neg_rows"), alpha_beta):
+        if out == "nan" and beta != 0.0:
+            continue
+        yield GemmCase(m, n, k, b_kind="array", variant="latency", threads=2, alpha=alpha,
+                       beta=beta, out=out, seed=next(seed))
 
 
 # ---------------------------------------------------------------------------

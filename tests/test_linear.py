@@ -259,6 +259,22 @@ def test_accuracy_contract_raw_and_odd_k(precision, k):
         assert err <= CONTRACT[precision], (precision, variant, type(w_arg).__name__, err)
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=act_name)
+@pytest.mark.parametrize("m,n,k", [(1, 37, 1000), (5, 16, 777), (6, 100, 520), (2, 5, 4100)])
+def test_raw_w_few_rows_split_k_epilogue(m, n, k, act):
+    """Few rows, a raw fp32 w and >= 256 rows of w per thread: the threads split K
+    and their partial sums meet in one epilogue, which must add the bias and apply
+    the activation once, element-wise within the fp32 bound."""
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x, w, b = rand(rng, m, k), rand(rng, k, n), rand(rng, n)
+    x0, w0 = x.copy(), w.copy()
+    z, tol = preactivation_reference("fp32", x, w, b, current_isa())
+    got = pk.linear(x, w, b, activation=act, variant="latency", threads=2)
+    msg = mismatch(got, z, tol, act)
+    assert msg is None, msg
+    assert np.array_equal(x, x0) and np.array_equal(w, w0)
+
+
 # ---------------------------------------------------------------------------
 # One linear call, checked element-wise
 # ---------------------------------------------------------------------------
