@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _chooser, _core, _interop
+from . import _bf16, _chooser, _core, _interop
 from ._gemm import _AUTO, _VARIANT, VARIANTS, _bad_choice, _check_threads, policy_variant
-
-try:  # a declared dependency; without it only float32 inputs are accepted
-    import ml_dtypes
-
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-    _core.set_bf16_dtype(BFLOAT16)
-except ImportError:  # pragma: no cover
-    BFLOAT16 = None
 
 _ND = np.ndarray
 _I32 = np.dtype(np.int32)
 _I64 = np.dtype(np.int64)
 
 
+def __getattr__(name: str):
+    # BFLOAT16 (np.dtype(ml_dtypes.bfloat16)) on first access: see pykernels._bf16
+    if name == "BFLOAT16":
+        try:
+            return _bf16.bf16_dtype()
+        except ImportError:  # pragma: no cover - a declared dependency
+            return None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _precision(arr) -> str:
-    return "bf16" if BFLOAT16 is not None and getattr(arr, "dtype", None) == BFLOAT16 else "fp32"
+    return "bf16" if _bf16.is_bf16(getattr(arr, "dtype", None)) else "fp32"
 
 
 def _variant_code(variant: str):
@@ -95,6 +97,7 @@ def attention(q, k, v, *, causal: bool = False, kv_lens=None, scale=None, out=No
         code, threads = _auto_attention(q, k, causal, threads)
     if kv_lens is not None:
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
+    _bf16.sync()  # the binding knows bf16 only once registered
     res = _core.attention(q, k, v, kv_lens, out, scale, bool(causal), code, threads)
     if res is None:  # out overlaps an input: compute into a temporary, then copy
         tmp = np.empty(out.shape, dtype=np.float32)
@@ -140,6 +143,7 @@ def decode_attention(q, k_cache, v_cache, kv_lens, *, block_table=None, scale=No
         kv_lens = _index_array("kv_lens", kv_lens, _I64, 1)
     if block_table is not None:
         block_table = _index_array("block_table", block_table, _I32, 2)
+    _bf16.sync()  # the binding knows bf16 only once registered
     res = _core.decode_attention(q, k_cache, v_cache, kv_lens, block_table, out, scale, code,
                                  threads)
     if res is None:

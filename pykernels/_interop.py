@@ -28,12 +28,7 @@ import sys
 
 import numpy as np
 
-try:  # a declared dependency (see _attention)
-    import ml_dtypes
-
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    _BF16 = None
+from ._bf16 import bf16_dtype, is_bf16
 
 _ND = np.ndarray
 _F32 = np.dtype(np.float32)
@@ -93,20 +88,28 @@ def _dtype_error(name: str, x, what: str) -> TypeError:
                      f"first ({name}.float() in torch, {name}.astype(jnp.float32) in JAX)")
 
 
-def _is_bf16(x) -> bool:
+def _exports_bf16(x) -> bool:
+    """Whether a DLPack exporter holds bfloat16 (torch.bfloat16, jnp.bfloat16: by name)."""
     return str(getattr(x, "dtype", "")).endswith("bfloat16")
+
+
+def _bf16(name: str) -> np.dtype:
+    """ml_dtypes.bfloat16, imported and registered at the first bf16 input."""
+    try:
+        return bf16_dtype()
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise TypeError(f"{name} is bfloat16, which needs the ml_dtypes package") from None
 
 
 def _bf16_view(name: str, x) -> np.ndarray:
     """A bfloat16 DLPack exporter as an ml_dtypes.bfloat16 view, no copy."""
-    if _BF16 is None:  # pragma: no cover
-        raise TypeError(f"{name} is bfloat16, which needs the ml_dtypes package")
+    bf16 = _bf16(name)
     view = getattr(x, "view", None)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(x, torch.Tensor):
-        return np.from_dlpack(view(torch.int16)).view(_BF16)
+        return np.from_dlpack(view(torch.int16)).view(bf16)
     arr = np.asarray(x)  # JAX and other __array__ exporters: a view on CPU
-    if arr.dtype != _BF16:
+    if arr.dtype != bf16:
         raise _dtype_error(name, x, "float32 or bfloat16 readable by NumPy")
     return arr
 
@@ -122,7 +125,7 @@ def _torch_view(name: str, x, torch):
         raise _grad_error(name)
     try:
         if x.dtype is torch.bfloat16:
-            return x.view(torch.int16).numpy().view(_BF16)
+            return x.view(torch.int16).numpy().view(_bf16(name))
         return x.numpy()
     except (RuntimeError, TypeError):
         return None
@@ -145,14 +148,14 @@ def to_numpy(name: str, x, *, floats: bool = True, writable: bool = False):
     if torch is not None and isinstance(x, torch.Tensor):
         arr = _torch_view(name, x, torch)
         if arr is not None:
-            if floats and arr.dtype != _F32 and arr.dtype != _BF16:
+            if floats and arr.dtype != _F32 and not is_bf16(arr.dtype):
                 raise _dtype_error(name, x, "float32 (or bfloat16 where stated)")
             return arr, torch.from_numpy
     if hasattr(x, "__dlpack__"):
         _check_device(name, x)
         if getattr(x, "requires_grad", False):
             raise _grad_error(name)
-        if _is_bf16(x):
+        if _exports_bf16(x):
             arr = _bf16_view(name, x)
         else:
             try:
@@ -162,7 +165,7 @@ def to_numpy(name: str, x, *, floats: bool = True, writable: bool = False):
                     raise _grad_error(name) from None
                 raise TypeError(f"{name}: cannot read this {type(x).__name__} through "
                                 f"DLPack ({e})") from None
-        if floats and arr.dtype != _F32 and arr.dtype != _BF16:
+        if floats and arr.dtype != _F32 and not is_bf16(arr.dtype):
             raise _dtype_error(name, x, "float32 (or bfloat16 where stated)")
         if writable and not arr.flags.writeable:
             raise ValueError(f"{name} is read-only (a {type(x).__name__} cannot be written "

@@ -15,7 +15,8 @@ benchmarks and ``pykernels bench`` check results against.
   checkpoint's float32 tensors (Hugging Face names), one sequence at a time.
 
 Contract: pure functions of their arguments, float64 results; this module
-imports NumPy, ml_dtypes and nothing above the kernel layer.
+imports NumPy, ml_dtypes (at the first bf16 use, through pykernels._bf16) and
+nothing above the kernel layer.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ._bf16 import bf16_dtype
 
 F32 = np.float32
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -91,9 +94,7 @@ def rel_error(got, ref64) -> float:
 
 def bf16_round(a) -> np.ndarray:
     """Round float32 values to bfloat16 (nearest, ties to even), back in float32."""
-    import ml_dtypes
-
-    return np.asarray(a, dtype=F32).astype(ml_dtypes.bfloat16).astype(F32)
+    return np.asarray(a, dtype=F32).astype(bf16_dtype()).astype(F32)
 
 
 def quantize_rows(v):

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import pykernels
+from pykernels._bf16 import bf16_dtype
 
 # Nominal relative error each precision adds (relative Frobenius error of the
 # output against a float64 reference): fp32 accumulates ~sqrt(K)*eps; bf16 has
@@ -652,8 +653,7 @@ def _dtype(precision: str):
     if precision == "fp32":
         return np.float32
     if precision == "bf16":
-        import ml_dtypes
-        return ml_dtypes.bfloat16
+        return bf16_dtype()
     if precision == "fp16":
         return np.float16
     raise ValueError(f"attention has no {precision} inputs")

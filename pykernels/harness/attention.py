@@ -23,6 +23,7 @@ import numpy as np
 import pykernels as pk
 
 from .._argtypes import positive_int
+from .._bf16 import bf16_dtype as _bf16_dtype
 from ..testing import attention_ref64, rel_error
 from .results import (baseline_cell, best_record, cell_time, finish_bench, fmt_time,
                       group_records, machine_line, split_choices, to_numpy32)
@@ -109,12 +110,6 @@ ATTENTION_REL_TOL = 1e-4
 ATTENTION_BASELINE_REL_TOL = {"fp32": 1e-4, "bf16": 2e-2}
 # vLLM's default block size.
 ATTENTION_BLOCK_SIZE = 16
-
-
-def _bf16_dtype():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 class AttnCase(NamedTuple):
