@@ -232,11 +232,11 @@ N_EDGES = (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 127, 1
 K_EDGES = (1, 2, 3, 7, 13, 31, 32, 33, 63, 65, 127, 129, 255, 256, 257, 511, 513)
 PRIMES = ((2, 3, 5), (7, 11, 13), (13, 17, 19), (23, 29, 31), (37, 41, 43), (53, 97, 61),
           (67, 71, 73), (5, 131, 257), (101, 103, 107))
-# (16, 4100, 70): a plain b with more rows than one tile and a thread range
-# wider than one copy span (up to 2032 columns), K blocks of 32 + 32 + 6, and
+# (16, 4100, 300): a plain b with more rows than one tile and a thread range
+# wider than one copy span (up to 496 columns), K blocks of 128 + 128 + 44, and
 # a 4-column right edge.
 LARGE = ((100, 300, 257), (1, 4096, 1000), (300, 200, 130), (13, 50, 600), (6, 40, 1000),
-         (257, 33, 5), (50, 1, 700), (1, 1, 5000), (16, 4100, 70))
+         (257, 33, 5), (50, 1, 700), (1, 1, 5000), (16, 4100, 300))
 FLAT_VIEWS = ("C", "F", "T", "sliced", "neg_rows", "neg_cols", "offset", "odd_ld")
 
 
