@@ -552,6 +552,30 @@ class EmbeddingService:
             body, limits=self.limits, classes=self.classes, default_class=self.default_class,
             model_ids=self.model_ids, dimensions=self.dimensions, slo_header=slo_header)
 
+    # Texts above which a request is submitted from a worker thread: pricing a
+    # text by its size tokenizes it (EncoderWork, ~65 us for a short text), so
+    # a 256-text request of long documents held the event loop, and every
+    # other connection, for its whole tokenization.
+    OFF_LOOP_SUBMIT = 8
+
+    async def _submit(self, req: EmbeddingRequest) -> list:
+        """``batcher.submit_many`` for the request: on the event loop for a few
+        texts, in the default executor above OFF_LOOP_SUBMIT. Cancelled while the
+        executor runs it, the texts it queued are cancelled when it returns."""
+        if len(req.texts) <= self.OFF_LOOP_SUBMIT:
+            return self.batcher.submit_many(req.texts, req.slo_class)
+        pending = asyncio.get_running_loop().run_in_executor(
+            None, self.batcher.submit_many, req.texts, req.slo_class)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            def cancel_queued(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    for f in done.result():
+                        f.cancel()
+            pending.add_done_callback(cancel_queued)
+            raise
+
     async def embed(self, req: EmbeddingRequest) -> list:
         """Submit the request's texts to the batcher as one unit
         (``submit_many``: all admitted or none) and wait for all. Raises
@@ -565,7 +589,7 @@ class EmbeddingService:
                            headers={"Retry-After": "1"})
         n = len(req.texts)
         try:
-            futs = self.batcher.submit_many(req.texts, req.slo_class)
+            futs = await self._submit(req)
         except TooLarge as e:
             raise ApiError(413, f"{n} texts are more than the {req.slo_class!r} class can serve "
                                 f"within its latency target ({e}); send them with "
