@@ -99,7 +99,7 @@ def reference64(L, x, lens):
 
 # Against the step-by-step form: the same GEMM entry points on the same rows
 # (a row's result does not depend on the other rows of the call), so only
-# the auto variant's choice by the call's row count (a chunk of <= 32 rows may
+# the auto variant's choice by the call's size (a chunk of fewer rows may
 # take the latency kernels where the whole batch took the throughput ones)
 # changes the fp32 summation order: ~1e-6 on these O(1) normalized outputs.
 # int8 re-quantizes each row at every projection, so such a 1-ulp change can

@@ -589,6 +589,24 @@ def test_small_cube_in_process_spot_check():
     assert not failures, "\n".join(failures[:20])
 
 
+# variant="auto" resolves by size (pk::auto_variant: rows, product size,
+# threads, prepacked or plain b, precision) to one of the two variants: its
+# result is bit-identical to that variant's with the same threads, on both
+# sides of every boundary of the rule (32 and 128 rows, a product of 128^3).
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k,n", [(32, 64, 70), (33, 64, 70), (128, 128, 128), (129, 128, 128),
+                                   (100, 128, 200), (128, 256, 300), (129, 256, 300)])
+def test_auto_is_one_of_the_variants_exactly(precision, threads, m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x, w = rand(rng, m, k), rand(rng, k, n)
+    kinds = [pk.pack(w, precision=precision)] + ([w] if precision == "fp32" else [])
+    for b in kinds:
+        call = functools.partial(pk.linear, x, b, threads=threads)
+        got = call(variant="auto")
+        explicit = [call(variant=v) for v in ("latency", "throughput")]
+        assert any(np.array_equal(got, e) for e in explicit), (precision, threads, m, k, n, type(b))
+
 # ---------------------------------------------------------------------------
 # Bad input: a clear exception, and every array the caller passed unchanged
 # ---------------------------------------------------------------------------

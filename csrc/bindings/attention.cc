@@ -178,7 +178,7 @@ int attention_variant(pk::Variant variant, int64_t rows_per_kv_head) {
   // auto without a policy: split-KV when one KV head serves few query rows
   // (decode, speculative, short prompts): the rows alone cannot fill the cores.
   if (variant == pk::Variant::kAuto) return rows_per_kv_head <= 16 ? 0 : 1;
-  return parse_variant(variant, 0);
+  return parse_variant(variant);
 }
 
 void run_attention(const pk::AttentionArgs& g, int variant, int threads) {

@@ -112,12 +112,13 @@ Matrix as_out(py::handle h, int64_t m, int64_t n) {
   return o;
 }
 
-// The table index (0 latency, 1 throughput) of a requested variant. auto
-// without a policy: the latency kernels (A read in place, B streamed once) win
-// up to 32 rows here, blocking beyond. (A py::enum_ can be built from any int,
-// so the range is still checked.)
-int parse_variant(pk::Variant variant, int64_t m) {
-  if (variant == pk::Variant::kAuto) return m <= 32 ? 0 : 1;
+// The table index (0 latency, 1 throughput) of a requested variant; auto
+// without a policy follows pk::auto_variant (gemm.h) for a product of
+// m x k x n on `threads` threads. (A py::enum_ can be built from any int, so
+// the range is still checked.)
+int parse_variant(pk::Variant variant, pk::Precision precision, bool packed_b, int64_t m,
+                  int64_t k, int64_t n, int threads) {
+  if (variant == pk::Variant::kAuto) return pk::auto_variant(precision, packed_b, m, k, n, threads);
   if (variant != pk::Variant::kLatency && variant != pk::Variant::kThroughput)
     throw py::value_error("internal: bad variant code");
   return static_cast<int>(variant);

@@ -41,7 +41,12 @@ int64_t elem_stride(const py::array& a, int dim);
 Matrix as_matrix(py::handle h, const char* name, py::object* keep = nullptr);
 std::string shape_str(int64_t r, int64_t c);
 Matrix as_out(py::handle h, int64_t m, int64_t n);
-int parse_variant(pk::Variant variant, int64_t m);
+// The table index of a requested variant; auto resolved by pk::auto_variant
+// for a product of m x k x n (callers that resolve auto themselves, like
+// attention, pass only the variant).
+int parse_variant(pk::Variant variant, pk::Precision precision = pk::Precision::kF32,
+                  bool packed_b = false, int64_t m = 0, int64_t k = 0, int64_t n = 0,
+                  int threads = 1);
 int64_t work_product(std::initializer_list<int64_t> sizes);
 int resolve_threads(int threads, int64_t macs);
 pk::ParallelPolicy parallel(int variant, int threads);

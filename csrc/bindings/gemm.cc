@@ -204,7 +204,9 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle out_h, float alpha,
     run_gemm(g, 0, 1);
     return result;
   }
-  run_gemm(g, parse_variant(variant, g.m), resolve_threads(threads, work_product({g.m, g.n, g.k})));
+  const int nthreads = resolve_threads(threads, work_product({g.m, g.n, g.k}));
+  run_gemm(g, parse_variant(variant, g.precision, g.b_packed != nullptr, g.m, g.k, g.n, nthreads),
+           nthreads);
   return result;
 }
 
