@@ -75,6 +75,7 @@ def test_bench_gemm_quick_table_and_json(tmp_path):
     assert "NumPy/ours" in r.stdout
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("8x64x64")]
     assert len(lines) == 2, r.stdout  # the per-variant table and the summary
+    assert "auto raw" in r.stdout
     assert "latency packed" in r.stdout and "latency raw" in r.stdout
     assert "throughput packed" in r.stdout
     assert "WRONG" not in r.stdout and "ERROR" not in r.stdout
@@ -105,8 +106,10 @@ def test_bench_threads_and_pinned_shapes(tmp_path):
     doc = json.loads(out.read_text())
     # --threads overrides every shape; the duplicate is dropped.
     assert {rec["threads"] for rec in doc["results"]} == {1}
-    assert len(doc["results"]) == 3
+    # one shape x our four cases (auto raw, latency packed and raw, throughput packed)
+    assert len(doc["results"]) == 4
     assert {rec["impl"] for rec in doc["results"]} == {"pykernels"}
+    assert {rec["variant"] for rec in doc["results"]} == {"auto", "latency", "throughput"}
 
 
 def test_bench_linear_quick_table_and_json(tmp_path):

@@ -98,7 +98,7 @@ def parse_gemm_shapes(text: str) -> List[GemmShape]:
 
 class GemmCase(NamedTuple):
     impl: str                 # "pykernels" | "numpy" | "scipy" | "torch"
-    variant: Optional[str]    # pykernels: "latency" | "throughput"; baselines: None
+    variant: Optional[str]    # pykernels: "auto" | "latency" | "throughput"; baselines: None
     b: str                    # "packed" | "raw"
 
     @property
@@ -108,7 +108,10 @@ class GemmCase(NamedTuple):
         return self.impl
 
 
+# "auto raw" first: what `pk.gemm(a, b)` does with no options (the size rule
+# of pk::auto_variant picks a variant), the figure a new user sees.
 OUR_GEMM_CASES = (
+    GemmCase("pykernels", "auto", "raw"),
     GemmCase("pykernels", "latency", "packed"),
     GemmCase("pykernels", "latency", "raw"),
     GemmCase("pykernels", "throughput", "packed"),
