@@ -64,85 +64,52 @@ int64_t fma_f32(int64_t iters, volatile float* sink) {
   "vmovdqu %%ymm0, (%1)\n\t"                                                  \
   "vzeroupper\n\t"
 
+// The timed loop around 8 steps of one scheme; returns the iterations run.
+#define PK_PROBE_LOOP(STEPS)                                                    \
+  alignas(32) int32_t out[8];                                                   \
+  const int64_t n_iters = iters > 0 ? iters : 1;                                \
+  int64_t n = n_iters;                                                          \
+  asm volatile(PK_PROBE_SETUP "1:\n\t" STEPS "dec %0\n\t"                      \
+               "jnz 1b\n\t" PK_PROBE_FINISH                                     \
+               : "+r"(n)                                                        \
+               : "r"(out)                                                       \
+               : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5",  \
+                 "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12",       \
+                 "xmm13", "xmm14", "xmm15");                                    \
+  *sink = static_cast<float>(out[0]);
+
+// One product of activation register X by weight W into temporary T, added
+// to accumulator ACC.
+#define PK_MADD_STEP(W, X, T, ACC)                                              \
+  "vpmaddwd %%ymm" #W ", %%ymm" #X ", %%ymm" #T "\n\t"                         \
+  "vpaddd %%ymm" #T ", %%ymm" #ACC ", %%ymm" #ACC "\n\t"
+#define PK_MADDUBS_STEP(W, X, T, ACC)                                           \
+  "vpmaddubsw %%ymm" #W ", %%ymm" #X ", %%ymm" #T "\n\t"                       \
+  "vpmaddwd %%ymm13, %%ymm" #T ", %%ymm" #T "\n\t" /* pairs by ones */         \
+  "vpaddd %%ymm" #T ", %%ymm" #ACC ", %%ymm" #ACC "\n\t"
+
 // int16 pairs by vpmaddwd into int32, then vpaddd: the exact int8 scheme
 // (16 multiply-adds per vpmaddwd), 8 per iteration.
 int64_t madd_i16(int64_t iters, volatile float* sink) {
-  alignas(32) int32_t out[8];
-  const int64_t n_iters = iters > 0 ? iters : 1;
-  int64_t n = n_iters;
-  asm volatile(
-      PK_PROBE_SETUP
-      "1:\n\t"
-      "vpmaddwd %%ymm12, %%ymm8, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm0, %%ymm0\n\t"
-      "vpmaddwd %%ymm12, %%ymm9, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm1, %%ymm1\n\t"
-      "vpmaddwd %%ymm12, %%ymm10, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm2, %%ymm2\n\t"
-      "vpmaddwd %%ymm12, %%ymm11, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm3, %%ymm3\n\t"
-      "vpmaddwd %%ymm13, %%ymm8, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm4, %%ymm4\n\t"
-      "vpmaddwd %%ymm13, %%ymm9, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm5, %%ymm5\n\t"
-      "vpmaddwd %%ymm13, %%ymm10, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm6, %%ymm6\n\t"
-      "vpmaddwd %%ymm13, %%ymm11, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm7, %%ymm7\n\t"
-      "dec %0\n\t"
-      "jnz 1b\n\t"
-      PK_PROBE_FINISH
-      : "+r"(n)
-      : "r"(out)
-      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-  *sink = static_cast<float>(out[0]);
+  PK_PROBE_LOOP(PK_MADD_STEP(12, 8, 14, 0) PK_MADD_STEP(12, 9, 15, 1)
+                PK_MADD_STEP(12, 10, 14, 2) PK_MADD_STEP(12, 11, 15, 3)
+                PK_MADD_STEP(13, 8, 14, 4) PK_MADD_STEP(13, 9, 15, 5)
+                PK_MADD_STEP(13, 10, 14, 6) PK_MADD_STEP(13, 11, 15, 7))
   return n_iters * 8 * 16 * 2;
 }
 
 // u8 x s8 pairs by vpmaddubsw, vpmaddwd by ones (ymm13), vpaddd: the 7-bit
 // int8 scheme (32 multiply-adds per step), 8 steps per iteration.
 int64_t maddubs_i8(int64_t iters, volatile float* sink) {
-  alignas(32) int32_t out[8];
-  const int64_t n_iters = iters > 0 ? iters : 1;
-  int64_t n = n_iters;
-  asm volatile(
-      PK_PROBE_SETUP
-      "1:\n\t"
-      "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"
-      "vpmaddwd %%ymm13, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm0, %%ymm0\n\t"
-      "vpmaddubsw %%ymm12, %%ymm9, %%ymm15\n\t"
-      "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm1, %%ymm1\n\t"
-      "vpmaddubsw %%ymm12, %%ymm10, %%ymm14\n\t"
-      "vpmaddwd %%ymm13, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm2, %%ymm2\n\t"
-      "vpmaddubsw %%ymm12, %%ymm11, %%ymm15\n\t"
-      "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm3, %%ymm3\n\t"
-      "vpmaddubsw %%ymm12, %%ymm8, %%ymm14\n\t"
-      "vpmaddwd %%ymm13, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm4, %%ymm4\n\t"
-      "vpmaddubsw %%ymm12, %%ymm9, %%ymm15\n\t"
-      "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm5, %%ymm5\n\t"
-      "vpmaddubsw %%ymm12, %%ymm10, %%ymm14\n\t"
-      "vpmaddwd %%ymm13, %%ymm14, %%ymm14\n\t"
-      "vpaddd %%ymm14, %%ymm6, %%ymm6\n\t"
-      "vpmaddubsw %%ymm12, %%ymm11, %%ymm15\n\t"
-      "vpmaddwd %%ymm13, %%ymm15, %%ymm15\n\t"
-      "vpaddd %%ymm15, %%ymm7, %%ymm7\n\t"
-      "dec %0\n\t"
-      "jnz 1b\n\t"
-      PK_PROBE_FINISH
-      : "+r"(n)
-      : "r"(out)
-      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-  *sink = static_cast<float>(out[0]);
+  PK_PROBE_LOOP(PK_MADDUBS_STEP(12, 8, 14, 0) PK_MADDUBS_STEP(12, 9, 15, 1)
+                PK_MADDUBS_STEP(12, 10, 14, 2) PK_MADDUBS_STEP(12, 11, 15, 3)
+                PK_MADDUBS_STEP(12, 8, 14, 4) PK_MADDUBS_STEP(12, 9, 15, 5)
+                PK_MADDUBS_STEP(12, 10, 14, 6) PK_MADDUBS_STEP(12, 11, 15, 7))
   return n_iters * 8 * 32 * 2;
 }
+#undef PK_PROBE_LOOP
+#undef PK_MADD_STEP
+#undef PK_MADDUBS_STEP
 #undef PK_PROBE_SETUP
 #undef PK_PROBE_FINISH
 
