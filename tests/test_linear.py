@@ -259,6 +259,33 @@ def test_accuracy_contract_raw_and_odd_k(precision, k):
         assert err <= CONTRACT[precision], (precision, variant, type(w_arg).__name__, err)
 
 
+# The bf16 latency kernels take products of bf16-rounded inputs summed in
+# fp32, k after k, with the same K blocks as fp32: whether a strip is widened
+# inline by the bf16 tiles (up to two row chunks) or once into a buffer the
+# fp32 tiles read (three or more), the result is the fp32 latency kernel's on
+# the rounded inputs, bit for bit. (K even: an odd K is padded with a zero
+# pair, which can only turn a -0 sum into +0.) The "widen" scheme: vdpbf16ps
+# (where it is chosen) rounds its pair sums its own way.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,k,n", [(1, 64, 40), (8, 300, 33), (12, 256, 48), (13, 600, 70),
+                                   (40, 1000, 100), (64, 384, 1152)])
+def test_bf16_latency_is_fp32_latency_on_rounded_inputs(m, k, n, threads):
+    rng = np.random.default_rng(m * k + n)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    prev = pk.set_bf16_scheme("widen")
+    try:
+        for act in (None, "gelu"):
+            got = pk.linear(x, pk.pack(w, precision="bf16"), b, activation=act,
+                            variant="latency", threads=threads)
+            want = pk.linear(bf16_round(x), pk.pack(bf16_round(w), precision="fp32"), b,
+                             activation=act, variant="latency", threads=threads)
+            assert np.array_equal(got, want), (m, k, n, threads, act)
+    finally:
+        pk.set_bf16_scheme(prev)
+
+
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=act_name)
 @pytest.mark.parametrize("m,n,k", [(1, 37, 1000), (5, 16, 777), (6, 100, 520), (2, 5, 4100)])
 def test_raw_w_few_rows_split_k_epilogue(m, n, k, act):

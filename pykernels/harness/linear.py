@@ -15,7 +15,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from .results import (baseline_cell, best_record, cell_time, finish_bench, fmt_t
                       group_records, machine_line, runnable_baselines, split_choices,
                       to_numpy32)
 from .timing import (add_rates, have_threadpoolctl, import_torch, numpy_blas_threads,
-                     time_checked, timing_settings, torch_threads)
+                     precision_peaks, time_checked, timing_settings, torch_threads)
 
 
 # The linear target shapes (docs/benchmarks.md): K = N = 4096 rows, the MiniLM
@@ -248,7 +248,7 @@ def _linear_record(case: LinearCase, shape: GemmShape, threads: int, isa: str,
 
 
 def _time_linear_case(prob: LinearProblem, case: LinearCase, threads: int, torch, rec: dict,
-                      *, budget: float, min_reps: int, peak_core: float,
+                      *, budget: float, min_reps: int, peaks: Dict[Tuple[str, str], Tuple[float, str]],
                       activation: Optional[str] = None, bias: bool = True) -> dict:
     """Check one implementation's output once, then time it; fills and returns rec."""
     ref = prob.ref_for(activation) if bias else (
@@ -261,7 +261,12 @@ def _time_linear_case(prob: LinearProblem, case: LinearCase, threads: int, torch
                                         activation=activation),
                  lambda got: (rel_error(to_numpy32(got), ref) if ref is not None else 0.0, tol),
                  budget=budget, min_reps=min_reps, limit=limit)
-    return add_rates(rec, prob.flops, prob.bytes_moved(case.precision), peak_core, threads)
+    # % of the peak of the instruction scheme this precision runs on (a
+    # baseline: of our kernel's scheme for its precision, the roofline we know)
+    peak, probe = peaks.get((case.precision, case.variant or "throughput"),
+                            peaks[("fp32", "throughput")])
+    rec["peak_probe"] = probe
+    return add_rates(rec, prob.flops, prob.bytes_moved(case.precision), peak, threads)
 
 
 def run_bench_linear(args) -> int:
@@ -290,6 +295,7 @@ def run_bench_linear(args) -> int:
         return 2
     plan = thread_plan(shapes, args.threads, default_threads)
     budget, min_reps, peak_core, peak_src = timing_settings(args, info.isa)
+    peaks = precision_peaks(info.isa, peak_core, peak_src)
 
     torch = None if args.no_baselines else import_torch()
     ours = [c for c in OUR_LINEAR_CASES if c.precision in precisions]
@@ -309,7 +315,10 @@ def run_bench_linear(args) -> int:
            if have_tpc else
            "threadpoolctl not installed: NumPy used its default threads"), file=out)
     peak_from = f"assumed for {info.isa}" if peak_src == "assumed" else f"from {peak_src}"
-    print(f"peak: {peak_core:g} GFLOP/s per core ({peak_from})", file=out)
+    print(f"peak: {peak_core:g} GFLOP/s per core ({peak_from}); %peak of each precision is "
+          "taken against its scheme's probe per core: " + ", ".join(
+              f"{p} {v} {peaks[(p, v)][1]} {peaks[(p, v)][0]:.1f}"
+              for p, v in sorted(peaks) if p in precisions), file=out)
     print(f"timing: median over >= {min_reps} samples in {budget:g} s per case after warm-up; "
           "weights prepacked once; every result checked against float64 (rel. error <= "
           + ", ".join(f"{p} {LINEAR_REL_TOL[p]:g}" for p in LINEAR_PRECISIONS) + ")", file=out)
@@ -334,7 +343,7 @@ def run_bench_linear(args) -> int:
             prev_impl = case.impl
             rec = _linear_record(case, shape, threads, info.isa, None, True)
             _time_linear_case(prob, case, threads, torch, rec, budget=budget,
-                              min_reps=min_reps, peak_core=peak_core)
+                              min_reps=min_reps, peaks=peaks)
             if case.impl == "pykernels" and not (rec.get("ok") and "median_s" in rec):
                 failed = True
             row.append(rec)
@@ -350,7 +359,7 @@ def run_bench_linear(args) -> int:
     if fused_shape is not None:
         t = args.threads if args.threads is not None else (fused_shape.threads or default_threads)
         fused = _bench_fused_overhead(fused_shape, t, precisions, info.isa, budget, min_reps,
-                                      peak_core, include_numpy=not args.no_baselines)
+                                      peaks, include_numpy=not args.no_baselines)
         if any(not f["ok"] for f in fused if f["impl"] == "pykernels"):
             failed = True
         _print_fused(fused, fused_shape, t, out)
@@ -441,7 +450,8 @@ def _print_linear_summary(summary: List[dict], precisions, with_torch: bool, out
 
 
 def _bench_fused_overhead(shape: GemmShape, threads: int, precisions, isa: str, budget: float,
-                          min_reps: int, peak_core: float, include_numpy: bool) -> List[dict]:
+                          min_reps: int, peaks: Dict[Tuple[str, str], Tuple[float, str]],
+                          include_numpy: bool) -> List[dict]:
     """Median of linear(x, w, b, activation="gelu") over the bare linear(x, w)
     (no bias, no activation), per precision and variant; the two are timed in
     alternation, twice each, and the lower median of each kept, so a drift in
@@ -458,7 +468,7 @@ def _bench_fused_overhead(shape: GemmShape, threads: int, precisions, isa: str, 
             bias, act = (False, None) if kind == "bare" else (True, "gelu")
             rec = _linear_record(case, shape, threads, isa, act, bias)
             _time_linear_case(prob, case, threads, None, rec, budget=budget, min_reps=min_reps,
-                              peak_core=peak_core, activation=act, bias=bias)
+                              peaks=peaks, activation=act, bias=bias)
             prev = recs.get(kind)
             if prev is None or not rec.get("ok") or (
                     prev.get("ok") and rec.get("median_s", math.inf) < prev["median_s"]):

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -121,6 +121,40 @@ def have_threadpoolctl() -> bool:
     except ImportError:
         return False
     return True
+
+
+# The peak probe (pykernels info --peak) of each instruction scheme a kernel
+# reports in pk.kernels(): the roofline of that precision on this machine.
+SCHEME_PROBE = {"fma": "fp32_fma", "widen_fma": "fp32_fma", "dpbf16ps": "bf16_dpbf16ps",
+                "vpmaddwd": "int16_vpmaddwd", "vpmaddubsw": "int8_vpmaddubsw",
+                "vpdpbusd": "int8_vpdpbusd"}
+
+
+def precision_peaks(isa: str, peak_core: float, peak_src: str) -> Dict[Tuple[str, str], Tuple[float, str]]:
+    """{(precision, variant): (G ops/s per core, probe name)} for the linear
+    kernels in use: the measured one-thread rate of the probe of each kernel's
+    scheme. Where the fp32 peak was given by hand or assumed, or the scheme has
+    no probe on this ISA (AVX-VNNI's ymm vpdpbusd), the fp32 figure stands in
+    and the probe is named "fp32_fma"."""
+    measured = {}
+    if peak_src.startswith("measured"):
+        try:
+            peaks = pk.measure_peaks()
+            if peaks.isa == isa:
+                measured = {name: r.one_thread for name, r in peaks.ops.items()
+                            if r.one_thread > 0}
+        except Exception:  # noqa: BLE001 - a failed probe must not stop a benchmark
+            measured = {}
+    out = {}
+    for e in pk.kernels():
+        if e.op != "linear":
+            continue
+        probe = SCHEME_PROBE.get(e.scheme, "fp32_fma")
+        if probe in measured and probe != "fp32_fma":
+            out[(e.precision, e.variant)] = (measured[probe], probe)
+        else:
+            out[(e.precision, e.variant)] = (peak_core, "fp32_fma")
+    return out
 
 
 def timing_settings(args, isa: str) -> Tuple[float, int, float, str]:
