@@ -593,10 +593,15 @@ def test_small_cube_in_process_spot_check():
 # threads, prepacked or plain b, precision) to one of the two variants: its
 # result is bit-identical to that variant's with the same threads, on both
 # sides of every boundary of the rule (32 and 128 rows, a product of 128^3).
+# K of 600-1100 spans several K blocks, which the two variants cut
+# differently, so their fp32 and bf16 results differ in the last bits and a
+# call that ran neither (another thread count, another blocking) fails.
+# int8 sums are exact: there the test checks only that auto runs.
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("m,k,n", [(32, 64, 70), (33, 64, 70), (128, 128, 128), (129, 128, 128),
-                                   (100, 128, 200), (128, 256, 300), (129, 256, 300)])
+@pytest.mark.parametrize("m,k,n", [(32, 1100, 70), (33, 1100, 70), (128, 128, 128),
+                                   (129, 128, 128), (7, 1000, 300), (100, 600, 200),
+                                   (128, 600, 300), (129, 600, 300)])
 def test_auto_is_one_of_the_variants_exactly(precision, threads, m, k, n):
     rng = np.random.default_rng(m + k + n)
     x, w = rand(rng, m, k), rand(rng, k, n)

@@ -9,6 +9,7 @@ dict that ``time_checked`` and ``add_rates`` fill in place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -139,7 +140,7 @@ def precision_peaks(isa: str, peak_core: float, peak_src: str) -> Dict[Tuple[str
     measured = {}
     if peak_src.startswith("measured"):
         try:
-            peaks = pk.measure_peaks()
+            peaks = measured_peaks()
             if peaks.isa == isa:
                 measured = {name: r.one_thread for name, r in peaks.ops.items()
                             if r.one_thread > 0}
@@ -232,6 +233,14 @@ def import_torch():
 ASSUMED_PEAK_PER_CORE = {"avx512": 176.0, "avx2": 100.0, "generic": 25.0}
 
 
+@functools.lru_cache(maxsize=1)
+def measured_peaks():
+    """``pk.measure_peaks()`` once per process: without a cache directory it
+    would re-run the probes (seconds) for each table, and the fp32 and int8
+    denominators of one table would come from different runs."""
+    return pk.measure_peaks()
+
+
 def peak_per_core(isa: str, override: Optional[float]) -> Tuple[float, str]:
     """(GFLOP/s per core, where it came from): --peak-gflops, else
     PYKERNELS_PEAK_GFLOPS, else this machine's measured fp32 FMA peak on one
@@ -247,7 +256,7 @@ def peak_per_core(isa: str, override: Optional[float]) -> Tuple[float, str]:
             print(f"warning: ignoring PYKERNELS_PEAK_GFLOPS={env!r} (not a number)",
                   file=sys.stderr)
     try:
-        peaks = pk.measure_peaks()
+        peaks = measured_peaks()
         if peaks.isa == isa and peaks.ops["fp32_fma"].one_thread > 0:
             return peaks.ops["fp32_fma"].one_thread, "measured (pykernels info --peak)"
     except Exception as e:  # noqa: BLE001 - a failed probe must not stop a benchmark

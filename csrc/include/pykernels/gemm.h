@@ -98,23 +98,23 @@ enum class Variant : int { kLatency = 0, kThroughput = 1, kAuto = 2 };
 //    win in every precision;
 //  * small products on several threads: the throughput variant splits the
 //    columns among threads and each macro-tile packs its own A; latency is
-//    0.45x at 64^3 fp32, 0.60x bf16, 0.71x int8 on 2 threads, 0.52x / 0.71x /
-//    1.03x at 128^3;
-//  * fp32 up to 128 rows: 0.83-0.97x at 64^3-128^3 on one thread (0.63x at
-//    64^3 with a plain b), 0.80-0.83x at 64x1024^2 with a plain b (throughput
-//    packs all of b per call), 0.94-0.95x on 2 threads at 64-128 x 1024^2
-//    prepacked; except one thread on a prepacked b beyond a small product
-//    (64-128 x 1024^2: 1.02-1.09x, throughput's packed A serving all of N);
-//  * bf16 otherwise takes throughput (it widens each strip of b once; the
-//    latency tiles widen per row chunk: 1.3-1.4x slower on one thread), int8
-//    is within 3% either way.
+//    0.45x at 64^3 fp32, 0.55-0.60x bf16, 0.71x int8 on 2 threads, 0.52x /
+//    0.66-0.71x / 1.03x at 128^3;
+//  * fp32 and bf16 up to 128 rows: fp32 0.83-0.97x at 64^3-128^3 on one
+//    thread (0.63x at 64^3 with a plain b), 0.80-0.83x at 64x1024^2 with a
+//    plain b (throughput packs all of b per call), 0.94-0.95x on 2 threads at
+//    64-128 x 1024^2 prepacked; bf16 (strips widened once from 13 rows on)
+//    0.86-0.97x on 2 threads at 48-128 rows; except one thread on a
+//    prepacked b beyond a small product (64-128 x 1024^2: fp32 1.02-1.09x,
+//    bf16 1.10x: throughput's packed A serves all of N);
+//  * int8 is within 3% either way beyond that.
 inline int auto_variant(Precision precision, bool packed_b, int64_t m, int64_t k, int64_t n,
                         int threads) {
   if (m <= 32) return 0;
   constexpr int64_t kSmallMacs = 128 * 128 * 128;
   const bool small = m <= 128 && k <= kSmallMacs / m && n <= kSmallMacs / m / (k > 0 ? k : 1);
   if (threads > 1 && small) return 0;
-  if (precision == Precision::kF32 && m <= 128 && (threads > 1 || !packed_b || small)) return 0;
+  if (precision != Precision::kI8 && m <= 128 && (threads > 1 || !packed_b || small)) return 0;
   return 1;
 }
 

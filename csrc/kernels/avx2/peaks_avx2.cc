@@ -32,11 +32,12 @@ int64_t fma_f32(int64_t iters, volatile float* sink) {
 
 // The int8 scheme probes run the tiles' instruction mix: independent
 // products (none waits on another) summed into 8 vpaddd chains (1-cycle
-// latency), 4 activation x 2 weight registers, as one asm loop. In C++ a
-// product per chain needs a temporary per chain: 12 chains + 12 products + the
-// weight exceed 16 ymm and GCC kept accumulators on the stack (13 stack
-// accesses per step of the timed loop); that form measured 60-79 GOP/s for
-// vpmaddwd on Zen 3, below the 97-120 the 3x16 tile reaches on one thread.
+// latency), 4 activation by 2 weight registers (1 for vpmaddubsw: ymm13 holds
+// the int16 ones), as one asm loop. In C++ a product per chain needs a
+// temporary per chain: 12 chains + 12 products + the weight exceed 16 ymm,
+// and GCC kept accumulators on the stack (13 stack accesses per step of the
+// timed loop); that form measured 60-79 GOP/s for vpmaddwd on Zen 3, below
+// the 97-120 the 3x16 tile reaches on one thread.
 // Operand values do not matter (integer multiplies take fixed time; sums wrap).
 #define PK_PROBE_SETUP                                                          \
   "vpcmpeqd %%ymm8, %%ymm8, %%ymm8\n\t"                                       \

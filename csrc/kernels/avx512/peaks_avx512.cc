@@ -76,7 +76,10 @@ struct VIVnniPeak {
 
 // The int8 scheme probes add a product to each chain: 12 chains, so the 12
 // products in flight, the accumulators and the operands fit the 32 zmm (with
-// 24, GCC kept accumulators on the stack inside the timed loop).
+// 24, GCC kept accumulators on the stack inside the timed loop). Each product
+// still reads its own chain's value (unlike the AVX2 asm probes): 12 chains
+// cover a ~6-cycle multiply + add at 2 per cycle with no slack, so on a CPU
+// with longer latencies this reads low. Not yet timed on an AVX-512 machine.
 constexpr int kChains = 12;
 
 // vpmaddwd + vpaddd: 32 int16 multiply-adds per step.
