@@ -485,6 +485,34 @@ def check_packed_weight_reuse(isa, *, layout):
         assert_gemm_close(res, ref, mag, k, isa)
 
 
+def check_plain_b_throughput_equals_packed(isa, *, threads):
+    """The throughput variant on a plain row-major ``b`` gives the bits of the
+    same call on ``pk.pack(b)``: either path (``b`` packed whole, or copied
+    chunk by chunk while the tiles run, chosen by the number of row blocks)
+    must feed the tiles the same values in the same order. Shapes cover N
+    inside one chunk, at and across chunk edges and across column blocks, K
+    across several K blocks, few rows and many (both paths on any blocking),
+    a row stride wider than N, and the fused bias and activation."""
+    rng = np.random.default_rng(threads)
+    for m, k, n in [(7, 5, 1), (40, 1100, 15), (200, 700, 64), (130, 300, 65),
+                    (300, 1100, 130), (1300, 520, 70), (90, 260, 1100)]:
+        a = rand(rng, m, k)
+        wide = rand(rng, k, n + 9)
+        for b in (np.ascontiguousarray(wide[:, :n]), wide[:, 5:n + 5]):
+            b0 = b.copy()
+            bp = pk.pack(np.ascontiguousarray(b))
+            got = pk.gemm(a, b, variant="throughput", threads=threads)
+            want = pk.gemm(a, bp, variant="throughput", threads=threads)
+            assert np.array_equal(got, want), (isa, threads, m, k, n, b.strides)
+            np.testing.assert_array_equal(b, b0)
+            ref, mag = gemm_reference(a, b)
+            assert_gemm_close(got, ref, mag, k, isa)
+            bias = rand(rng, n)
+            got = pk.linear(a, b, bias, activation="gelu", variant="throughput", threads=threads)
+            want = pk.linear(a, bp, bias, activation="gelu", variant="throughput", threads=threads)
+            assert np.array_equal(got, want), ("linear", isa, threads, m, k, n)
+
+
 def check_oversubscribed_threads(isa, *, threads):
     """More threads than cores is allowed and still correct."""
     rng = np.random.default_rng(threads)
@@ -524,6 +552,9 @@ for _v in ("latency", "throughput"):
                            functools.partial(check_alpha0_beta1_identity, variant=_v)))
     SPECIAL_CHECKS.append((f"out_none_ignores_beta-{_v}",
                            functools.partial(check_out_none_ignores_beta, variant=_v)))
+for _t in (1, 2):
+    SPECIAL_CHECKS.append((f"plain_b_throughput_equals_packed-threads{_t}",
+                           functools.partial(check_plain_b_throughput_equals_packed, threads=_t)))
 for _layout in ("kn", "nk"):
     SPECIAL_CHECKS.append((f"packed_weight_reuse-{_layout}",
                            functools.partial(check_packed_weight_reuse, layout=_layout)))
