@@ -6,6 +6,7 @@
 #include <new>
 #include <string>
 #include <vector>
+#include "pykernels/prefetch.h"  // for the kernel units, which all include this header
 
 namespace pk {
 
