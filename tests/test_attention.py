@@ -666,7 +666,8 @@ EMU_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/attentio
             "csrc/kernels/common/attention_varlen.inc", "csrc/include/pykernels/encoder.h",
             "csrc/kernels/avx512/vec_avx512.inc",
             "csrc/kernels/avx512/attention_avx512_tiles.h",
-            "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h"]
+            "csrc/include/pykernels/attention.h", "csrc/include/pykernels/runtime.h",
+            "csrc/include/pykernels/prefetch.h"]
 
 
 def _emu_binary():

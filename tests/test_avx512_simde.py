@@ -34,7 +34,8 @@ DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/gemm_impl.in
         "csrc/kernels/avx2/gemm_avx2_traits.inc", "csrc/kernels/avx2/vec_avx2.inc",
         "csrc/kernels/avx512/vec_avx512.inc", "csrc/kernels/reference/vec_generic.inc",
         "csrc/kernels/common/quantize.inc", "csrc/include/pykernels/gemm.h",
-        "csrc/include/pykernels/runtime.h"]
+        "csrc/include/pykernels/runtime.h",
+        "csrc/include/pykernels/prefetch.h"]
 
 
 def test_avx512_gemm_tables_match_generic_under_simde():

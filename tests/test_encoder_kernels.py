@@ -441,7 +441,7 @@ SIMDE_DEPS = ["tests/native/simde_shim/immintrin.h", "csrc/kernels/common/encode
               "csrc/include/pykernels/gemm.h", "csrc/kernels/common/gemm_impl.inc",
               "csrc/kernels/common/gemm_latency.inc", "csrc/kernels/common/gemm_throughput.inc",
               "csrc/kernels/common/gemm_rows.inc", "csrc/kernels/common/gemm_tiles.inc",
-              "csrc/kernels/common/quantize.inc"]
+              "csrc/kernels/common/quantize.inc", "csrc/include/pykernels/prefetch.h"]
 
 
 def test_avx512_encoder_unit_under_simde():

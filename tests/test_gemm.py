@@ -494,8 +494,11 @@ def check_plain_b_throughput_equals_packed(isa, *, threads):
     across several K blocks, few rows and many (both paths on any blocking),
     a row stride wider than N, and the fused bias and activation."""
     rng = np.random.default_rng(threads)
-    for m, k, n in [(7, 5, 1), (40, 1100, 15), (200, 700, 64), (130, 300, 65),
-                    (300, 1100, 130), (1300, 520, 70), (90, 260, 1100)]:
+    # (2000 rows: >= 3 row blocks per thread, so the pack path, for any row
+    # block up to 384 rows, the most any ISA's blocking uses; 5 rows: a chunk
+    # run by a single tile.)
+    for m, k, n in [(7, 5, 1), (5, 700, 130), (40, 1100, 15), (200, 700, 64), (130, 300, 65),
+                    (300, 1100, 130), (2000, 520, 70), (90, 260, 1100)]:
         a = rand(rng, m, k)
         wide = rand(rng, k, n + 9)
         for b in (np.ascontiguousarray(wide[:, :n]), wide[:, 5:n + 5]):

@@ -90,6 +90,25 @@ std::vector<float> run(const pk::GemmKernels& t, Precision prec, int variant, co
   return out;
 }
 
+// fp32 on a plain row-major B (b_packed null): rows b_rs floats apart.
+std::vector<float> run_plain(const pk::GemmKernels& t, int variant, const Case& c,
+                             const std::vector<float>& a, const std::vector<float>& b,
+                             int64_t b_rs, const std::vector<float>& bias,
+                             const std::vector<float>& c0, int threads, const pk::Blocking& blk) {
+  std::vector<float> out = c0;
+  pk::GemmArgs g;
+  g.m = c.m; g.n = c.n; g.k = c.k;
+  g.precision = Precision::kF32;
+  g.a = a.data(); g.a_rs = c.k * c.a_cs; g.a_cs = c.a_cs;
+  g.b = b.data(); g.b_rs = b_rs; g.b_cs = 1;
+  g.c = out.data(); g.c_rs = c.n;
+  g.alpha = c.alpha; g.beta = c.beta;
+  g.bias = c.bias ? bias.data() : nullptr;
+  g.act = c.act;
+  t.run[static_cast<int>(Precision::kF32)][variant](g, pk::ParallelPolicy{threads, false}, blk);
+  return out;
+}
+
 }  // namespace
 
 namespace {
@@ -213,6 +232,46 @@ int main() {
           s += std::fabs(static_cast<double>(a[(i * c.k + kk) * c.a_cs]) * b[kk * c.n + j]);
         scale[i * c.n + j] = s;
       }
+    // fp32 on a plain row-major B, as NumPy hands it over (rows n apart) and as
+    // a column slice of a wider array (rows n + 5 apart): the throughput
+    // variant copies B chunk by chunk or packs it whole (by the number of row
+    // blocks per thread), either way the values and order of the packed B, so
+    // its result must be bit-identical to the same call on the packed weight;
+    // the latency variant reads B in place, checked against generic.
+    for (const int64_t extra : {int64_t{0}, int64_t{5}}) {
+      std::vector<float> wide(c.k * (c.n + extra));
+      for (int64_t kk = 0; kk < c.k; ++kk)
+        std::memcpy(wide.data() + kk * (c.n + extra), b.data() + kk * c.n, sizeof(float) * c.n);
+      const std::vector<float> ref = run(pk::generic::kGemm, Precision::kF32, 0, c, a, pw, bias,
+                                         c0, 1, blockings[0]);
+      for (const pk::Blocking& blk : blockings)
+        for (int threads = 1; threads <= 2; ++threads) {
+          const std::vector<float> packed =
+              run(pk::avx512::kGemm, Precision::kF32, 1, c, a, pw, bias, c0, threads, blk);
+          const std::vector<float> plain =
+              run_plain(pk::avx512::kGemm, 1, c, a, wide, c.n + extra, bias, c0, threads, blk);
+          ++checks;
+          if (std::memcmp(packed.data(), plain.data(), sizeof(float) * packed.size()) != 0) {
+            ++failures;
+            std::printf("FAIL avx512 fp32 throughput plain B (b_rs=%lld) != packed: m=%lld k=%lld "
+                        "n=%lld kc=%lld threads=%d\n", (long long)(c.n + extra), (long long)c.m,
+                        (long long)c.k, (long long)c.n, (long long)blk.kc, threads);
+          }
+          const std::vector<float> lat =
+              run_plain(pk::avx512::kGemm, 0, c, a, wide, c.n + extra, bias, c0, threads, blk);
+          ++checks;
+          for (int64_t e = 0; e < c.m * c.n; ++e) {
+            const double d = std::fabs(static_cast<double>(lat[e]) - ref[e]);
+            if (std::isnan(d) || d > 2e-5 * scale[e]) {
+              ++failures;
+              std::printf("FAIL avx512 fp32 latency plain B: m=%lld k=%lld n=%lld element %lld "
+                          "got %.9g want %.9g\n", (long long)c.m, (long long)c.k, (long long)c.n,
+                          (long long)e, lat[e], ref[e]);
+              break;
+            }
+          }
+        }
+    }
     for (int p = 0; p < pk::kNumPrecisions; ++p) {
       const Precision prec = static_cast<Precision>(p);
       const bool exact = prec == Precision::kI8 && c.alpha == 1.0f && c.beta == 0.0f && !c.bias &&
