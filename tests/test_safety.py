@@ -155,17 +155,29 @@ def test_huge_view_results_that_cannot_be_allocated_raise_memory_error():
             for layout in ("kn", "nk"):
                 attempt(f"{view_name}/pack w=(2^31,2) {p} {layout}",
                         lambda: pk.pack(V, precision=p, layout=layout))
-        # K = 2**31: the throughput variant packs all of B (128 GiB) first.
+        # K = 2**31 and a B whose columns are not contiguous: the throughput
+        # variant gathers all of B into panels (128 GiB) first.
         attempt(f"{view_name}/gemm K=2^31 throughput",
-                lambda: pk.gemm(V.T, V, variant="throughput"))
-    print(json.dumps(res))
+                lambda: pk.gemm(V.T, B_COLS, variant="throughput"))
+        # A row-major B is copied a block at a time instead (few rows:
+        # gemm_throughput.inc), so no buffer of K's size: at K = 2**26 the
+        # whole-B panels (4 GiB) would exceed the cap, the call must not.
+        # (K = 2**26, not 2**31: 6x16 tiles over 2**31 took 45 s per call.)
+        V26 = V[:2**26]
+        r = pk.gemm(V26.T, V26, variant="throughput")
+        want = 2.0**26 * np.outer(V26[0], V26[0])
+        res_rowmajor[view_name] = "ok" if np.allclose(r, want, rtol=1e-3) else "bad:" + repr(r)
+    print(json.dumps([res, res_rowmajor]))
     """)
+    code = code.replace("res = {}", "res = {}\nres_rowmajor = {}\n"
+                        "B_COLS = as_strided(np.array([0.5, 0, -0.25], F32), (BIG, 2), (0, 8))")
     proc, report = run_isolated(code, timeout=300, mem_cap_mb=2048)
     assert not report, report
-    res = _last_json(proc)
+    res, res_rowmajor = _last_json(proc)
     bad = {k: v for k, v in res.items() if v != "MemoryError"}
     assert not bad, json.dumps(bad, indent=1)
     assert len(res) == 2 * (3 * 5 + 1 + 6 + 1)
+    assert res_rowmajor == {"broadcast": "ok", "as_strided": "ok"}, res_rowmajor
 
 
 HUGE_SECONDS = float(os.environ.get("PYKERNELS_HUGE_SECONDS", "3"))
