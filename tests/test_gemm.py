@@ -233,7 +233,7 @@ K_EDGES = (1, 2, 3, 7, 13, 31, 32, 33, 63, 65, 127, 129, 255, 256, 257, 511, 513
 PRIMES = ((2, 3, 5), (7, 11, 13), (13, 17, 19), (23, 29, 31), (37, 41, 43), (53, 97, 61),
           (67, 71, 73), (5, 131, 257), (101, 103, 107))
 # (16, 4100, 300): a plain b with more rows than one tile and a thread range
-# wider than one copy span (up to 240 columns), K blocks of 128 + 128 + 44, and
+# wider than one copy span (240 columns with a 512 KiB L2), K blocks of 128 + 128 + 44, and
 # a 4-column right edge.
 LARGE = ((100, 300, 257), (1, 4096, 1000), (300, 200, 130), (13, 50, 600), (6, 40, 1000),
          (257, 33, 5), (50, 1, 700), (1, 1, 5000), (16, 4100, 300))
