@@ -37,7 +37,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=16)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "int8_7bit"))
     p.add_argument("--rounds", type=int, default=9)
     args = p.parse_args()
     pk.set_num_threads(args.threads)

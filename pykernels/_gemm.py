@@ -26,7 +26,7 @@ MAX_THREADS = _core.MAX_THREADS  # the thread pool's limit per call
 
 # The public strings -> the binding's enums, by the enums' own names.
 _VARIANT = dict(Variant.__members__)      # latency, throughput, auto
-_PRECISION = dict(Precision.__members__)  # fp32, bf16, int8
+_PRECISION = dict(Precision.__members__)  # fp32, bf16, int8, int8_7bit
 # activation=None is the public spelling of Activation.none
 _ACTIVATION = {None: Activation.none,
                **{k: v for k, v in Activation.__members__.items() if v != Activation.none}}
@@ -81,7 +81,10 @@ _SAVE_FORMAT = "pykernels.PackedWeight"
 _SAVE_VERSION = 1
 
 _PACKED_DTYPE = {"fp32": np.dtype(np.float32), "bf16": np.dtype(np.uint16),
-                 "int8": np.dtype(np.int8)}
+                 "int8": np.dtype(np.int8), "int8_7bit": np.dtype(np.int8)}
+# The precisions stored as int8 panels with per-column scales: "int8" and
+# "int8_7bit" (the same weights; activations quantized to 7 bits per call).
+INT8_PRECISIONS = ("int8", "int8_7bit")
 
 
 def _packed_shape(k: int, n: int, precision: str) -> tuple:
@@ -95,7 +98,7 @@ class PackedWeight:
     """A weight matrix prepacked once for repeated ``x @ w``.
 
     ``shape`` is (K, N) whatever the layout it was packed from; ``precision``
-    is "fp32", "bf16" or "int8"; ``rel_error`` is the relative Frobenius
+    is "fp32", "bf16", "int8" or "int8_7bit"; ``rel_error`` is the relative Frobenius
     error of the stored weight against the original. The packed bytes are the
     same for both kernel variants and every ISA, so a PackedWeight made on one
     machine runs on any other.
@@ -135,6 +138,18 @@ class PackedWeight:
     def __repr__(self) -> str:
         return (f"PackedWeight(shape={self.shape}, precision={self.precision!r}, "
                 f"nbytes={self.nbytes}, rel_error={self.rel_error:.3g})")
+
+    def with_precision(self, precision: str) -> "PackedWeight":
+        """This weight under the other int8 precision ("int8" <-> "int8_7bit"),
+        sharing the packed data and scales (no copy): the two differ only in
+        how ``linear`` quantizes the activations. Returns self when
+        ``precision`` is this weight's; any other change needs ``pack``."""
+        if precision == self._precision:
+            return self
+        if self._precision not in INT8_PRECISIONS or precision not in INT8_PRECISIONS:
+            raise ValueError(f"with_precision switches between {INT8_PRECISIONS} only; "
+                             f"pack the weight again for {self._precision!r} -> {precision!r}")
+        return PackedWeight(self._shape, precision, self._data, self._rel_error, self._scale)
 
     # ---- safe persistence ---------------------------------------------------
     def save(self, path) -> None:
@@ -193,7 +208,7 @@ class PackedWeight:
         if data.dtype != _PACKED_DTYPE[precision] or data.shape != _packed_shape(k, n, precision):
             raise ValueError(f"{path}: packed data {data.dtype}{data.shape} does not match "
                              f"{precision} shape {(k, n)}")
-        if precision == "int8":
+        if precision in INT8_PRECISIONS:
             if scale is None or scale.dtype != _F32 or scale.shape != (n,):
                 raise ValueError(f"{path}: int8 scales missing or of the wrong shape")
             if not np.all(np.isfinite(scale)) or np.any(scale < 0):
@@ -246,7 +261,7 @@ def _unpickle_packed(version, shape, precision, payload, rel_error, scale=None):
                          f"expected {expected} for {precision} shape {(k, n)}")
     data = np.frombuffer(payload, dtype=dtype).reshape(pshape).copy()
     scale_arr = None
-    if precision == "int8":
+    if precision in INT8_PRECISIONS:
         if not isinstance(scale, bytes) or len(scale) != 4 * n:
             raise ValueError("corrupted PackedWeight pickle: int8 scales missing or truncated")
         scale_arr = np.frombuffer(scale, dtype=_F32).copy()
@@ -260,8 +275,14 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
 
     w: (K, N) with ``layout="kn"`` or (N, K) with ``layout="nk"`` (as
     ``torch.nn.Linear.weight``); float32, any strides; not modified.
-    precision: "fp32" (exact copy), "bf16" (round to nearest even) or "int8"
-    (symmetric per output column: scale = max|w[:, n]| / 127; needs finite w).
+    precision: "fp32" (exact copy), "bf16" (round to nearest even), "int8"
+    (symmetric per output column: scale = max|w[:, n]| / 127; needs finite w)
+    or "int8_7bit": the same int8 weights, with the activations quantized per
+    row to 7 bits (|a| <= 63) at call time instead of 8 -- twice the
+    activation rounding error, for about twice int8's speed on AVX2 CPUs
+    without VNNI (the vpmaddubsw scheme); the same results, at int8's speed,
+    elsewhere. ``PackedWeight.with_precision`` switches between the two
+    without repacking.
     """
     if layout not in ("kn", "nk"):
         raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
@@ -279,7 +300,7 @@ def pack(w, *, precision: str = "fp32", layout: str = "kn") -> PackedWeight:
         _core.pack_f32(w=wk, out=data.reshape(-1, k, PANEL_COLS), threads=get_num_threads())
         return PackedWeight((k, n), "fp32", data, 0.0)
     scale = None
-    if precision == "int8":
+    if precision in INT8_PRECISIONS:
         if not np.isfinite(wk).all():
             raise ValueError("int8 packing needs finite weights (found NaN or Inf)")
         scale = np.empty(n, dtype=_F32)
@@ -293,12 +314,13 @@ def linear(x, w, bias=None, *, activation=None, out=None, variant: str = "auto",
     """``activation(x @ w + bias)`` with bias and activation fused into the
     kernel's epilogue (no second pass over the output).
 
-    x: (..., K) float32. w: a PackedWeight (fp32, bf16 or int8) or a (K, N)
+    x: (..., K) float32. w: a PackedWeight (any precision) or a (K, N)
     float32 array. bias: None or (N,) float32. activation: None, "relu",
     "gelu" (erf form), "gelu_tanh" or "silu". Returns float32 (..., N), or
     writes ``out`` (C-contiguous float32 of that shape) and returns it.
     With an int8 weight, each row of x is quantized on the fly to int8
-    (scale max|row| / 127); a row holding Inf or NaN yields NaN in that row.
+    (scale max|row| / 127; max|row| / 63 with an "int8_7bit" weight); a row
+    holding Inf or NaN yields NaN in that row.
     """
     if activation is not None and not isinstance(activation, str):
         raise _bad_choice("activation", activation, ACTIVATIONS)

@@ -59,8 +59,8 @@ class Linear(nn.Module):
     def from_linear(cls, lin: nn.Linear, precision: str = "fp32", *,
                     activation: Optional[str] = None, variant: str = "auto",
                     threads=None) -> "Linear":
-        """Pack ``lin.weight`` (out, in) at ``precision`` ("fp32", "bf16" or
-        "int8"); ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu")
+        """Pack ``lin.weight`` (out, in) at ``precision`` ("fp32", "bf16",
+        "int8" or "int8_7bit"); ``activation`` (None, "relu", "gelu", "gelu_tanh", "silu")
         is fused after the bias."""
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(lin).__name__}")
@@ -129,7 +129,7 @@ class OptimizeReport:
     @property
     def weight_bytes(self) -> int:
         return sum(s.in_features * s.out_features for s in self.swapped) * \
-            {"fp32": 4, "bf16": 2, "int8": 1}[self.precision]
+            {"fp32": 4, "bf16": 2, "int8": 1, "int8_7bit": 1}[self.precision]
 
     def __str__(self) -> str:
         lines = [f"pykernels.torch.optimize: {len(self.swapped)} nn.Linear layers -> "

@@ -21,18 +21,20 @@ from pykernels._bf16 import bf16_dtype
 # Nominal relative error each precision adds (relative Frobenius error of the
 # output against a float64 reference): fp32 accumulates ~sqrt(K)*eps; bf16 has
 # an 8-bit mantissa (2^-9 ~ 2e-3 per element, ~4e-3 measured through a GEMM);
-# int8 is symmetric per channel (~1e-2). The profile may carry measured values,
-# which take precedence. Ordered from most to least accurate.
+# int8 is symmetric per channel (~1e-2); int8_7bit has the same weights and
+# twice the activation rounding step (~2e-2). The profile may carry measured
+# values, which take precedence. Ordered from most to least accurate.
 PRECISION_REL_ERROR: Dict[str, float] = {
     "fp32": 1e-6,
     "fp16": 5e-4,
     "bf16": 4e-3,
     "int8": 1e-2,
+    "int8_7bit": 2e-2,
 }
 PRECISIONS: Tuple[str, ...] = tuple(PRECISION_REL_ERROR)
 
 # Bytes per stored weight/activation element.
-_WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+_WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8_7bit": 1}
 
 
 def precision_rank(precision: str) -> int:
@@ -223,7 +225,7 @@ class Linear(Op):
     def bytes(self, batch: int = 1, precision: str = "fp32") -> float:
         m = self.units(batch)
         wb = _WEIGHT_BYTES.get(precision, 4)
-        scales = 4.0 * self.n if precision == "int8" else 0.0
+        scales = 4.0 * self.n if _WEIGHT_BYTES.get(precision) == 1 else 0.0  # int8 scales
         return self.k * self.n * wb + scales + 4.0 * m * (self.k + self.n)
 
 

@@ -122,7 +122,8 @@ def test_bench_linear_quick_table_and_json(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "WRONG" not in r.stdout and "ERROR" not in r.stdout, r.stdout
     for label in ("fp32 latency", "fp32 throughput", "bf16 latency", "bf16 throughput",
-                  "int8 latency", "int8 throughput", "numpy fp32"):
+                  "int8 latency", "int8 throughput", "int8_7bit latency", "int8_7bit throughput",
+                  "numpy fp32"):
         assert label in r.stdout, label
     assert "NumPy/x" in r.stdout and "fused bias+GELU overhead" in r.stdout
     assert len([ln for ln in r.stdout.splitlines() if ln.startswith("3x70x45")]) == 2
@@ -133,7 +134,8 @@ def test_bench_linear_quick_table_and_json(tmp_path):
         assert key in doc, key
     ours = {(rec["precision"], rec["variant"]) for rec in doc["results"]
             if rec["impl"] == "pykernels"}
-    assert ours == {(p, v) for p in ("fp32", "bf16", "int8") for v in ("latency", "throughput")}
+    assert ours == {(p, v) for p in ("fp32", "bf16", "int8", "int8_7bit")
+                    for v in ("latency", "throughput")}
     assert ("numpy", "fp32") in {(rec["impl"], rec["precision"]) for rec in doc["results"]}
     for rec in doc["results"]:
         assert (rec["m"], rec["k"], rec["n"], rec["op"]) == (3, 70, 45, "linear")
@@ -143,7 +145,7 @@ def test_bench_linear_quick_table_and_json(tmp_path):
             assert rec["median_s"] > 0 and rec["gflops"] > 0
     assert doc["summary"][0]["best"]["int8"]["median_s"] > 0
     fused = [f for f in doc["fused"] if f["impl"] == "pykernels"]
-    assert len(fused) == 6 and all(f["ok"] and f["ratio"] > 0 for f in fused), fused
+    assert len(fused) == 8 and all(f["ok"] and f["ratio"] > 0 for f in fused), fused
     assert {(f["m"], f["k"], f["n"]) for f in fused} == {(8, 64, 48)}
 
 

@@ -69,6 +69,33 @@ def test_under_a_burst_queries_drop_precision_only_within_their_budget():
     assert calm.feasible
 
 
+
+# --- two int8 precisions: exact 8-bit activations, or 7-bit ones at ~2x on AVX2 ----------
+GROUPS7 = {**GROUPS, ("latency", "int8_7bit", 2): (0.022, 0.0020),
+           ("throughput", "int8_7bit", 2): (0.110, 0.0006)}
+COSINES7 = {**COSINES, "int8_7bit": 0.9935}
+
+
+def profile7():
+    prof = synthetic_profile(GROUPS7)
+    prof.precision_error.update({p: cosine_error(c) for p, c in COSINES7.items()})
+    return prof
+
+
+@pytest.mark.parametrize("cos,want", [(0.99, "int8_7bit"), (0.995, "int8"), (0.999, "fp32")])
+def test_the_accuracy_budget_chooses_between_the_int8_schemes(cos, want):
+    plan = Policy(SLO(min_cosine=cos), profile7()).plan(OP, queued=64)
+    assert plan.precision == want, plan.explain()
+    if want != "int8_7bit":
+        assert "int8_7bit 0.9935 (excluded)" in plan.explain()
+
+
+def test_int8_7bit_nominal_error_is_between_int8_and_the_loosest_budgets():
+    from pykernels.work import PRECISION_REL_ERROR, PRECISIONS, precision_rank
+    assert precision_rank("int8") < precision_rank("int8_7bit") < len(PRECISIONS)
+    assert PRECISION_REL_ERROR["int8"] < PRECISION_REL_ERROR["int8_7bit"]
+
+
 # --- admission prediction: a queue drains in means, not medians -----------------
 def test_predicted_drain_time_follows_the_mean_of_skewed_service_times():
     from pykernels.policy.simulate import synthetic_profile as sp

@@ -189,8 +189,11 @@ _SCHEMES = {
     "fp32": {"fma", "scalar"},
     "bf16": {"widen_fma", "widen_scalar", "vdpbf16ps"},
     "int8": {"vpmaddwd", "vpdpbusd", "vpmaddubsw", "scalar_u8s8"},
+    # 7-bit activations: vpmaddubsw (AVX2, and its scalar model on generic),
+    # the exact instructions where they are as fast (AVX-512, VNNI)
+    "int8_7bit": {"vpmaddubsw", "vpmaddwd", "vpdpbusd"},
 }
-_K_STEP = {"fp32": 1, "bf16": 2, "int8": 4}
+_K_STEP = {"fp32": 1, "bf16": 2, "int8": 4, "int8_7bit": 4}
 
 
 def test_kernels_registry_entries():
@@ -381,7 +384,7 @@ def test_binding_vocabulary_comes_from_cpp():
     MAX_THREADS is the limit the thread pool really applies."""
     from pykernels import _core, _gemm
     assert list(_core.Variant.__members__) == ["latency", "throughput", "auto"]
-    assert list(_core.Precision.__members__) == ["fp32", "bf16", "int8"]
+    assert list(_core.Precision.__members__) == ["fp32", "bf16", "int8", "int8_7bit"]
     assert list(_core.Activation.__members__) == ["none", "relu", "gelu", "gelu_tanh", "silu"]
     assert _gemm.VARIANTS == ("latency", "throughput", "auto")
     assert _gemm.ACTIVATIONS == (None, "relu", "gelu", "gelu_tanh", "silu")

@@ -250,7 +250,7 @@ pk::LayerProjection as_projection(py::handle w_h, py::handle bias_h, const char*
   if (static_cast<int>(p.precision) < 0 || static_cast<int>(p.precision) >= pk::kNumPrecisions)
     throw py::value_error("internal: bad precision code");
   p.packed = checked_packed(w_h.attr("_data"), p.precision, k, n);
-  if (p.precision == pk::Precision::kI8) {
+  if (pk::is_int8(p.precision)) {
     p.col_scale = checked_scales(w_h.attr("_scale"), n);
     if (k > kMaxKInt8)
       throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) + ", got K=" +

@@ -145,7 +145,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle out_h, float alpha,
       throw py::value_error("internal: bad precision code");
     g.precision = precision;
     g.b_packed = checked_packed(packed_h, g.precision, pk_k, pk_n);
-    if (g.precision == pk::Precision::kI8) {
+    if (pk::is_int8(g.precision)) {
       g.col_scale = checked_scales(scale_h, pk_n);
       if (pk_k > kMaxKInt8)
         throw py::value_error("int8 supports K <= " + std::to_string(kMaxKInt8) +
@@ -214,7 +214,7 @@ py::object matmul(py::handle a_h, py::handle b_h, py::handle out_h, float alpha,
 // scale (N,). Returns (sum of squared errors, sum of squares).
 py::tuple pack_lowp(const py::array& w_in, pk::Precision precision, py::array out,
                     py::handle scale_h) {
-  if (precision != pk::Precision::kBF16 && precision != pk::Precision::kI8)
+  if (precision != pk::Precision::kBF16 && !pk::is_int8(precision))
     throw py::value_error("internal: pack_lowp takes bf16 or int8");
   py::object keep;  // pack reads w through float*: a misaligned w is copied first
   const auto w = py::reinterpret_borrow<py::array>(aligned_input(w_in, sizeof(float), keep));
@@ -222,7 +222,7 @@ py::tuple pack_lowp(const py::array& w_in, pk::Precision precision, py::array ou
   const int64_t k = w.shape(0), n = w.shape(1);
   const int64_t rs = elem_stride(w, 0), cs = elem_stride(w, 1);
   double err2 = 0, ref2 = 0;
-  float* scale = precision == pk::Precision::kI8
+  float* scale = pk::is_int8(precision)
       ? static_cast<float*>(py::reinterpret_borrow<py::array>(scale_h).mutable_data())
       : nullptr;
   {

@@ -45,7 +45,7 @@ py::dict cpu_info() {
 // The Python names of the enums, indexed by value: the public API's strings
 // (variant="auto", precision="int8", activation="gelu") and the registry's.
 constexpr const char* kVariantNames[] = {"latency", "throughput", "auto"};
-constexpr const char* kPrecisionNames[pk::kNumPrecisions] = {"fp32", "bf16", "int8"};
+constexpr const char* kPrecisionNames[pk::kNumPrecisions] = {"fp32", "bf16", "int8", "int8_7bit"};
 constexpr const char* kActivationNames[] = {"none", "relu", "gelu", "gelu_tanh", "silu"};
 
 template <class E, size_t N>

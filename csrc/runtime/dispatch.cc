@@ -72,14 +72,20 @@ void init_dispatch(const std::string& requested) {
   switch (d.isa) {
     case Isa::kAvx512:
       d.gemm_table = avx512::kGemm;
-      if (f.avx512_vnni) use_int8(d.gemm_table, avx512::kI8Vnni);
+      if (f.avx512_vnni) {
+        use_int8(d.gemm_table, avx512::kI8Vnni);
+        use_pair(d.gemm_table, Precision::kI8A7, avx512::kI8A7Vnni);
+      }
       d.gemm_blocking = blocking_for(f, 6, 64);
       d.attention = &avx512::kAttention;
       d.encoder = &avx512::kEncoder;
       break;
     case Isa::kAvx2:
       d.gemm_table = avx2::kGemm;
-      if (f.avx_vnni) use_int8(d.gemm_table, avx2::kI8AvxVnni);
+      if (f.avx_vnni) {
+        use_int8(d.gemm_table, avx2::kI8AvxVnni);
+        use_pair(d.gemm_table, Precision::kI8A7, avx2::kI8A7AvxVnni);
+      }
       d.gemm_blocking = blocking_for(f, 6, 16);
       d.attention = &avx2::kAttention;
       d.encoder = &avx2::kEncoder;

@@ -19,7 +19,7 @@ Servers (each gets the same workload, one after the other):
 * pykernels: ``DynamicBatcher`` with SLO classes planned by
   ``pykernels.policy.Policy`` from service times and embedding cosines
   measured at start-up; the planner picks variant, threads, batch and
-  precision (fp32 or int8, within each class's ``--accuracy`` budget) per
+  precision (fp32, int8 or int8_7bit, within each class's ``--accuracy`` budget) per
   batch. pykernels-fp32: the same with fp32 only.
 
 Reported per server and phase: query p50/p99 (arrival to completion, queue

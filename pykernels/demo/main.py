@@ -13,6 +13,7 @@ from ..models import MiniLM
 from ..models.minilm import encoder_op
 from ..policy.slo import cosine_error, parse_min_cosines
 from ..serving import EncoderWork
+from ..serving.service import ACCURACY_PRECISIONS
 from .plot import plot_runs
 from .report import mark_best, print_phases, print_table, print_targets
 from .run import measure_profile, run_policy
@@ -44,7 +45,7 @@ def run_demo(*, duration: float = 9.0, rate: float = 20.0, p99_ms: float = 100.0
     out = sys.stdout
     accuracy = dict(accuracy or DEFAULT_ACCURACY)
     rng = np.random.default_rng(0)
-    model = MiniLM.load(precision=precision, precisions=("fp32", "int8"))
+    model = MiniLM.load(precision=precision, precisions=ACCURACY_PRECISIONS)
     sched = make_phases(phases, duration)
     queries = make_texts(rng, 256, 6, 13)
     docs_by_phase = [make_texts(rng, 512, *p.doc_words) for p in sched]
@@ -143,7 +144,7 @@ def add_demo_arguments(p):
     p.add_argument("--p99-ms", type=float, default=100.0, help="interactive p99 target (ms)")
     p.add_argument("--bulk-outstanding", type=int, default=128,
                    help="documents the indexer keeps in flight")
-    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8", "int8_7bit"), default="fp32",
                    help="precision of the static baselines' weights")
     p.add_argument("--quick", action="store_true", help="short run (CI smoke)")
     p.add_argument("--baselines", choices=("quick", "all", "none"), default=None,

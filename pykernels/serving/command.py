@@ -21,10 +21,11 @@ from typing import List, Optional
 import pykernels
 
 from .._argtypes import finite_positive_float, port_number, positive_int
+from .._gemm import PRECISIONS
 from ..models import MiniLM
 from ..policy.slo import parse_min_cosines
 from .asgi import create_app
-from .service import MODEL_ID, Limits, make_batcher
+from .service import ACCURACY_PRECISIONS, MODEL_ID, Limits, make_batcher
 
 DEFAULT_PORT = 8000
 
@@ -39,7 +40,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $PYKERNELS_API_KEY; "
                         "none: no auth)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8"),
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="precision of the model's projection weights (default fp32)")
     p.add_argument("--model-dir", default=None,
                    help="MiniLM directory in the Hugging Face layout (default: the "
@@ -196,7 +197,7 @@ def run_serve(args) -> int:
         accuracy = (parse_min_cosines(args.accuracy, ("interactive", "bulk"))
                     if args.accuracy else None)
         model = MiniLM.load(args.model_dir, precision=args.precision,
-                            precisions=("fp32", "int8") if accuracy else ())
+                            precisions=ACCURACY_PRECISIONS if accuracy else ())
         batcher = make_batcher(model, interactive_p99_ms=args.interactive_p99_ms,
                                bulk_throughput=args.bulk_throughput, max_queue=args.max_queue,
                                profile_path=args.profile, calibrate_budget_s=args.calibrate_budget,

@@ -38,6 +38,7 @@ from ..models import MiniLM
 from ..policy import Profile
 from ..policy.slo import parse_min_cosines
 from .service import (
+    ACCURACY_PRECISIONS,
     MODEL_ID,
     SLO_HEADER,
     ApiError,
@@ -51,10 +52,6 @@ from .service import (
 log = logging.getLogger("pykernels.serving.ray")
 
 DEPLOYMENT_NAME = "pykernels-embeddings"
-# The precisions a replica with accuracy budgets holds, as ``pykernels serve
-# --accuracy`` loads them: fp32 (the reference the cosines are measured to) and
-# int8 (+25% of the fp32 weight memory).
-ACCURACY_PRECISIONS = ("fp32", "int8")
 
 
 class ShippedModel:
@@ -107,7 +104,7 @@ class EmbeddingReplica:
         embeddings to fp32's (``{"interactive": 0.999, "bulk": 0.99}`` or the
         ``pykernels serve --accuracy`` text ``"interactive=0.999,bulk=0.99"``):
         the model holds fp32 and int8 weights (a model passed in must already
-        hold them: ``MiniLM.load(precisions=("fp32", "int8"))``), the cosines
+        hold them: ``MiniLM.load(precisions=ACCURACY_PRECISIONS)``), the cosines
         are measured at start-up, and each batch's precision is the planner's
         choice within its class's budget.
     The rest as ``pykernels serve``: SLO targets, limits, api_key, max_queue.

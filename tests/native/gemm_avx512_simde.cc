@@ -81,7 +81,7 @@ std::vector<float> run(const pk::GemmKernels& t, Precision prec, int variant, co
   g.precision = prec;
   g.a = a.data(); g.a_rs = c.k * c.a_cs; g.a_cs = c.a_cs;
   g.b_packed = pw.data(prec);
-  g.col_scale = prec == Precision::kI8 ? pw.scale.data() : nullptr;
+  g.col_scale = pk::is_int8(prec) ? pw.scale.data() : nullptr;
   g.c = out.data(); g.c_rs = c.n;
   g.alpha = c.alpha; g.beta = c.beta;
   g.bias = c.bias ? bias.data() : nullptr;
@@ -122,7 +122,7 @@ struct Table {
 // `base` with one precision's entries replaced by a scheme's; only that row is tested.
 Table with_pair(const pk::GemmKernels& base, Precision prec, const pk::GemmPair& pair) {
   const int p = static_cast<int>(prec);
-  Table out{base, {false, false, false}};
+  Table out{base, {false, false, false, false}};
   out.rows[p] = true;
   out.t.meta[p] = pair.meta;
   for (int v = 0; v < 2; ++v) out.t.run[p][v] = pair.run[v];
@@ -211,9 +211,11 @@ int main() {
   // shapes span several K and M blocks.
   const pk::Blocking blockings[] = {{128, 384, 512, 2 << 20}, {32, 12, 64, 64 << 10}};
   const Table tables[] = {
-      {pk::avx512::kGemm, {true, true, true}},
+      {pk::avx512::kGemm, {true, true, true, true}},
       with_pair(pk::avx512::kGemm, Precision::kI8, pk::avx512::kI8Vnni),
+      with_pair(pk::avx512::kGemm, Precision::kI8A7, pk::avx512::kI8A7Vnni),
       with_pair(pk::generic::kGemm, Precision::kI8, pk::avx2::kI8AvxVnni),
+      with_pair(pk::generic::kGemm, Precision::kI8A7, pk::avx2::kI8A7AvxVnni),
       with_pair(pk::avx512::kGemm, Precision::kBF16, pk::avx512::kBF16Dot)};
   int failures = 0, checks = 0;
   for (const Case& c : cases) {
@@ -274,7 +276,7 @@ int main() {
     }
     for (int p = 0; p < pk::kNumPrecisions; ++p) {
       const Precision prec = static_cast<Precision>(p);
-      const bool exact = prec == Precision::kI8 && c.alpha == 1.0f && c.beta == 0.0f && !c.bias &&
+      const bool exact = pk::is_int8(prec) && c.alpha == 1.0f && c.beta == 0.0f && !c.bias &&
                          c.act == Activation::kNone;
       for (int variant = 0; variant < 2; ++variant) {
         const std::vector<float> ref = run(pk::generic::kGemm, prec, variant, c, a, pw, bias, c0,

@@ -19,6 +19,7 @@
 //   fp32  step 1: packed[p][k][c]                    = B[k, 16p + c]
 //   bf16  step 2: packed[p][k/2][c][k%2]             = bf16(B[k, 16p + c])
 //   int8  step 4: packed[p][k/4][c][k%4]             = round(B[k, 16p+c] / scale[16p+c])
+//   (int8_7bit reads the int8 panels; only its activation quantization differs)
 // K is padded with zeros to a multiple of `step` (k_padded). One layout serves
 // both variants and every ISA, so switching variant or machine never repacks.
 // int8 is symmetric per output column (scale[c] = max|B[:, c]| / 127); the
@@ -48,8 +49,14 @@ namespace pk {
 constexpr int kPanelCols = 16;
 
 enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
-enum class Precision : int { kF32 = 0, kBF16 = 1, kI8 = 2 };
-constexpr int kNumPrecisions = 3;
+// kI8A7 ("int8_7bit"): int8 weights in the int8 packed format, activations
+// quantized per row to 7 bits (|a| <= 63, step max|row| / 63): twice the
+// activation rounding error of kI8, for the AVX2 vpmaddubsw scheme's ~2x rate
+// on CPUs without VNNI (gemm_avx2.cc). A precision of its own, not a global
+// switch, so the policy can choose between the two per call by accuracy budget.
+enum class Precision : int { kF32 = 0, kBF16 = 1, kI8 = 2, kI8A7 = 3 };
+constexpr int kNumPrecisions = 4;
+constexpr bool is_int8(Precision p) { return p == Precision::kI8 || p == Precision::kI8A7; }
 
 constexpr int k_step(Precision p) { return p == Precision::kF32 ? 1 : (p == Precision::kBF16 ? 2 : 4); }
 constexpr int64_t pad_k(int64_t k, Precision p) { return (k + k_step(p) - 1) / k_step(p) * k_step(p); }
@@ -114,7 +121,7 @@ inline int auto_variant(Precision precision, bool packed_b, int64_t m, int64_t k
   constexpr int64_t kSmallMacs = 128 * 128 * 128;
   const bool small = m <= 128 && k <= kSmallMacs / m && n <= kSmallMacs / m / (k > 0 ? k : 1);
   if (threads > 1 && small) return 0;
-  if (precision != Precision::kI8 && m <= 128 && (threads > 1 || !packed_b || small)) return 0;
+  if (!is_int8(precision) && m <= 128 && (threads > 1 || !packed_b || small)) return 0;
   return 1;
 }
 
@@ -155,11 +162,13 @@ extern const GemmPair kI8Maddubs;  // scalar model of avx2::kI8Maddubs (7-bit ac
 namespace avx2 {
 extern const GemmKernels kGemm;    // int8 by vpmaddwd
 extern const GemmPair kI8AvxVnni;  // int8 by VEX vpdpbusd (AVX-VNNI)
+extern const GemmPair kI8A7AvxVnni;  // int8_7bit by VEX vpdpbusd (AVX-VNNI)
 extern const GemmPair kI8Maddubs;  // int8 by vpmaddubsw, 7-bit activations (opt-in)
 }
 namespace avx512 {
 extern const GemmKernels kGemm;    // int8 by vpmaddwd (AVX-512F/BW)
 extern const GemmPair kI8Vnni;     // int8 by vpdpbusd (AVX512_VNNI)
+extern const GemmPair kI8A7Vnni;   // int8_7bit by vpdpbusd (AVX512_VNNI)
 extern const GemmPair kBF16Dot;    // bf16 by vdpbf16ps (AVX512_BF16), set_bf16_scheme
 }
 

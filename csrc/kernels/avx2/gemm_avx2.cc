@@ -45,10 +45,11 @@ struct VIMaddubs : U8S8Ymm {
 const GemmKernels kGemm = {
     "avx2",
     {meta_of<FormatF32>("fma"), meta_of<FormatBF16>("widen_fma"),
-     meta_of<Int8Format<VI>>("vpmaddwd")},
+     meta_of<Int8Format<VI>>("vpmaddwd"), meta_of<Int8Format<VIMaddubs>>("vpmaddubsw")},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
-     {&i8_latency<VI>, &i8_throughput<VI>}}};
+     {&i8_latency<VI>, &i8_throughput<VI>},
+     {&i8_latency<VIMaddubs>, &i8_throughput<VIMaddubs>}}};
 
 const GemmPair kI8Maddubs = {meta_of<Int8Format<VIMaddubs>>("vpmaddubsw"),
                              {&i8_latency<VIMaddubs>, &i8_throughput<VIMaddubs>}};

@@ -31,6 +31,11 @@ namespace vnni {
 struct VIVnni : U8S8Ymm {
   static reg madd(reg acc, wreg w, areg a) { return _mm256_dpbusd_avx_epi32(acc, w, a); }
 };
+// int8_7bit: with vpdpbusd the 7-bit activations buy nothing (it is exact on 8
+// bits and 4 products per instruction, vs vpmaddubsw's 2 per 1.5); same results.
+struct VIVnni7 : VIVnni {
+  static constexpr int kActMax = 63;
+};
 
 #include "../common/gemm_impl.inc"
 
@@ -38,6 +43,9 @@ struct VIVnni : U8S8Ymm {
 
 const GemmPair kI8AvxVnni = {vnni::meta_of<vnni::Int8Format<vnni::VIVnni>>("vpdpbusd"),
                              {&vnni::i8_latency<vnni::VIVnni>, &vnni::i8_throughput<vnni::VIVnni>}};
+const GemmPair kI8A7AvxVnni = {
+    vnni::meta_of<vnni::Int8Format<vnni::VIVnni7>>("vpdpbusd"),
+    {&vnni::i8_latency<vnni::VIVnni7>, &vnni::i8_throughput<vnni::VIVnni7>}};
 
 }  // namespace avx2
 }  // namespace pk

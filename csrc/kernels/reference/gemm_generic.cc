@@ -70,10 +70,11 @@ constexpr int kLatNP[kTputMR + 1] = {1, 1, 1, 1, 1};
 const GemmKernels kGemm = {
     "generic",
     {meta_of<FormatF32>("scalar"), meta_of<FormatBF16>("widen_scalar"),
-     meta_of<Int8Format<VI>>("scalar_u8s8")},
+     meta_of<Int8Format<VI>>("scalar_u8s8"), meta_of<Int8Format<VI7>>("vpmaddubsw")},
     {{&f32_latency, &f32_throughput},
      {&bf16_latency, &bf16_throughput},
-     {&i8_latency<VI>, &i8_throughput<VI>}}};
+     {&i8_latency<VI>, &i8_throughput<VI>},
+     {&i8_latency<VI7>, &i8_throughput<VI7>}}};
 
 const GemmPair kI8Maddubs = {meta_of<Int8Format<VI7>>("vpmaddubsw"),
                              {&i8_latency<VI7>, &i8_throughput<VI7>}};
