@@ -57,7 +57,7 @@ def set_num_threads(n: int) -> None:
     _core.set_num_threads(min(n, _core.MAX_THREADS))
 
 
-_DTYPE_TAG = {"fp32": "f32", "bf16": "bf16", "int8": "i8"}
+_DTYPE_TAG = {"fp32": "f32", "bf16": "bf16", "int8": "i8", "int8_7bit": "i8a7"}
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_avx512_gemm_tables_match_generic_under_simde():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.endswith(" 0 failures"), summary
-    # 84 cases x 2 variants x 2 blockings x 2 thread counts x (3 precisions of
-    # avx512::kGemm + the int8 of kI8Vnni and of kI8AvxVnni + the bf16 of
-    # kBF16Dot, the vdpbf16ps scheme)
-    assert int(summary.split()[2]) >= 84 * 2 * 2 * 2 * 6, summary
+    # 84 cases x 2 variants x 2 blockings x 2 thread counts x (4 precisions of
+    # avx512::kGemm + the int8 and int8_7bit of kI8Vnni / kI8A7Vnni and of
+    # kI8AvxVnni / kI8A7AvxVnni + the bf16 of kBF16Dot, the vdpbf16ps scheme)
+    assert int(summary.split()[2]) >= 84 * 2 * 2 * 2 * 9, summary

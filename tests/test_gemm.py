@@ -631,7 +631,7 @@ def test_small_cube_in_process_spot_check():
 # differently, so their fp32 and bf16 results differ in the last bits and a
 # call that ran neither (another thread count, another blocking) fails.
 # int8 sums are exact: there the test checks only that auto runs.
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int8_7bit"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,k,n", [(32, 1100, 70), (33, 1100, 70), (128, 128, 128),
                                    (129, 128, 128), (7, 1000, 300), (100, 600, 200),

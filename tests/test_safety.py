@@ -42,7 +42,7 @@ import pykernels as pk
 from conftest import run_python, subprocess_env
 
 F32 = np.float32
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8", "int8_7bit")
 
 # Running under the sanitizer build (.ci/sanitize preloads the ASan runtime)?
 with open("/proc/self/maps") as _maps:

@@ -70,7 +70,7 @@ class _Net(nn.Module):
         return self.mha(h, h, h, need_weights=False)[0]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int8_7bit"])
 def test_optimize_swaps_in_place_and_reports(precision):
     torch.manual_seed(0)
     net = _Net().eval()

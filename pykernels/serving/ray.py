@@ -34,6 +34,7 @@ import numpy as np
 
 import pykernels
 
+from .._gemm import INT8_PRECISIONS
 from ..models import MiniLM
 from ..policy import Profile
 from ..policy.slo import parse_min_cosines
@@ -127,8 +128,10 @@ class EmbeddingReplica:
             model = MiniLM.load(model_dir, precision=precision,
                                 precisions=ACCURACY_PRECISIONS if accuracy else ())
         if accuracy:
-            missing = [p for p in ACCURACY_PRECISIONS if p not in getattr(model, "precisions", ())]
-            if missing:
+            # fp32 (the cosines' reference) and at least one int8 precision; a
+            # model loaded before int8_7bit existed, as ("fp32", "int8"), still serves
+            held = set(getattr(model, "precisions", ()))
+            if "fp32" not in held or not held & set(INT8_PRECISIONS):
                 raise ValueError(f"accuracy budgets {accuracy} need a model holding "
                                  f"{list(ACCURACY_PRECISIONS)}; this one holds "
                                  f"{list(getattr(model, 'precisions', ()))}: load it with "
