@@ -187,7 +187,7 @@ def test_num_threads_env_invalid_falls_back():
 # checks membership, never which scheme it finds.
 _SCHEMES = {
     "fp32": {"fma", "scalar"},
-    "bf16": {"widen_fma", "widen_scalar", "vdpbf16ps"},
+    "bf16": {"widen_fma", "widen_scalar", "dpbf16ps"},
     "int8": {"vpmaddwd", "vpdpbusd", "vpmaddubsw", "scalar_u8s8"},
     # 7-bit activations: vpmaddubsw (AVX2, and its scalar model on generic),
     # the exact instructions where they are as fast (AVX-512, VNNI)
