@@ -8,7 +8,7 @@ serving profile (``--calibrate-budget``) and the second reuses it:
 
 * ``server``: API key, small limits (so the limit tests stay small), the default
   50 ms interactive p99 target;
-* ``tight_server``: no key, an interactive p99 target of 0.5 ms that no request
+* ``tight_server``: no key, an interactive p99 target of 0.01 ms (10 us) that no request
   can meet, so every interactive request is refused at submit (a deterministic
   429) while bulk requests (no latency target) are accepted; the SIGTERM test
   stops it last.
@@ -137,7 +137,7 @@ def server(cache_dir):
 
 @pytest.fixture(scope="module")
 def tight_server(cache_dir, server):  # after `server`: reuses its cached profile
-    s = Server(["--interactive-p99-ms", "0.5"], cache_dir)
+    s = Server(["--interactive-p99-ms", "0.01"], cache_dir)
     yield s
     s.stop()
 

@@ -36,6 +36,7 @@ py::dict cpu_info() {
   r["model"] = f.model;
   py::dict blk;
   blk["kc"] = d.gemm_blocking.kc;
+  blk["kc_latency"] = d.gemm_blocking.kc_latency;
   blk["mc"] = d.gemm_blocking.mc;
   blk["nc"] = d.gemm_blocking.nc;
   r["gemm_blocking"] = blk;
@@ -162,4 +163,8 @@ PYBIND11_MODULE(_core, m) {
   // std::invalid_argument reaches Python as ValueError.
   m.def("set_int8_scheme", &pk::set_int8_scheme, py::arg("scheme"));
   m.def("measure_peaks", &measure_peaks_py, py::arg("seconds"));
+  m.def("_set_gemm_blocking", [](int64_t kc, int64_t kc_latency, int64_t mc, int64_t nc) {
+    const pk::Blocking b = pk::set_gemm_blocking(kc, kc_latency, mc, nc);
+    return py::make_tuple(b.kc, b.kc_latency, b.mc, b.nc);
+  }, py::arg("kc"), py::arg("kc_latency"), py::arg("mc"), py::arg("nc"));
 }

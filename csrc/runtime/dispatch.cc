@@ -10,19 +10,34 @@ namespace {
 Dispatch g_dispatch;
 
 // Cache blocking from the detected caches, for a register tile of mr x nr.
-//  KC: the B strip (KC x nr) and one A micro-panel (mr x KC) share 3/4 of L1d:
+//  KC, L1 rule (AVX2 and generic tiles): the B strip (KC x nr) and one A
+//      micro-panel (mr x KC) share 3/4 of L1d:
 //      32 KiB L1d, 6x16 tile: 24576 / (4 * 22) = 279 -> 256 (B strip 16 KiB).
-//      48 KiB L1d, 6x64 tile: 36864 / (4 * 70) = 131 -> 128 (B strip 32 KiB).
+//  KC, L2 rule (strip_in_l2: the AVX-512 6x64 tile): the B strip takes 1/8
+//      of L2 and the tile streams it from there. Each k step of that tile
+//      loads 256 bytes of B for 24 FMAs (~10 bytes a cycle, well within L2's
+//      rate), while every K block costs the 6x64 C tile a read and a write in
+//      the epilogue: the L1 rule's KC = 64 on a 32 KiB L1 left fp32 at 67%
+//      and bf16 (vdpbf16ps) at 55% of peak. Zen 4 (1 MiB L2), 2 threads,
+//      interleaved in one process, fp32 / bf16 throughput GFLOP/s at KC 64 ->
+//      512: 256x4096^2 154 -> 195 / 248 -> 373, 2048^3 157 -> 186 / 256 -> 373,
+//      4096x384x1536 159 -> 204 / 257 -> 372 (flat from 512 to 1024): 1 MiB
+//      / 8 / (4 * 64) = 512, capped there.
+//  KC for the latency variant (kc_latency, divided there by the tile's
+//      panels): the L1 value on the L1 rule; 2 x KC on the L2 rule (256 for
+//      the 6x64 tile: 16-128 rows x 384-1536 gained 1.10-1.27x fp32 and bf16
+//      over 64, one case lost: fp32 16x4096^2, 0.92x).
 //  MC: the packed A block (MC x KC) fills half of L2, the rest holds B strips
 //      and C: 512 KiB L2, KC=256: 262144 / 1024 = 256 -> 252 (a multiple of 6).
 //      Capped at 384 rows so a 1024-row problem still splits into >= 3 blocks.
 //  NC: the width of one parallel macro-tile; B is prepacked, so NC only sets the
 //      granularity of work: 512 columns.
-Blocking blocking_for(const CpuFeatures& f, int mr, int nr) {
+Blocking blocking_for(const CpuFeatures& f, int mr, int nr, bool strip_in_l2) {
   Blocking b;
-  int64_t kc = (f.l1d_bytes * 3 / 4) / (4 * (mr + nr));
+  int64_t kc = strip_in_l2 ? f.l2_bytes / 8 / (4 * nr) : (f.l1d_bytes * 3 / 4) / (4 * (mr + nr));
   kc = kc / 32 * 32;
-  b.kc = kc < 64 ? 64 : (kc > 1024 ? 1024 : kc);
+  b.kc = kc < 64 ? 64 : (kc > (strip_in_l2 ? 512 : 1024) ? (strip_in_l2 ? 512 : 1024) : kc);
+  b.kc_latency = strip_in_l2 ? 2 * b.kc : b.kc;
   int64_t mc = (f.l2_bytes / 2) / (4 * b.kc);
   mc = mc > 384 ? 384 : mc;
   mc = mc / mr * mr;
@@ -76,7 +91,7 @@ void init_dispatch(const std::string& requested) {
         use_int8(d.gemm_table, avx512::kI8Vnni);
         use_pair(d.gemm_table, Precision::kI8A7, avx512::kI8A7Vnni);
       }
-      d.gemm_blocking = blocking_for(f, 6, 64);
+      d.gemm_blocking = blocking_for(f, 6, 64, /*strip_in_l2=*/true);
       d.attention = &avx512::kAttention;
       d.encoder = &avx512::kEncoder;
       break;
@@ -86,13 +101,13 @@ void init_dispatch(const std::string& requested) {
         use_int8(d.gemm_table, avx2::kI8AvxVnni);
         use_pair(d.gemm_table, Precision::kI8A7, avx2::kI8A7AvxVnni);
       }
-      d.gemm_blocking = blocking_for(f, 6, 16);
+      d.gemm_blocking = blocking_for(f, 6, 16, false);
       d.attention = &avx2::kAttention;
       d.encoder = &avx2::kEncoder;
       break;
     default:
       d.gemm_table = generic::kGemm;
-      d.gemm_blocking = blocking_for(f, 4, 16);
+      d.gemm_blocking = blocking_for(f, 4, 16, false);
       d.attention = &generic::kAttention;
       d.encoder = &generic::kEncoder;
       break;
@@ -102,6 +117,7 @@ void init_dispatch(const std::string& requested) {
     long long kc = 0, mc = 0, nc = 0;
     if (std::sscanf(env, "%lld,%lld,%lld", &kc, &mc, &nc) == 3 && kc >= 8 && mc >= 1 && nc >= 16) {
       d.gemm_blocking.kc = kc / 8 * 8;
+      d.gemm_blocking.kc_latency = kc / 8 * 8;
       d.gemm_blocking.mc = mc;
       d.gemm_blocking.nc = nc;
     }
@@ -130,6 +146,17 @@ std::string set_int8_scheme(const std::string& scheme) {
                                 isa_name(g_dispatch.isa) + " (choose 'default'" +
                                 (g_dispatch.isa == Isa::kAvx512 ? "" : " or 'vpmaddubsw'") + ")");
   }
+  return previous;
+}
+
+Blocking set_gemm_blocking(int64_t kc, int64_t kc_latency, int64_t mc, int64_t nc) {
+  if (kc < 8 || kc_latency < 8 || mc < 1 || nc < 16)
+    throw std::invalid_argument("gemm blocking needs kc, kc_latency >= 8, mc >= 1, nc >= 16");
+  const Blocking previous = g_dispatch.gemm_blocking;
+  g_dispatch.gemm_blocking.kc = kc / 8 * 8;
+  g_dispatch.gemm_blocking.kc_latency = kc_latency / 8 * 8;
+  g_dispatch.gemm_blocking.mc = mc;
+  g_dispatch.gemm_blocking.nc = nc;
   return previous;
 }
 

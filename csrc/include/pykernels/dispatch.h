@@ -50,4 +50,10 @@ std::string set_int8_scheme(const std::string& scheme);
 std::string set_bf16_scheme(const std::string& scheme);
 bool bf16_dot_available();  // "dpbf16ps" can be set
 
+// Replaces the cache blocking init derived from the caches (the in-process
+// form of PYKERNELS_BLOCKING, for tuning experiments that compare blockings
+// interleaved in one process). Returns the previous blocking. Same
+// synchronization caveat as set_int8_scheme.
+Blocking set_gemm_blocking(int64_t kc, int64_t kc_latency, int64_t mc, int64_t nc);
+
 }  // namespace pk

@@ -86,7 +86,8 @@ struct ParallelPolicy {
 // Cache-blocking parameters, derived once from the detected caches (see
 // runtime/dispatch.cc for the arithmetic).
 struct Blocking {
-  int64_t kc = 256;    // K block: a KC x NR strip of B stays in L1
+  int64_t kc = 256;    // K block of the throughput variant (runtime/dispatch.cc)
+  int64_t kc_latency = 256;  // the latency variant's, before dividing by its panels
   int64_t mc = 120;    // M block: an MC x KC block of packed A stays in L2
   int64_t nc = 512;    // N block: the unit of parallel work along N
   int64_t l2_bytes = 512 * 1024;  // per-core L2, for buffers that should stay in it

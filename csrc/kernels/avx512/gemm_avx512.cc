@@ -107,10 +107,10 @@ constexpr int kLatNP[kTputMR + 1] = {1, 8, 8, 6, 6, 4, 4};
 // (a[k], a[k+1]) is broadcast as one 32-bit word. The drivers are those of the
 // widening scheme (gemm_latency_packed / gemm_throughput_packed with this
 // format; throughput without its widen_bf16_strip since FormatBF16Dot is not
-// FormatBF16), so A arrives as the bf16-rounded fp32 values prepare_a makes:
-// in place (latency, a_cs = 1) or packed [kc][MR] (throughput). Their low 16
-// bits are zero, so the pair word is two shifts and an or, done in integer
-// registers (the vector ports stay with vdpbf16ps).
+// FormatBF16), so A arrives as prepare_a makes it for kPairWordsA formats:
+// bf16-rounded rows with each pair's 32-bit word in the even slot, in place
+// (latency, a_cs = 1) or packed [kc][MR] (throughput), and the tile
+// broadcasts that word from memory (a load, no vector ALU work).
 // Registers: MR x NP accumulators (at most 24: 6x64) + NP B vectors + the A
 // broadcast <= 29 of 32 zmm, the fp32 tile shapes (kLatNP, kTputMR x kTputNP).
 
@@ -118,14 +118,6 @@ static inline __m512bh as_bh(__m512i x) {
   __m512bh r;
   std::memcpy(&r, &x, sizeof(r));  // a register move; SIMDe's types are structs
   return r;
-}
-
-// The bf16 pair (lo, hi) of two bf16-exact floats, lo in the low half (k even).
-static inline uint32_t bf16_pair(const float* lo, const float* hi) {
-  uint32_t l, h;
-  std::memcpy(&l, lo, sizeof(l));
-  std::memcpy(&h, hi, sizeof(h));
-  return (l >> 16) | (h & 0xffff0000u);
 }
 
 template <int MR, int NP, bool PACKED_A>
@@ -156,11 +148,12 @@ static void tile_dpbf16(const Tile& t) {
     for (int p = 0; p < NP; ++p) bv[p] = as_bh(_mm512_loadu_si512(b + p * b_ps));
 #pragma GCC unroll 64
     for (int i = 0; i < MR; ++i) {
-      const float* lo = PACKED_A ? a + k * MR + i : a + i * a_rs + k * a_cs;
-      const float* hi = PACKED_A ? lo + MR : lo + a_cs;
-      const __m512bh ai = as_bh(_mm512_set1_epi32(static_cast<int>(bf16_pair(lo, hi))));
+      // the pair word prepare_a left in the even slot (a broadcast load)
+      int32_t word;
+      std::memcpy(&word, PACKED_A ? a + k * MR + i : a + i * a_rs + k * a_cs, sizeof(word));
+      const __m512bh ai = as_bh(_mm512_set1_epi32(word));
 #pragma GCC unroll 64
-      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbf16_ps(acc[i][p], ai, bv[p]);
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbf16_ps(acc[i][p], bv[p], ai);
     }
     b += 2 * kPanelCols;
   }
@@ -176,6 +169,7 @@ struct FormatBF16Dot {
   static constexpr const int* kLatPanels = kLatNP;
   static constexpr int kTputPanels = kTputNP;
   static constexpr int kStep = 2;
+  static constexpr bool kPairWordsA = true;  // prepare_a: pair words in the even slots
   template <int MR, int NP, bool PACKED_A>
   static void tile(const Tile& t) { tile_dpbf16<MR, NP, PACKED_A>(t); }
 };
