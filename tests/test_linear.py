@@ -1644,3 +1644,23 @@ def test_concurrent_calls_with_out():
     for t in ts:
         t.join(timeout=120)
     assert not errors, errors[:5]
+
+
+# Quantizing (int8) or rounding (bf16) the activations is split among the call's
+# threads once the rows hold enough elements (gemm_tiles.inc, for_each_row):
+# every row is prepared the same way whichever thread does it, so the product
+# is the one-thread product, bit for bit, and within the contract. M = 201 rows
+# of K = 700 (140,700 elements, rows split unevenly between two threads).
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("precision", PRECISIONS + ("int8_7bit",))
+def test_activations_prepared_on_several_threads_match_one(precision, variant):
+    rng = np.random.default_rng(201)
+    x, w, b = rand(rng, 201, 700), rand(rng, 700, 50), rand(rng, 50)
+    x0 = x.copy()
+    pw = pk.pack(w, precision=precision)
+    one = pk.linear(x, pw, b, variant=variant, threads=1)
+    two = pk.linear(x, pw, b, variant=variant, threads=2)
+    assert np.array_equal(one, two), (precision, variant)
+    ref = x.astype(np.float64) @ w.astype(np.float64) + b
+    assert rel_fro(two, ref) <= CONTRACT[precision]
+    assert np.array_equal(x, x0)
