@@ -1658,9 +1658,17 @@ def test_activations_prepared_on_several_threads_match_one(precision, variant):
     x, w, b = rand(rng, 201, 700), rand(rng, 700, 50), rand(rng, 50)
     x0 = x.copy()
     pw = pk.pack(w, precision=precision)
-    one = pk.linear(x, pw, b, variant=variant, threads=1)
-    two = pk.linear(x, pw, b, variant=variant, threads=2)
-    assert np.array_equal(one, two), (precision, variant)
-    ref = x.astype(np.float64) @ w.astype(np.float64) + b
-    assert rel_fro(two, ref) <= CONTRACT[precision]
+    # bf16: each scheme this machine has (dpbf16ps reads A as pair words)
+    schemes = ["widen"] + (["dpbf16ps"] if precision == "bf16" and pk._core.bf16_dot_available() else [])
+    prev = pk.set_bf16_scheme("widen")
+    try:
+        for scheme in schemes:
+            pk.set_bf16_scheme(scheme)
+            one = pk.linear(x, pw, b, variant=variant, threads=1)
+            two = pk.linear(x, pw, b, variant=variant, threads=2)
+            assert np.array_equal(one, two), (precision, variant, scheme)
+            ref = x.astype(np.float64) @ w.astype(np.float64) + b
+            assert rel_fro(two, ref) <= CONTRACT[precision], scheme
+    finally:
+        pk.set_bf16_scheme(prev)
     assert np.array_equal(x, x0)

@@ -32,6 +32,14 @@ Dispatch g_dispatch;
 //      Capped at 384 rows so a 1024-row problem still splits into >= 3 blocks.
 //  NC: the width of one parallel macro-tile; B is prepacked, so NC only sets the
 //      granularity of work: 512 columns.
+// Bounds of a blocking set by hand (the buffers are products of these with
+// the tile sizes: kept far from int64 overflow).
+static bool blocking_in_range(int64_t kc, int64_t kc_latency, int64_t mc, int64_t nc) {
+  constexpr int64_t kMax = 65536;
+  return kc >= 8 && kc <= kMax && kc_latency >= 8 && kc_latency <= kMax && mc >= 1 &&
+         mc <= kMax && nc >= 16 && nc <= kMax;
+}
+
 Blocking blocking_for(const CpuFeatures& f, int mr, int nr, bool strip_in_l2) {
   Blocking b;
   int64_t kc = strip_in_l2 ? f.l2_bytes / 8 / (4 * nr) : (f.l1d_bytes * 3 / 4) / (4 * (mr + nr));
@@ -112,12 +120,14 @@ void init_dispatch(const std::string& requested) {
       d.encoder = &generic::kEncoder;
       break;
   }
-  // Tuning override for experiments: PYKERNELS_BLOCKING="kc,mc,nc".
+  // Tuning override for experiments: PYKERNELS_BLOCKING="kc,mc,nc" (the
+  // latency base keeps its ratio to kc); values out of range are ignored.
   if (const char* env = std::getenv("PYKERNELS_BLOCKING")) {
     long long kc = 0, mc = 0, nc = 0;
-    if (std::sscanf(env, "%lld,%lld,%lld", &kc, &mc, &nc) == 3 && kc >= 8 && mc >= 1 && nc >= 16) {
+    if (std::sscanf(env, "%lld,%lld,%lld", &kc, &mc, &nc) == 3 && blocking_in_range(kc, kc, mc, nc)) {
+      const int64_t ratio = d.gemm_blocking.kc_latency / d.gemm_blocking.kc;
       d.gemm_blocking.kc = kc / 8 * 8;
-      d.gemm_blocking.kc_latency = kc / 8 * 8;
+      d.gemm_blocking.kc_latency = ratio * kc / 8 * 8;
       d.gemm_blocking.mc = mc;
       d.gemm_blocking.nc = nc;
     }
@@ -150,8 +160,9 @@ std::string set_int8_scheme(const std::string& scheme) {
 }
 
 Blocking set_gemm_blocking(int64_t kc, int64_t kc_latency, int64_t mc, int64_t nc) {
-  if (kc < 8 || kc_latency < 8 || mc < 1 || nc < 16)
-    throw std::invalid_argument("gemm blocking needs kc, kc_latency >= 8, mc >= 1, nc >= 16");
+  if (!blocking_in_range(kc, kc_latency, mc, nc))
+    throw std::invalid_argument("gemm blocking needs 8 <= kc, kc_latency <= 65536, "
+                                "1 <= mc <= 65536, 16 <= nc <= 65536");
   const Blocking previous = g_dispatch.gemm_blocking;
   g_dispatch.gemm_blocking.kc = kc / 8 * 8;
   g_dispatch.gemm_blocking.kc_latency = kc_latency / 8 * 8;

@@ -107,10 +107,11 @@ constexpr int kLatNP[kTputMR + 1] = {1, 8, 8, 6, 6, 4, 4};
 // (a[k], a[k+1]) is broadcast as one 32-bit word. The drivers are those of the
 // widening scheme (gemm_latency_packed / gemm_throughput_packed with this
 // format; throughput without its widen_bf16_strip since FormatBF16Dot is not
-// FormatBF16), so A arrives as prepare_a makes it for kPairWordsA formats:
-// bf16-rounded rows with each pair's 32-bit word in the even slot, in place
-// (latency, a_cs = 1) or packed [kc][MR] (throughput), and the tile
-// broadcasts that word from memory (a load, no vector ALU work).
+// FormatBF16), so A arrives as they make it for kPairWordsA formats:
+// bf16-rounded values with each pair's 32-bit word in the even slot, in place
+// (latency: prepare_a's rows, a_cs = 1) or packed [kc][MR] (throughput:
+// pack_a_block), and the tile broadcasts that word from memory (a load, no
+// vector ALU work).
 // Registers: MR x NP accumulators (at most 24: 6x64) + NP B vectors + the A
 // broadcast <= 29 of 32 zmm, the fp32 tile shapes (kLatNP, kTputMR x kTputNP).
 

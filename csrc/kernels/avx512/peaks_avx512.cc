@@ -69,7 +69,9 @@ struct VIVnniPeak {
     __m512i s = acc[0];
 #pragma GCC unroll 32
     for (int i = 1; i < kAcc; ++i) s = _mm512_add_epi32(s, acc[i]);
-    *sink = static_cast<float>(_mm512_reduce_add_epi32(s));
+    // or, not add: GCC's _mm512_reduce_add_epi32 sums in scalar int, whose
+    // wrap-around (the accumulators wrap by design) is undefined (UBSan).
+    *sink = static_cast<float>(_mm512_reduce_or_epi32(s));
     return iters * kAcc * 64 * 2;
   }
 };
@@ -94,7 +96,7 @@ int64_t madd_i16(int64_t iters, volatile float* sink) {
   __m512i s = acc[0];
 #pragma GCC unroll 32
   for (int i = 1; i < kChains; ++i) s = _mm512_add_epi32(s, acc[i]);
-  *sink = static_cast<float>(_mm512_reduce_add_epi32(s));
+  *sink = static_cast<float>(_mm512_reduce_or_epi32(s));
   return iters * kChains * 32 * 2;
 }
 
@@ -111,7 +113,7 @@ int64_t maddubs_i8(int64_t iters, volatile float* sink) {
   __m512i s = acc[0];
 #pragma GCC unroll 32
   for (int i = 1; i < kChains; ++i) s = _mm512_add_epi32(s, acc[i]);
-  *sink = static_cast<float>(_mm512_reduce_add_epi32(s));
+  *sink = static_cast<float>(_mm512_reduce_or_epi32(s));
   return iters * kChains * 64 * 2;
 }
 
