@@ -97,18 +97,24 @@ def bf16_round(a) -> np.ndarray:
     return np.asarray(a, dtype=F32).astype(bf16_dtype()).astype(F32)
 
 
-def quantize_rows(v):
+def quantize_rows(v, qmax: int = 127):
     """Symmetric int8 per row of ``v`` (float32), with the library's arithmetic
-    (runtime/pack.cc): the float32 max, then v * (127 / max) in double (float32
-    would overflow for max < 3.7e-37), rounded to nearest even and clipped to
-    [-127, 127]. Returns (int values as int64, float32 scales max / 127);
+    (csrc/kernels/common/quantize.inc, for activations and weights alike): the
+    float32 max, inv = qmax / max in double rounded to float32, then
+    rint(v * inv) in float32 (round half to even). A row whose inv overflows
+    float32 (max < ~3.7e-37) keeps the double inv and product. Values clipped
+    to [-qmax, qmax]. Returns (int values as int64, float32 scales max / qmax);
     non-finite values quantize to 0."""
     v = np.asarray(v, dtype=F32)
     amax = (np.max(np.abs(v), axis=1) if v.shape[1] else np.zeros(v.shape[0], F32)).astype(F32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
-        q = np.clip(np.rint(v.astype(np.float64) * inv[:, None]), -127, 127)
-    return np.nan_to_num(q).astype(np.int64), (amax / F32(127.0)).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv64 = np.where(amax > 0, float(qmax) / amax.astype(np.float64), 0.0)
+        fits = inv64 <= np.finfo(F32).max
+        inv32 = np.where(fits, inv64, 0.0).astype(F32)
+        q32 = np.rint(v * inv32[:, None]).astype(np.float64)         # float32 product
+        q64 = np.rint(v.astype(np.float64) * inv64[:, None])
+        q = np.clip(np.where(fits[:, None], q32, q64), -qmax, qmax)
+    return np.nan_to_num(q).astype(np.int64), (amax / F32(qmax)).astype(F32)
 
 
 def attention_reference64(q, k, v, *, causal: bool = False,

@@ -49,8 +49,8 @@ Tolerances (derived in conftest.py and test_linear.py)
   half the smallest subnormal per rounding, which a relative bound misses.
 * bf16: the same bound against the float64 product of the bf16-rounded operands.
 * int8: the documented quantization emulated in NumPy (row scale
-  ``max|x_i| / 127``, column scale ``max|w_j| / 127``, values rounded in double
-  as runtime/pack.cc does, exact integer sums, float32 dequantization): equal
+  ``max|x_i| / 127``, column scale ``max|w_j| / 127``, values
+  ``rint(v * float32(127 / max))`` in float32 as quantize.inc does, exact integer sums, float32 dequantization): equal
   up to 2 ulp of the result (plus the activation's bound).
 
 Example counts

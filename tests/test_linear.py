@@ -41,7 +41,8 @@ a bound that follows from each precision's arithmetic:
   same fp32 ``gemm_tolerance``: a wrong rounding mode or a lost pair shows.
 * int8: the library's quantization is deterministic and documented (gemm.h):
   row scale ``max|x_i| / 127``, column scale ``max|w[:, j]| / 127``, values
-  ``clip(rint(v * (127 / max)), -127, 127)``, exact int32 sums, dequantized
+  ``clip(rint(v * float32(127 / max)), -127, 127)`` (the product in float32),
+  exact int32 sums, dequantized
   as ``float(sum) * col_scale * row_scale`` then ``+ bias`` in fp32.
   ``int8_emulate`` does exactly that in NumPy float32, so with no activation
   (and relu) the kernel must match it **bit for bit**, on every ISA and
@@ -918,6 +919,33 @@ def test_int8_tiny_row_scale(variant):
     res = pk.linear(x, pk.pack(w, precision="int8"), variant=variant)
     ref = x.astype(np.float64) @ w.astype(np.float64)
     assert rel_fro(res[1], ref[1]) <= CONTRACT["int8"], rel_fro(res[1], ref[1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_quantizes_in_float32_with_a_double_fallback(variant):
+    """The documented rule (pykernels.testing.quantize_rows): x * float32(127 /
+    max) rounded in float32, where a double product would round some values
+    the other way; rows and columns too tiny for a float32 inverse (max <
+    ~3.7e-37) in double. Bit-exact to the emulation in each case."""
+    k = n = 48
+    amax = np.float32(3.3)
+    inv32 = np.float32(127.0 / np.float64(amax))
+    # values whose float32 product is a tie n + 0.5 (rounds to even) while the
+    # double product is not: the two arithmetics give different q
+    cand = ((np.arange(1, 127) + 0.5) / np.float64(inv32)).astype(F32)
+    cand = np.concatenate([cand, np.nextafter(cand, F32(np.inf)), np.nextafter(cand, F32(0))])
+    prod32 = cand * inv32
+    differ = np.rint(prod32) != np.rint(cand.astype(np.float64) * np.float64(inv32))
+    assert differ.any()  # the rule matters for these inputs
+    row = np.resize(cand[differ], k - 1).astype(F32)
+    x = np.zeros((3, k), F32)
+    x[0, 0], x[0, 1:] = amax, row
+    x[1] = -x[0]
+    x[2] = x[0] * np.float32(1e-38)  # tiny: the double fallback
+    w = np.eye(k, n, dtype=F32) * np.float32(2.0)
+    w[:, 5] *= np.float32(1e-38)      # a tiny weight column
+    res = pk.linear(x, pk.pack(w, precision="int8"), variant=variant)
+    np.testing.assert_array_equal(res, int8_emulate(x, w))
 
 
 def test_int8_tiny_weight_column():

@@ -106,17 +106,27 @@ void pack_b_i8(const float* b, int64_t k, int64_t n, int64_t b_rs, int64_t b_cs,
   for (int64_t kk = 0; kk < k; ++kk)
     for (int64_t col = 0; col < n; ++col)
       scale[col] = std::fmax(scale[col], std::fabs(b[kk * b_rs + col * b_cs]));
-  // 127 / max in double: in float it overflows for max < ~3.7e-37 (tiny or
-  // subnormal columns), turning zeros into 0 * inf = NaN.
+  // The quantization rule of quantize.inc (as for activations): 127 / max in
+  // double, rounded to float32 unless that overflows (max < ~3.7e-37: tiny or
+  // subnormal columns, which keep the double inv and product).
   std::vector<double> inv(static_cast<size_t>(n));
+  std::vector<float> inv_f(static_cast<size_t>(n));
+  std::vector<char> fits(static_cast<size_t>(n));
   for (int64_t col = 0; col < n; ++col) {
     inv[col] = scale[col] > 0.0f ? 127.0 / scale[col] : 0.0;
+    fits[col] = quantize_inv_fits(inv[col]);
+    inv_f[col] = fits[col] ? static_cast<float>(inv[col]) : 0.0f;
     scale[col] /= 127.0f;
   }
   for (int64_t kk = 0; kk < k; ++kk) {
     for (int64_t col = 0; col < n; ++col) {
       const float w = b[kk * b_rs + col * b_cs];
-      const double q = round_half_even(std::fmin(127.0, std::fmax(-127.0, w * inv[col])));
+      // The product in float32 (or double), then clamped and rounded in
+      // double: for finite products rint exactly, and a NaN product (a NaN
+      // weight, or an Inf one times a zero inv) clamps to -127 as fmax picks
+      // the number (a NaN cast to int would be undefined).
+      const double prod = fits[col] ? static_cast<double>(w * inv_f[col]) : w * inv[col];
+      const double q = round_half_even(std::fmin(127.0, std::fmax(-127.0, prod)));
       out[panel_index(kk, col, kp, 4)] = static_cast<int8_t>(q);
       const double d = static_cast<double>(w) - static_cast<double>(q) * scale[col];
       e2 += d * d;

@@ -23,7 +23,8 @@
 // K is padded with zeros to a multiple of `step` (k_padded). One layout serves
 // both variants and every ISA, so switching variant or machine never repacks.
 // int8 is symmetric per output column (scale[c] = max|B[:, c]| / 127); the
-// activations are quantized per row at call time (scale max|A[i, :]| / 127), the
+// activations are quantized per row at call time (scale max|A[i, :]| / 127); both
+// round x * float32(127 / max) in float32 (kernels/common/quantize.inc); the
 // products are accumulated exactly in int32 and dequantized in the epilogue.
 //
 // bf16 accuracy: A is rounded to bf16 per call (round to nearest even), B at
