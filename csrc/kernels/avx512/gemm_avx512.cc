@@ -90,6 +90,10 @@ struct VIVnni {
   }
   static reg madd(reg acc, wreg w, areg a) { return _mm512_dpbusd_epi32(acc, w, a); }
   static void store(int32_t* p, reg v) { _mm512_storeu_si512(p, v); }
+  // float(v - bias) per lane (the int32 subtraction wraps, as the epilogue's).
+  static V::reg to_float_minus(reg v, int32_t bias) {
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(bias)));
+  }
 };
 
 constexpr int kTputMR = 6;
