@@ -29,6 +29,15 @@ Dispatch g_dispatch;
 //      over 64, one case lost: fp32 16x4096^2, 0.92x).
 //  MC: the packed A block (MC x KC) fills half of L2, the rest holds B strips
 //      and C: 512 KiB L2, KC=256: 262144 / 1024 = 256 -> 252 (a multiple of 6).
+//      On the L2 rule the B strip is the only other tenant: A takes L2 less
+//      two strips (the one the tiles read, the next one requested): 1 MiB,
+//      KC = 512, 6x64: (1024 - 256) KiB / 2 KiB = 384 rows, where half of L2
+//      gave 252. Zen 5, 2 threads, 6 alternated rounds in one process, % of
+//      peak at MC 252 -> 384: fp32 2048^3 89 -> 90, 5120x1536x384 87 -> 88;
+//      bf16 5120x384x384 75 -> 77, 5120x384x1152 82 -> 83, 256x4096^2 78 ->
+//      78; int8 5120x384x1152 83 -> 84, 5120x1536x384 78 -> 78 (an earlier
+//      sweep: MC 504-1008 no better than 384, and bf16 256x4096^2 lost 8
+//      points at 504).
 //      Capped at 384 rows so a 1024-row problem still splits into >= 3 blocks.
 //  NC: the width of one parallel macro-tile; B is prepacked, so NC only sets the
 //      granularity of work: 512 columns.
@@ -46,7 +55,8 @@ Blocking blocking_for(const CpuFeatures& f, int mr, int nr, bool strip_in_l2) {
   kc = kc / 32 * 32;
   b.kc = kc < 64 ? 64 : (kc > (strip_in_l2 ? 512 : 1024) ? (strip_in_l2 ? 512 : 1024) : kc);
   b.kc_latency = strip_in_l2 ? 2 * b.kc : b.kc;
-  int64_t mc = (f.l2_bytes / 2) / (4 * b.kc);
+  const int64_t a_bytes = strip_in_l2 ? f.l2_bytes - 2 * (4 * b.kc * nr) : f.l2_bytes / 2;
+  int64_t mc = a_bytes / (4 * b.kc);
   mc = mc > 384 ? 384 : mc;
   mc = mc / mr * mr;
   b.mc = mc < mr ? mr : mc;
