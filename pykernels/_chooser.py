@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
+from . import _core
+
 
 @dataclass(frozen=True)
 class KernelCall:
@@ -58,6 +60,9 @@ def set_variant_chooser(chooser: Optional[VariantChooser]) -> Optional[VariantCh
         raise TypeError(f"chooser must be callable or None, got {type(chooser).__name__}")
     with _lock:
         prev, active = active, chooser
+        # pk.gemm's builtin entry point runs variant="auto" itself only while
+        # no chooser is installed
+        _core.set_chooser_active(chooser is not None)
     return prev
 
 
